@@ -1,0 +1,1 @@
+"""An AI streaming gateway: OpenAI-compatible answers relayed to browsers as Server-Sent Events."""

@@ -1,0 +1,110 @@
+"""What every API handler does before a stream starts: read and validate the body, admit the
+stream, and turn any error into the contract's JSON shape with a precise status.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from . import keys
+from .errors import ApiError
+from .logs import REQUEST_ID_HEADER, Handler
+
+log = structlog.get_logger("service.http")
+Body = TypeVar("Body", bound=BaseModel)
+
+_CODE_BY_STATUS = {404: "not_found", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def json_response(
+    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def error_response(err: ApiError) -> web.Response:
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return json_response(err.body(), status=err.status, headers=headers)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ApiError and aiohttp's own HTTP errors become JSON; anything else a 500 without details."""
+    try:
+        response = await handler(request)
+    except ApiError as err:
+        response = error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _CODE_BY_STATUS.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+        response = error_response(ApiError(code, exc.reason, status=exc.status))
+    except Exception:
+        log.exception("request.failed")
+        response = error_response(ApiError("internal", "Internal error."))
+    return response
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer names its request and is counted once, when its status is final."""
+    request_id = request.get("request_id")
+    if request_id:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    metrics = request.app[keys.METRICS]
+    metrics.requests.labels(_route(request), str(response.status)).inc()
+
+
+async def read_json(request: web.Request, model: type[Body]) -> Body:
+    """The request body as `model`, or the precise 4xx that says what is wrong with it."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            "unsupported_media_type",
+            f"Content-Type must be application/json, not {request.content_type or 'missing'}.",
+        )
+    limit = request.app[keys.SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.") from err
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        raise ApiError("bad_request", describe(err)) from err
+
+
+def describe(err: ValidationError) -> str:
+    """Pydantic's errors as one line: `field: what is wrong; ...` (input values left out)."""
+    parts = []
+    for item in err.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        message = item["msg"]
+        if item["type"] == "json_invalid":
+            where, message = "body", "not valid JSON"
+        parts.append(f"{where}: {message}")
+    if err.error_count() > 5:
+        parts.append(f"and {err.error_count() - 5} more")
+    return "; ".join(parts)
+
+
+def admit(request: web.Request) -> None:
+    """Refuse a new stream when this instance is draining or full (503 with Retry-After)."""
+    live = request.app[keys.LIVE]
+    if live.draining:
+        raise ApiError("server_shutdown", "The server is shutting down.", retry_after_s=1)
+    max_streams = request.app[keys.SETTINGS].max_streams
+    if max_streams and len(live) >= max_streams:
+        raise ApiError("overloaded", "Too many open streams; retry shortly.", retry_after_s=1)

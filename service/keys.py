@@ -1,0 +1,17 @@
+"""Every web.AppKey of the application, and nothing else."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .config import Settings
+from .health import ReadinessProbe
+from .metrics import Metrics
+from .relay import LiveStreams
+from .upstream import Upstream
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+LIVE = web.AppKey("live", LiveStreams)
+UPSTREAM = web.AppKey("upstream", Upstream)
+READINESS = web.AppKey("readiness", ReadinessProbe)

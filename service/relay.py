@@ -1,0 +1,307 @@
+"""The one place concurrency lives: pump upstream text to the client, watch the clocks, and
+account for how every stream ended.
+
+A stream is two tasks: the pump (upstream batches -> frames) and a watchdog that sleeps until the
+next deadline (heartbeat, first token, idle, total, write). The watchdog ends a stream by
+recording the outcome and cancelling the pump; a client disconnect cancels the handler (aiohttp's
+`handler_cancellation`), which cancels the pump it awaits. Either way the upstream request is
+closed by the pump's `async with` before `run()` returns, and the outcome is counted once.
+
+Design notes:
+1. No timer per token. The pump only stores `loop.time()` per batch; the watchdog wakes at most
+   once per heartbeat interval or at a deadline and re-reads those stamps. This keeps the per-token
+   path to a parse, a frame and a write.
+2. Deltas that arrive in one network read are written as one frame (`tokenCount` counts deltas,
+   so it stays exact). Nothing is held back to batch: a frame leaves as soon as its read does.
+3. A frame is one `write()` call, so a ping written by the watchdog can never split it.
+4. Heartbeats count as writes for the heartbeat clock only; idle and first-token clocks measure
+   the upstream's silence, not the client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+
+from . import sse
+from .config import Settings
+from .errors import FAILURE_BY_OUTCOME, Outcome
+from .metrics import Metrics
+from .upstream import CompletionRequest, Upstream, UpstreamError
+
+log = structlog.get_logger("service.relay")
+
+
+@dataclass(slots=True)
+class Result:
+    """What one stream produced and how it ended; vocabularies turn it into frames or JSON."""
+
+    request_id: str
+    model: str
+    outcome: Outcome = Outcome.COMPLETED
+    text: str = ""
+    deltas: int = 0
+    usage: dict[str, Any] | None = None
+    elapsed_ms: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+    upstream_error_kind: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        if self.usage and isinstance(self.usage.get("completion_tokens"), int):
+            return int(self.usage["completion_tokens"])
+        return self.deltas
+
+    @property
+    def prompt_tokens(self) -> int:
+        if self.usage and isinstance(self.usage.get("prompt_tokens"), int):
+            return int(self.usage["prompt_tokens"])
+        return 0
+
+
+class Vocabulary(Protocol):
+    """How one endpoint's events look. `content_head` + JSON text + `content_tail(n)`."""
+
+    content_head: bytes
+
+    def content_tail(self, deltas: int) -> bytes: ...
+
+    def done(self, result: Result) -> dict[str, Any]: ...
+
+    def error(self, result: Result) -> dict[str, Any]: ...
+
+
+class SseWriter:
+    """Frames onto one prepared response, with the stamps the watchdog reads."""
+
+    __slots__ = ("_loop", "_resp", "last_write", "seq", "vocabulary", "writing_since")
+
+    def __init__(self, resp: web.StreamResponse, vocabulary: Vocabulary) -> None:
+        self._resp = resp
+        self._loop = asyncio.get_running_loop()
+        self.vocabulary = vocabulary
+        self.seq = 0
+        self.last_write = self._loop.time()
+        self.writing_since = 0.0
+
+    async def _write(self, data: bytes) -> None:
+        self.writing_since = now = self._loop.time()
+        await self._resp.write(data)
+        self.writing_since = 0.0
+        self.last_write = now
+
+    async def event(self, payload: dict[str, Any]) -> None:
+        self.seq += 1
+        await self._write(sse.event(self.seq, payload))
+
+    async def text(self, text: str, deltas: int) -> None:
+        self.seq += 1
+        vocabulary = self.vocabulary
+        tail = vocabulary.content_tail(deltas)
+        await self._write(sse.text_event(self.seq, vocabulary.content_head, text, tail))
+
+    async def ping(self) -> None:
+        await self._write(sse.PING)
+
+
+class LiveStreams:
+    """Streams in flight on this instance: the MAX_STREAMS count and the shutdown drain."""
+
+    def __init__(self) -> None:
+        self._relays: set[Relay] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.draining = False
+
+    def __len__(self) -> int:
+        return len(self._relays)
+
+    def add(self, relay: Relay) -> None:
+        self._relays.add(relay)
+        self._empty.clear()
+
+    def discard(self, relay: Relay) -> None:
+        self._relays.discard(relay)
+        if not self._relays:
+            self._empty.set()
+
+    async def drain(self, drain_s: float, grace_s: float = 5.0) -> None:
+        """Let streams finish for `drain_s`, then end the rest with `shutdown` and wait for them."""
+        self.draining = True
+        try:
+            async with asyncio.timeout(drain_s):
+                await self._empty.wait()
+        except TimeoutError:
+            for relay in list(self._relays):
+                relay.expire(Outcome.SHUTDOWN)
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self._empty.wait()
+            except TimeoutError:
+                log.warning("shutdown.streams_left", count=len(self._relays))
+
+
+@dataclass(slots=True, eq=False)
+class Relay:
+    """One upstream call relayed to one client (or collected, for the JSON endpoints)."""
+
+    settings: Settings
+    upstream: Upstream
+    metrics: Metrics
+    live: LiveStreams
+    route: str
+    request: CompletionRequest
+    request_id: str
+    arrived: float
+    writer: SseWriter | None = None
+    result: Result = field(init=False)
+    _forced: Outcome | None = field(default=None, init=False)
+    _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _pieces: list[str] = field(default_factory=list, init=False)
+    _first_token: float = field(default=0.0, init=False)
+    _last_token: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.result = Result(request_id=self.request_id, model=self.request.model)
+
+    def expire(self, outcome: Outcome) -> None:
+        """End the stream from outside the pump (a clock, or shutdown)."""
+        if self._forced is None:
+            self._forced = outcome
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+
+    async def run(self) -> Result:
+        loop = asyncio.get_running_loop()
+        labels = self.metrics.streams_active.labels(self.route)
+        labels.inc()
+        self.live.add(self)
+        self._pump_task = pump = asyncio.create_task(self._pump())
+        watchdog = asyncio.create_task(self._watch())
+        outcome = Outcome.COMPLETED
+        try:
+            await pump
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Our own handler was cancelled: aiohttp saw the client go (or gave up on it).
+                outcome = self._forced or Outcome.CLIENT_DISCONNECT
+                raise
+            outcome = self._forced or Outcome.CANCELLED
+        except UpstreamError as err:
+            outcome = Outcome.UPSTREAM_ERROR
+            self.result.upstream_error_kind = err.kind
+            self.result.error_message = err.message
+        finally:
+            watchdog.cancel()
+            pump.cancel()
+            await asyncio.gather(pump, watchdog, return_exceptions=True)
+            self.live.discard(self)
+            labels.dec()
+            self._finish(outcome, loop.time())
+        return self.result
+
+    async def _pump(self) -> None:
+        loop_time = asyncio.get_running_loop().time
+        metrics, model = self.metrics, self.metrics.model_label(self.request.model)
+        gap = self.metrics.inter_token_latency.labels(self.route, model).observe
+        write = self.writer.text if self.writer else None
+        pieces, result = self._pieces, self.result
+        called = loop_time()
+        async with self.upstream.stream(self.request) as stream:
+            async for text, count in stream:
+                now = loop_time()
+                if result.deltas:
+                    gap(now - self._last_token)
+                else:
+                    self._first_token = now
+                    metrics.upstream_time_to_first_token.labels(model).observe(now - called)
+                self._last_token = now
+                result.deltas += count
+                pieces.append(text)
+                if write is not None:
+                    await write(text, result.deltas)
+                if not result.deltas - count:
+                    metrics.time_to_first_token.labels(self.route, model).observe(
+                        loop_time() - self.arrived
+                    )
+            result.usage = stream.parser.usage
+            if stream.parser.model:
+                result.model = stream.parser.model
+
+    async def _watch(self) -> None:
+        s, loop, writer = self.settings, asyncio.get_running_loop(), self.writer
+        total_at = self.arrived + s.max_stream_s if s.max_stream_s else math.inf
+        while True:
+            now = loop.time()
+            if self.result.deltas:
+                token_at = self._last_token + s.idle_timeout_s if s.idle_timeout_s else math.inf
+                token_outcome = Outcome.IDLE_TIMEOUT
+            else:
+                token_at = (
+                    self.arrived + s.first_token_timeout_s if s.first_token_timeout_s else math.inf
+                )
+                token_outcome = Outcome.FIRST_TOKEN_TIMEOUT
+            if now >= total_at:
+                return self.expire(Outcome.TOTAL_TIMEOUT)
+            if now >= token_at:
+                return self.expire(token_outcome)
+            wake = min(total_at, token_at)
+            if writer is not None:
+                if writer.writing_since:
+                    if s.write_timeout_s:
+                        if now - writer.writing_since >= s.write_timeout_s:
+                            return self.expire(Outcome.CLIENT_DISCONNECT)
+                        wake = min(wake, writer.writing_since + s.write_timeout_s)
+                elif s.heartbeat_interval_s:
+                    ping_at = writer.last_write + s.heartbeat_interval_s
+                    if now >= ping_at:
+                        try:
+                            async with asyncio.timeout(s.write_timeout_s or None):
+                                await writer.ping()
+                        except (TimeoutError, ConnectionError):
+                            return self.expire(Outcome.CLIENT_DISCONNECT)
+                        self.metrics.heartbeats.inc()
+                        ping_at = writer.last_write + s.heartbeat_interval_s
+                    wake = min(wake, ping_at)
+            await asyncio.sleep(min(wake - now, 3600.0))
+
+    def _finish(self, outcome: Outcome, now: float) -> None:
+        result, metrics = self.result, self.metrics
+        result.outcome = outcome
+        result.text = "".join(self._pieces)
+        result.elapsed_ms = round((now - self.arrived) * 1000)
+        if outcome is not Outcome.COMPLETED:
+            code, message = FAILURE_BY_OUTCOME[outcome]
+            result.error_code = code
+            result.error_message = result.error_message or message
+        model = metrics.model_label(self.request.model)
+        metrics.outcomes.labels(self.route, outcome.value).inc()
+        metrics.duration.labels(self.route, outcome.value).observe(now - self.arrived)
+        if result.upstream_error_kind:
+            metrics.upstream_errors.labels(result.upstream_error_kind).inc()
+        metrics.completion_tokens.labels(model).inc(result.completion_tokens)
+        metrics.prompt_tokens.labels(model).inc(result.prompt_tokens)
+        decode_s = self._last_token - self._first_token
+        if result.deltas > 1 and decode_s > 0:
+            metrics.output_tokens_per_second.labels(self.route, model).observe(
+                result.completion_tokens / decode_s
+            )
+        log.info(
+            "stream.finished",
+            route=self.route,
+            outcome=outcome.value,
+            model=result.model,
+            completion_tokens=result.completion_tokens,
+            prompt_tokens=result.prompt_tokens,
+            deltas=result.deltas,
+            ttft_ms=round((self._first_token - self.arrived) * 1000) if result.deltas else None,
+            duration_ms=result.elapsed_ms,
+            upstream_error=result.upstream_error_kind,
+        )

@@ -1,0 +1,1 @@
+"""Thin handlers per feature: parse, delegate, translate, write."""

@@ -1,0 +1,161 @@
+"""`POST /api/ai/generate` (JSON) and `POST /api/ai/generate-stream` (SSE "generate" events).
+
+Both run the same relay; the JSON endpoint simply has no writer and answers once at the end, so
+disconnects, timeouts and shutdown behave alike for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from .. import keys
+from ..errors import STATUS_BY_CODE, ApiError, Outcome
+from ..http import admit, json_response, read_json
+from ..prompts import extract_placeholders, generate_messages
+from ..relay import Relay, Result, SseWriter
+from ..sse import HEADERS
+from ..upstream import CompletionRequest
+
+_IMAGE_URL = re.compile(
+    r"https?://[^\s]{1,4096}|data:image/[a-z0-9.+-]{1,32};base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE
+)
+
+
+def _image_url(value: str) -> str:
+    if not _IMAGE_URL.fullmatch(value):
+        raise ValueError("must be an http(s) URL or a data:image/...;base64 URL")
+    return value
+
+
+ImageUrl = Annotated[StrictStr, AfterValidator(_image_url)]
+
+
+class GenerateBody(BaseModel):
+    """The generate request. Unknown fields are ignored, so clients can send more later."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    prompt: StrictStr
+    selectedImageUrls: list[ImageUrl] = Field(default_factory=list)  # wire names are camelCase
+    referenceImageUrls: list[ImageUrl] = Field(default_factory=list)
+    model: StrictStr | None = None
+    maxTokens: StrictInt | None = None
+    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] | None = None
+
+
+def completion_request(body: GenerateBody, request: web.Request) -> CompletionRequest:
+    """Check the body against this deployment's limits and build the upstream request."""
+    settings = request.app[keys.SETTINGS]
+    if not body.prompt.strip():
+        raise ApiError("bad_request", "prompt: must not be empty")
+    if len(body.prompt) > settings.prompt_max_chars:
+        raise ApiError("bad_request", f"prompt: longer than {settings.prompt_max_chars} characters")
+    images = len(body.selectedImageUrls) + len(body.referenceImageUrls)
+    if images > settings.max_images:
+        raise ApiError("bad_request", f"at most {settings.max_images} images in all")
+    max_tokens = body.maxTokens if body.maxTokens is not None else settings.default_max_tokens
+    if not 1 <= max_tokens <= settings.max_tokens_limit:
+        raise ApiError("bad_request", f"maxTokens: must be from 1 to {settings.max_tokens_limit}")
+    model = body.model or settings.openai_model
+    if model not in settings.model_allowlist:
+        raise ApiError("bad_request", f"model: {model!r} is not offered here")
+    messages = generate_messages(body.prompt, body.selectedImageUrls, body.referenceImageUrls)
+    return CompletionRequest(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=body.temperature
+    )
+
+
+class GenerateVocabulary:
+    """The first design note's events: start, content, done, error."""
+
+    content_head = b'{"type":"content","delta":'
+
+    @staticmethod
+    def content_tail(deltas: int) -> bytes:
+        return b',"tokenCount":%d}' % deltas
+
+    @staticmethod
+    def done(result: Result) -> dict[str, Any]:
+        return {"type": "done", **_answer(result)}
+
+    @staticmethod
+    def error(result: Result) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "error": result.error_message,
+            "code": result.error_code,
+            "reason": result.outcome.value,
+            "requestId": result.request_id,
+            "elapsedMs": result.elapsed_ms,
+        }
+
+
+def _answer(result: Result) -> dict[str, Any]:
+    return {
+        "content": result.text,
+        "imagePlaceholders": extract_placeholders(result.text),
+        "tokenCount": result.completion_tokens,
+        "model": result.model,
+        "requestId": result.request_id,
+        "elapsedMs": result.elapsed_ms,
+    }
+
+
+def _relay(request: web.Request, route: str, upstream_request: CompletionRequest) -> Relay:
+    app = request.app
+    return Relay(
+        settings=app[keys.SETTINGS],
+        upstream=app[keys.UPSTREAM],
+        metrics=app[keys.METRICS],
+        live=app[keys.LIVE],
+        route=route,
+        request=upstream_request,
+        request_id=request["request_id"],
+        arrived=request["arrived"],
+    )
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    upstream_request = completion_request(await read_json(request, GenerateBody), request)
+    admit(request)
+    relay = _relay(request, "generate_stream", upstream_request)
+    response = web.StreamResponse(headers=HEADERS)
+    await response.prepare(request)
+    relay.writer = writer = SseWriter(response, GenerateVocabulary)
+    await writer.event({"type": "start", "requestId": relay.request_id})
+    result = await relay.run()
+    if result.outcome is Outcome.CLIENT_DISCONNECT:
+        return response
+    completed = result.outcome is Outcome.COMPLETED
+    final = GenerateVocabulary.done if completed else GenerateVocabulary.error
+    try:
+        async with asyncio.timeout(relay.settings.write_timeout_s or None):
+            await writer.event(final(result))
+    except (TimeoutError, ConnectionError):
+        pass  # the client stopped reading at the very end; the outcome is already counted
+    return response
+
+
+async def generate(request: web.Request) -> web.Response:
+    upstream_request = completion_request(await read_json(request, GenerateBody), request)
+    admit(request)
+    result = await _relay(request, "generate", upstream_request).run()
+    if result.outcome is Outcome.COMPLETED:
+        return json_response({**_answer(result), "usage": result.usage})
+    code = result.error_code or "internal"
+    raise ApiError(
+        code,
+        result.error_message or "The answer failed.",
+        status=STATUS_BY_CODE[code],
+        retry_after_s=1 if code == "server_shutdown" else None,
+    )
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/api/ai/generate", generate, name="generate")
+    app.router.add_post("/api/ai/generate-stream", generate_stream, name="generate_stream")

@@ -1,0 +1,196 @@
+"""The model server, behind a small Protocol; the only module that imports the `openai` SDK.
+
+`OpenAIUpstream` calls `chat.completions` through the SDK's streaming-response API, so the SDK
+keeps what it is good at (auth, Azure, retries with jittered backoff that honour `Retry-After`,
+all before the first byte of the answer), and `chunks.ChunkParser` reads the body once. SDK and
+transport failures become `UpstreamError` with a bounded `kind` and a message that never carries
+the upstream's own text (which can echo key fragments) or a URL.
+
+Design notes:
+1. Retries are the SDK's and happen only before the response headers, so no text is ever sent
+   twice. A stream that breaks after its headers is not retried: the client may already have
+   seen part of it.
+2. Retries are counted from the SDK's `x-stainless-retry-count` request header in an httpx
+   request hook: one hook per attempt, nothing per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx2
+import openai
+
+from .chunks import ChunkParser, MalformedChunk, UpstreamReportedError
+from .config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    temperature: float | None = None
+
+
+class UpstreamError(Exception):
+    """A failure of the model server. `kind` is a bounded label; `message` is safe to show."""
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+
+
+class UpstreamStream(Protocol):
+    """One answer being streamed. Iterating yields (text, deltas) batches."""
+
+    parser: ChunkParser
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, int]]: ...
+
+
+class Upstream(Protocol):
+    def stream(self, request: CompletionRequest) -> AbstractAsyncContextManager[UpstreamStream]:
+        """Open the answer; the request is cancelled and closed when the context exits."""
+        ...
+
+    async def check(self) -> None:
+        """Raise UpstreamError unless the model server answers (readiness)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def _status_error(status: int) -> UpstreamError:
+    if status in (401, 403):
+        kind, what = "auth", "refused the credentials"
+    elif status == 429:
+        kind, what = "rate_limit", "is rate limiting this service"
+    elif status == 404:
+        kind, what = "not_found", "does not know this model"
+    elif status >= 500:
+        kind, what = "server", "failed"
+    else:
+        kind, what = "rejected", "rejected the request"
+    return UpstreamError(kind, f"The model server {what} ({status}).", status=status)
+
+
+def translate(err: BaseException) -> UpstreamError:
+    """Map any SDK, transport or parse failure to an UpstreamError (never with upstream text)."""
+    if isinstance(err, UpstreamError):
+        return err
+    if isinstance(err, openai.APIStatusError):
+        return _status_error(err.status_code)
+    if isinstance(err, openai.APITimeoutError | httpx2.TimeoutException):
+        return UpstreamError("timeout", "The model server timed out.")
+    if isinstance(err, openai.APIConnectionError | httpx2.TransportError):
+        return UpstreamError("connection", "The connection to the model server failed.")
+    if isinstance(err, MalformedChunk):
+        return UpstreamError("malformed", "The model server sent a malformed answer.")
+    if isinstance(err, UpstreamReportedError):
+        return UpstreamError("stream_error", f"The model server reported an error ({err}).")
+    return UpstreamError("other", "The model server call failed.")
+
+
+class _SdkStream:
+    """Iterates the raw body of one SDK streaming response through a ChunkParser."""
+
+    __slots__ = ("_body", "parser")
+
+    def __init__(self, body: httpx2.Response) -> None:
+        self._body = body
+        self.parser = ChunkParser()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, int]]:
+        feed = self.parser.feed
+        try:
+            async for data in self._body.aiter_bytes():
+                text, count = feed(data)
+                if count:
+                    yield text, count
+        except (httpx2.HTTPError, MalformedChunk, UpstreamReportedError) as err:
+            raise translate(err) from err
+        if not self.parser.finished:
+            raise UpstreamError("truncated", "The model server ended the answer early.")
+
+
+class OpenAIUpstream:
+    """OpenAI, Azure OpenAI or any OpenAI-compatible server, through the official SDK."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
+        hooks = {"request": [self._count_retry]} if on_retry else {}
+        self._on_retry = on_retry
+        read_timeout = max(settings.first_token_timeout_s, settings.idle_timeout_s)
+        self._http = openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(
+                max_connections=settings.upstream_max_connections,
+                max_keepalive_connections=min(settings.upstream_max_connections, 1000),
+            ),
+            # The relay's own clocks end streams; these are backstops (0 = off there too).
+            timeout=httpx2.Timeout(
+                read_timeout + 30 if read_timeout else None,
+                connect=settings.upstream_connect_timeout_s,
+            ),
+            event_hooks=hooks,
+        )
+        self.client: openai.AsyncOpenAI
+        if settings.uses_azure and base_url is None:
+            self.client = openai.AsyncAzureOpenAI(
+                azure_endpoint=settings.azure_endpoint or "",
+                api_key=settings.azure_api_key or settings.openai_api_key,
+                api_version=settings.openai_api_version,
+                max_retries=settings.upstream_max_retries,
+                http_client=self._http,
+            )
+        else:
+            self.client = openai.AsyncOpenAI(
+                api_key=api_key or settings.openai_api_key or "unused",
+                base_url=base_url or settings.openai_base_url,
+                max_retries=settings.upstream_max_retries,
+                http_client=self._http,
+            )
+
+    async def _count_retry(self, request: httpx2.Request) -> None:
+        if self._on_retry and request.headers.get("x-stainless-retry-count", "0") != "0":
+            self._on_retry()
+
+    @asynccontextmanager
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
+        try:
+            opened = self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+                model=request.model,
+                messages=request.messages,
+                max_completion_tokens=request.max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                temperature=openai.omit if request.temperature is None else request.temperature,
+            )
+            response = await opened.__aenter__()
+        except (openai.OpenAIError, httpx2.HTTPError) as err:
+            raise translate(err) from err
+        try:
+            yield _SdkStream(response.http_response)
+        finally:
+            await opened.__aexit__(None, None, None)
+
+    async def check(self) -> None:
+        try:
+            await self.client.models.list(timeout=5.0)
+        except (openai.OpenAIError, httpx2.HTTPError) as err:
+            raise translate(err) from err
+
+    async def aclose(self) -> None:
+        await self.client.close()
+        await self._http.aclose()
