@@ -45,13 +45,14 @@ def create_app(
 
 
 def _use_upstream(app: web.Application, upstream: Upstream) -> None:
+    upstream.on_retry = app[keys.METRICS].upstream_retries.inc
     app[keys.UPSTREAM] = upstream
     app[keys.READINESS] = ReadinessProbe(upstream)
 
 
 async def _sdk_upstream(app: web.Application) -> AsyncIterator[None]:
     """The SDK client (and, with no upstream configured, the bundled demo upstream)."""
-    settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
+    settings = app[keys.SETTINGS]
     runner = None
     base_url = None
     if settings.uses_demo_upstream:
@@ -63,7 +64,7 @@ async def _sdk_upstream(app: web.Application) -> AsyncIterator[None]:
             "from the bundled demo upstream.",
             base_url=base_url,
         )
-    upstream = OpenAIUpstream(settings, base_url=base_url, on_retry=metrics.upstream_retries.inc)
+    upstream = OpenAIUpstream(settings, base_url=base_url)
     _use_upstream(app, upstream)
     try:
         yield

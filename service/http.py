@@ -59,7 +59,7 @@ def _route(request: web.Request) -> str:
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer names its request and is counted once, when its status is final."""
-    request_id = request.get("request_id")
+    request_id = request.get(keys.REQUEST_ID)
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
     metrics = request.app[keys.METRICS]

@@ -1,9 +1,10 @@
-"""Every web.AppKey of the application, and nothing else."""
+"""Every web.AppKey and web.RequestKey of the application, and nothing else."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from . import logs
 from .config import Settings
 from .health import ReadinessProbe
 from .metrics import Metrics
@@ -15,3 +16,6 @@ METRICS = web.AppKey("metrics", Metrics)
 LIVE = web.AppKey("live", LiveStreams)
 UPSTREAM = web.AppKey("upstream", Upstream)
 READINESS = web.AppKey("readiness", ReadinessProbe)
+
+REQUEST_ID = logs.REQUEST_ID
+ARRIVED = logs.ARRIVED

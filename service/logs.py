@@ -18,6 +18,8 @@ from aiohttp import web
 
 from .config import Settings
 
+ARRIVED = web.RequestKey("arrived", float)  # loop.time() when the request reached the app
+REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -57,9 +59,9 @@ def request_id_for(request: web.Request) -> str:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request["arrived"] = asyncio.get_running_loop().time()
+    request[ARRIVED] = asyncio.get_running_loop().time()
     request_id = request_id_for(request)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:

@@ -131,6 +131,10 @@ class LiveStreams:
         if not self._relays:
             self._empty.set()
 
+    async def idle(self) -> None:
+        """Return once no stream is in flight (every outcome so far is accounted)."""
+        await self._empty.wait()
+
     async def drain(self, drain_s: float, grace_s: float = 5.0) -> None:
         """Let streams finish for `drain_s`, then end the rest with `shutdown` and wait for them."""
         self.draining = True
@@ -202,9 +206,9 @@ class Relay:
             watchdog.cancel()
             pump.cancel()
             await asyncio.gather(pump, watchdog, return_exceptions=True)
-            self.live.discard(self)
-            labels.dec()
             self._finish(outcome, loop.time())
+            labels.dec()
+            self.live.discard(self)
         return self.result
 
     async def _pump(self) -> None:
@@ -253,6 +257,10 @@ class Relay:
             if now >= token_at:
                 return self.expire(token_outcome)
             wake = min(total_at, token_at)
+            if not self.result.deltas and s.idle_timeout_s:
+                # The idle clock starts at the first token, which may come any moment: a deadline
+                # of first token + idle is never earlier than now + idle.
+                wake = min(wake, now + s.idle_timeout_s)
             if writer is not None:
                 if writer.writing_since:
                     if s.write_timeout_s:

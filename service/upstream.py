@@ -55,6 +55,8 @@ class UpstreamStream(Protocol):
 
 
 class Upstream(Protocol):
+    on_retry: Callable[[], None] | None  # set by the app: called once per retried attempt
+
     def stream(self, request: CompletionRequest) -> AbstractAsyncContextManager[UpstreamStream]:
         """Open the answer; the request is cancelled and closed when the context exits."""
         ...
@@ -128,10 +130,8 @@ class OpenAIUpstream:
         *,
         base_url: str | None = None,
         api_key: str | None = None,
-        on_retry: Callable[[], None] | None = None,
     ) -> None:
-        hooks = {"request": [self._count_retry]} if on_retry else {}
-        self._on_retry = on_retry
+        self.on_retry: Callable[[], None] | None = None
         read_timeout = max(settings.first_token_timeout_s, settings.idle_timeout_s)
         self._http = openai.DefaultAsyncHttpxClient(
             limits=httpx2.Limits(
@@ -143,7 +143,7 @@ class OpenAIUpstream:
                 read_timeout + 30 if read_timeout else None,
                 connect=settings.upstream_connect_timeout_s,
             ),
-            event_hooks=hooks,
+            event_hooks={"request": [self._count_retry]},
         )
         self.client: openai.AsyncOpenAI
         if settings.uses_azure and base_url is None:
@@ -163,8 +163,8 @@ class OpenAIUpstream:
             )
 
     async def _count_retry(self, request: httpx2.Request) -> None:
-        if self._on_retry and request.headers.get("x-stainless-retry-count", "0") != "0":
-            self._on_retry()
+        if self.on_retry and request.headers.get("x-stainless-retry-count", "0") != "0":
+            self.on_retry()
 
     @asynccontextmanager
     async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
@@ -187,7 +187,7 @@ class OpenAIUpstream:
 
     async def check(self) -> None:
         try:
-            await self.client.models.list(timeout=5.0)
+            await self.client.with_options(max_retries=0, timeout=5.0).models.list()
         except (openai.OpenAIError, httpx2.HTTPError) as err:
             raise translate(err) from err
 

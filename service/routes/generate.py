@@ -115,8 +115,8 @@ def _relay(request: web.Request, route: str, upstream_request: CompletionRequest
         live=app[keys.LIVE],
         route=route,
         request=upstream_request,
-        request_id=request["request_id"],
-        arrived=request["arrived"],
+        request_id=request[keys.REQUEST_ID],
+        arrived=request[keys.ARRIVED],
     )
 
 

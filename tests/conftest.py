@@ -1,0 +1,143 @@
+"""Fixtures: a scripted upstream on a loopback port, and the gateway in front of it through the
+real `openai` SDK, on aiohttp's test server (real sockets, handler cancellation on)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from service import keys
+from service.app import create_app
+from service.config import Settings
+from service.errors import Outcome
+from service.upstream import OpenAIUpstream
+from tests.fake_upstream import FakeUpstream, running
+
+API_KEY = "sk-test-SECRET-0123456789"
+WAIT = 5.0  # every wait in the suite is bounded by this unless it says otherwise
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base = Settings(
+        openai_base_url="http://127.0.0.1:9/v1",  # replaced by the fake's URL in `gateway`
+        openai_api_key=API_KEY,
+        openai_model="test-model",
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+class Frames:
+    """Reads an SSE body frame by frame, keeping every byte seen."""
+
+    def __init__(self, resp: ClientResponse) -> None:
+        self.resp = resp
+        self.raw = b""
+        self._buf = b""
+
+    async def frame(self) -> bytes:
+        async with asyncio.timeout(WAIT):
+            while b"\n\n" not in self._buf:
+                data = await self.resp.content.readany()
+                if not data:
+                    raise EOFError(self._buf)
+                self._buf += data
+                self.raw += data
+        frame, self._buf = self._buf.split(b"\n\n", 1)
+        return frame + b"\n\n"
+
+    async def event(self) -> dict[str, Any]:
+        """The next event's JSON, skipping comments."""
+        while True:
+            frame = await self.frame()
+            if frame.startswith(b":"):
+                continue
+            data = [line[6:] for line in frame.split(b"\n") if line.startswith(b"data: ")]
+            assert len(data) == 1, frame
+            return dict(orjson.loads(data[0]))
+
+    async def rest(self) -> list[dict[str, Any]]:
+        events = []
+        while True:
+            try:
+                events.append(await self.event())
+            except EOFError:
+                return events
+
+
+@dataclass
+class Gateway:
+    client: TestClient[Any, Any]
+    fake: FakeUpstream
+    registry: CollectorRegistry
+    settings: Settings
+
+    async def post(self, path: str, body: Any, **kwargs: Any) -> ClientResponse:
+        return await self.client.post(path, json=body, **kwargs)
+
+    async def stream(self, body: Any, **kwargs: Any) -> tuple[ClientResponse, Frames]:
+        resp = await self.client.post("/api/ai/generate-stream", json=body, **kwargs)
+        return resp, Frames(resp)
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    async def settled(self) -> None:
+        """Wait (bounded) until no stream is in flight: every outcome is accounted."""
+        async with asyncio.timeout(WAIT):
+            await self.client.app[keys.LIVE].idle()
+
+    def outcomes(self, route: str = "generate_stream") -> dict[str, float]:
+        return {
+            o.value: self.sample("ai_stream_outcomes_total", route=route, outcome=o.value)
+            for o in Outcome
+            if self.sample("ai_stream_outcomes_total", route=route, outcome=o.value)
+        }
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with running() as upstream:
+        yield upstream
+
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(aiohttp_client: Any, fake: FakeUpstream) -> AsyncIterator[MakeGateway]:
+    upstreams: list[OpenAIUpstream] = []
+
+    async def make(**overrides: Any) -> Gateway:
+        settings = make_settings(**{"openai_base_url": fake.url, **overrides})
+        registry = CollectorRegistry()
+        upstream = OpenAIUpstream(settings)
+        upstreams.append(upstream)
+        app = create_app(settings, upstream=upstream, registry=registry)
+        client = await aiohttp_client(app)
+        return Gateway(client=client, fake=fake, registry=registry, settings=settings)
+
+    yield make
+    for upstream in upstreams:
+        await upstream.aclose()
+
+
+@pytest.fixture
+async def gateway(make_gateway: MakeGateway) -> Gateway:
+    return await make_gateway()
+
+
+def tool_required(name: str) -> None:
+    """Skip when a system tool is missing, except on CI where that is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is required on CI and is missing")
+    pytest.skip(f"{name} is not installed")

@@ -1,0 +1,205 @@
+"""A scripted OpenAI-compatible server on a real loopback socket, reached through the real SDK.
+
+A test queues one script per expected request. A script is a list of steps:
+
+    Text("Hello")            a chunk whose delta carries the text
+    Gate(event)              wait for an asyncio.Event before going on (headers may not be out)
+    Status(500, headers)     answer with this status and an error body, nothing streamed
+    Raw(b"...")              write these bytes as they are
+    Drop()                   close the TCP connection abruptly
+    Finish("stop")           a chunk with a finish reason
+    Usage(prompt, completion)
+    Done()                   `data: [DONE]`
+
+Headers go out with the first step that writes, so a Gate first keeps the upstream silent before
+it has even answered. Each request is recorded with its JSON body and an Event set when the
+handler ends for any reason, the service closing the connection included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Gate:
+    event: asyncio.Event
+
+
+@dataclass(frozen=True)
+class Status:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Raw:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Drop:
+    pass
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str = "stop"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt: int
+    completion: int
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """Send `text` every `interval_s` until the connection ends: an upstream still streaming."""
+
+    text: str
+    interval_s: float = 0.002
+
+
+Step = Text | Gate | Status | Raw | Drop | Finish | Usage | Done | Repeat
+
+
+def answer(*texts: str, prompt: int = 7, completion: int | None = None) -> list[Step]:
+    """A whole, well-formed answer."""
+    steps: list[Step] = [Text(t) for t in texts]
+    return [
+        *steps,
+        Finish(),
+        Usage(prompt, len(texts) if completion is None else completion),
+        Done(),
+    ]
+
+
+@dataclass
+class Seen:
+    body: dict[str, Any]
+    headers: dict[str, str]
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
+    body: dict[str, Any] = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "test-model",
+        "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage:
+        body["usage"] = usage
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.scripts: deque[list[Step]] = deque()
+        self.default: list[Step] = answer("Hello", " world")
+        self.seen: list[Seen] = []
+        self.arrived = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def queue(self, *scripts: list[Step]) -> None:
+        self.scripts.extend(scripts)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "test-model"}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        seen = Seen(body=await request.json(), headers=dict(request.headers))
+        self.seen.append(seen)
+        self.arrived.set()
+        script = self.scripts.popleft() if self.scripts else self.default
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        try:
+            for step in script:
+                if isinstance(step, Status):
+                    body = {"error": {"message": "secret sk-live-ABC123 leaked?", "type": "x"}}
+                    return web.json_response(body, status=step.status, headers=step.headers)
+                if isinstance(step, Gate):
+                    await step.event.wait()
+                    continue
+                if isinstance(step, Drop):
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if not resp.prepared:
+                    await resp.prepare(request)
+                if isinstance(step, Repeat):
+                    while True:
+                        await resp.write(chunk({"content": step.text}))
+                        await asyncio.sleep(step.interval_s)
+                await resp.write(self._encode(step))
+            return resp
+        except asyncio.CancelledError:
+            seen.cancelled = True
+            raise
+        finally:
+            seen.ended.set()
+
+    @staticmethod
+    def _encode(step: Step) -> bytes:
+        if isinstance(step, Text):
+            return chunk({"content": step.text})
+        if isinstance(step, Finish):
+            return chunk({}, finish=step.reason)
+        if isinstance(step, Usage):
+            total = step.prompt + step.completion
+            usage = {
+                "prompt_tokens": step.prompt,
+                "completion_tokens": step.completion,
+                "total_tokens": total,
+            }
+            return chunk({}, usage=usage)
+        if isinstance(step, Done):
+            return b"data: [DONE]\n\n"
+        assert isinstance(step, Raw), step
+        return step.data
+
+
+@contextlib.asynccontextmanager
+async def running() -> Any:
+    fake = FakeUpstream()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()

@@ -1,0 +1,80 @@
+"""Run `python -m service` as a real process on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+_CLEARED = ("OPENAI_", "AZURE_OPENAI_", "PORT", "HOST", "ADMIN_PORT", "REDIS_URL", "API_KEYS")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
+    env.update({"PYTHONUNBUFFERED": "1", "LOG_FORMAT": "json", **extra})
+    return env
+
+
+class ServiceProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def wait_healthy(self, seconds: float = 20.0) -> None:
+        """Poll /health until it answers (bounded); fail early if the process died."""
+        async with asyncio.timeout(seconds), aiohttp.ClientSession() as session:
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"service exited: {self.log.read_text()[-2000:]}")
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with session.get(self.url + "/health") as resp:
+                        if resp.status == 200:
+                            return
+                await asyncio.sleep(0.02)
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait(self, seconds: float) -> int:
+        async with asyncio.timeout(seconds):
+            return await self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def service(env: Mapping[str, str], tmp: Path) -> AsyncIterator[ServiceProcess]:
+    port = free_port()
+    log = tmp / f"service-{port}.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service",
+            cwd=ROOT,
+            env=clean_env({"PORT": str(port), **env}),
+            stdout=out,
+            stderr=out,
+        )
+    running = ServiceProcess(proc, port, log)
+    try:
+        await running.wait_healthy()
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,56 @@
+"""Liveness, readiness (cached upstream check, 503 from the start of shutdown) and the drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service import keys
+from tests.conftest import WAIT, Gateway, MakeGateway
+from tests.fake_upstream import Gate, Text, answer
+
+
+async def test_liveness_and_readiness(gateway: Gateway) -> None:
+    live = await gateway.client.get("/health")
+    assert (live.status, await live.json()) == (200, {"status": "ok"})
+    ready = await gateway.client.get("/health/ready")
+    assert (ready.status, await ready.json()) == (
+        200,
+        {"status": "ok", "checks": {"upstream": "ok"}},
+    )
+
+
+async def test_readiness_names_an_unreachable_upstream(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(openai_base_url="http://127.0.0.1:9/v1")
+    ready = await gateway.client.get("/health/ready")
+    assert ready.status == 503
+    body = await ready.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["upstream"] == "The connection to the model server failed."
+
+
+async def test_shutdown_fails_readiness_refuses_new_streams_and_drains(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(shutdown_drain_s=30)
+    gate = asyncio.Event()
+    gateway.fake.queue([Text("a"), Gate(gate), *answer("b")])
+    _, frames = await gateway.stream({"prompt": "x"})
+    await frames.event()
+    await frames.event()
+    draining = asyncio.create_task(gateway.client.app.shutdown())
+    await asyncio.sleep(0)  # one turn of the loop: the shutdown task starts and marks draining
+    assert gateway.client.app[keys.LIVE].draining
+    ready = await gateway.client.get("/health/ready")
+    assert ready.status == 503
+    assert (await ready.json())["checks"]["shutdown"] == "the server is shutting down"
+    refused = await gateway.post("/api/ai/generate-stream", {"prompt": "y"})
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert (await refused.json())["error"]["code"] == "server_shutdown"
+    assert not draining.done()
+    gate.set()
+    events = await frames.rest()
+    assert events[-1]["type"] == "done"
+    async with asyncio.timeout(WAIT):
+        await draining
+    assert gateway.outcomes() == {"completed": 1}

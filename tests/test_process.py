@@ -1,0 +1,114 @@
+"""The real process: settings errors at start-up, the demo upstream, SIGINT/SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import API_KEY, WAIT
+from tests.fake_upstream import FakeUpstream, Gate, Text, answer
+from tests.process import ROOT, clean_env, service
+
+
+async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[dict[str, object]]:
+    events: list[dict[str, object]] = []
+    async with asyncio.timeout(WAIT):
+        while len(events) < count:
+            line = await resp.content.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                events.append(orjson.loads(line[6:]))
+    return events
+
+
+def test_bad_settings_stop_start_up_naming_every_variable() -> None:
+    env = clean_env({"PORT": "eighty", "IDLE_TIMEOUT_S": "-2", "LOG_FORMAT": "xml"})
+    done = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    err = done.stderr.decode()
+    for name in ("PORT", "IDLE_TIMEOUT_S", "LOG_FORMAT"):
+        assert name in err
+    assert "Traceback" not in err
+
+
+async def test_with_no_key_the_demo_upstream_streams_the_seed_example(tmp_path: Path) -> None:
+    async with service({"DEMO_TOKENS_PER_S": "2000"}, tmp_path) as svc:
+        proc = await asyncio.create_subprocess_exec(
+            "curl",
+            "-sN",
+            "-X",
+            "POST",
+            f"{svc.url}/api/ai/generate-stream",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"prompt": "Write a short article about TypeScript"}',
+            stdout=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            out, _ = await proc.communicate()
+    events = [orjson.loads(line[6:]) for line in out.splitlines() if line.startswith(b"data: ")]
+    assert events[0]["type"] == "start"
+    assert {e["type"] for e in events[1:-1]} == {"content"}
+    done = events[-1]
+    assert done["type"] == "done"
+    assert done["model"] == "demo-writer-1"
+    assert done["content"].startswith("# TypeScript\n\n")
+    assert done["content"] == "".join(e["delta"] for e in events[1:-1])
+    assert done["imagePlaceholders"] == ["[[image: a picture of TypeScript]]"]
+    assert done["tokenCount"] == 350
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_signal_drains_open_streams_then_ends_the_rest(
+    fake: FakeUpstream, tmp_path: Path, sig: signal.Signals
+) -> None:
+    finishing, never = asyncio.Event(), asyncio.Event()
+    fake.queue([Text("a"), Gate(finishing), *answer("b")], [Text("x"), Gate(never)])
+    env = {
+        "OPENAI_BASE_URL": fake.url,
+        "OPENAI_API_KEY": API_KEY,
+        "OPENAI_MODEL": "test-model",
+        "SHUTDOWN_DRAIN_S": "1",
+    }
+    async with service(env, tmp_path) as svc, aiohttp.ClientSession() as session:
+        url = f"{svc.url}/api/ai/generate-stream"
+        quick = await session.post(url, json={"prompt": "quick"})
+        assert len(await read_events(quick, 2)) == 2
+        slow = await session.post(url, json={"prompt": "slow"})
+        assert len(await read_events(slow, 2)) == 2
+        svc.signal(sig)
+        finishing.set()
+        quick_rest = await read_events(quick, 99)
+        slow_rest = await read_events(slow, 99)
+        assert await svc.wait(WAIT) == 0
+    assert [e["type"] for e in quick_rest] == ["content", "done"]
+    assert quick_rest[-1]["content"] == "ab"
+    assert slow_rest == [
+        {
+            "type": "error",
+            "error": "The server is restarting; please retry.",
+            "code": "server_shutdown",
+            "reason": "shutdown",
+            "requestId": slow_rest[0]["requestId"],
+            "elapsedMs": slow_rest[0]["elapsedMs"],
+        }
+    ]
+    async with asyncio.timeout(1):
+        await fake.seen[1].ended.wait()
+    assert fake.seen[1].cancelled

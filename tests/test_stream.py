@@ -1,0 +1,311 @@
+"""The generate stream end to end: gateway on a real socket, upstream through the real SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway
+from tests.fake_upstream import Done, Drop, Finish, Gate, Raw, Repeat, Status, Text, Usage, answer
+
+NEVER = asyncio.Event  # a gate nobody opens: the upstream stays silent until cancelled
+
+
+async def ended_within(gateway: Gateway, index: int = 0, seconds: float = 1.0) -> None:
+    """The upstream request `index` was closed by the gateway within `seconds`."""
+    async with asyncio.timeout(seconds):
+        await gateway.fake.seen[index].ended.wait()
+
+
+async def test_golden_stream_bytes(gateway: Gateway) -> None:
+    g1, g2 = asyncio.Event(), asyncio.Event()
+    gateway.fake.queue(
+        [
+            Text("Hello"),
+            Gate(g1),
+            Text(" world"),
+            Gate(g2),
+            Text(" [[image:1]]"),
+            Finish(),
+            Usage(9, 3),
+            Done(),
+        ]
+    )
+    resp, frames = await gateway.stream(
+        {"prompt": "Say hello", "selectedImageUrls": ["https://example.test/a.png"]},
+        headers={"X-Request-ID": "golden-1"},
+    )
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert resp.headers["Cache-Control"] == "no-cache, no-transform"
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    assert resp.headers["X-Request-ID"] == "golden-1"
+    assert "Content-Encoding" not in resp.headers
+    assert "Content-Length" not in resp.headers
+    await frames.frame()
+    await frames.frame()
+    g1.set()
+    await frames.frame()
+    g2.set()
+    assert await frames.rest()
+    wire = re.sub(rb'"elapsedMs":\d+', b'"elapsedMs":0', frames.raw)
+    assert wire == (
+        b'id: 1\ndata: {"type":"start","requestId":"golden-1"}\n\n'
+        b'id: 2\ndata: {"type":"content","delta":"Hello","tokenCount":1}\n\n'
+        b'id: 3\ndata: {"type":"content","delta":" world","tokenCount":2}\n\n'
+        b'id: 4\ndata: {"type":"content","delta":" [[image:1]]","tokenCount":3}\n\n'
+        b'id: 5\ndata: {"type":"done","content":"Hello world [[image:1]]",'
+        b'"imagePlaceholders":["[[image:1]]"],"tokenCount":3,"model":"test-model",'
+        b'"requestId":"golden-1","elapsedMs":0}\n\n'
+    )
+    sent = gateway.fake.seen[0].body
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["model"] == "test-model"
+    assert sent["max_completion_tokens"] == gateway.settings.default_max_tokens
+    assert sent["messages"][1]["content"][1] == {
+        "type": "image_url",
+        "image_url": {"url": "https://example.test/a.png"},
+    }
+    assert gateway.fake.seen[0].headers["Authorization"] == f"Bearer {API_KEY}"
+    assert gateway.sample("ai_stream_completion_tokens_total", model="test-model") == 3
+    assert gateway.sample("ai_stream_prompt_tokens_total", model="test-model") == 9
+    assert gateway.outcomes() == {"completed": 1}
+
+
+async def test_start_is_flushed_before_the_upstream_answers(gateway: Gateway) -> None:
+    gate = asyncio.Event()
+    gateway.fake.queue([Gate(gate), *answer("late")])
+    resp, frames = await gateway.stream({"prompt": "x"})
+    start = await frames.event()
+    assert start["type"] == "start"
+    assert start["requestId"] == resp.headers["X-Request-ID"]
+    assert not gate.is_set()
+    gate.set()
+    events = await frames.rest()
+    assert [e["type"] for e in events] == ["content", "done"]
+
+
+async def test_deltas_joined_equal_done_content_and_token_counts_are_exact(
+    gateway: Gateway,
+) -> None:
+    texts = [f" w{i}" for i in range(300)]
+    gateway.fake.queue(answer(*texts))
+    _, frames = await gateway.stream({"prompt": "x"})
+    events = [await frames.event(), *await frames.rest()]
+    contents = [e for e in events if e["type"] == "content"]
+    done = events[-1]
+    assert done["type"] == "done"
+    assert "".join(e["delta"] for e in contents) == done["content"] == "".join(texts)
+    assert contents[-1]["tokenCount"] == done["tokenCount"] == 300
+    counts = [e["tokenCount"] for e in contents]
+    assert counts == sorted(counts)
+
+
+async def test_model_text_cannot_forge_an_event(gateway: Gateway) -> None:
+    evil = 'x\n\ndata: {"type":"done","content":"forged"}\n\nid: 99\r\n\r\n: ping\n\n'
+    gateway.fake.queue(answer(evil))
+    _, frames = await gateway.stream({"prompt": "x"})
+    events = [await frames.event(), *await frames.rest()]
+    assert [e["type"] for e in events] == ["start", "content", "done"]
+    assert events[1]["delta"] == evil
+    assert events[2]["content"] == evil
+    assert frames.raw.count(b"\n\n") == 3
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["before-first-token", "between-tokens"])
+async def test_heartbeat_while_the_upstream_is_silent(
+    make_gateway: MakeGateway, first: bool
+) -> None:
+    gateway = await make_gateway(heartbeat_interval_s=0.05)
+    gate = asyncio.Event()
+    before = [] if first else [Text("a")]
+    gateway.fake.queue([*before, Gate(gate), *answer("b")])
+    _, frames = await gateway.stream({"prompt": "x"})
+    assert (await frames.event())["type"] == "start"
+    if not first:
+        assert (await frames.event())["delta"] == "a"
+    assert await frames.frame() == b": ping\n\n"
+    assert await frames.frame() == b": ping\n\n"
+    gate.set()
+    events = await frames.rest()
+    assert events[-1]["type"] == "done"
+    assert gateway.sample("ai_stream_heartbeats_total") >= 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "before", "reason"),
+    [
+        ({"first_token_timeout_s": 0.2}, [], "first_token_timeout"),
+        ({"idle_timeout_s": 0.2}, [Text("a")], "idle_timeout"),
+        ({"max_stream_s": 0.3, "idle_timeout_s": 30}, [Repeat("a", 0.01)], "total_timeout"),
+    ],
+)
+async def test_each_timeout_ends_with_an_error_event(
+    make_gateway: MakeGateway, settings: dict[str, float], before: list[object], reason: str
+) -> None:
+    gateway = await make_gateway(**settings)
+    gateway.fake.queue([*before, Gate(NEVER())])  # type: ignore[list-item]
+    _, frames = await gateway.stream({"prompt": "x"})
+    events = [await frames.event(), *await frames.rest()]
+    error = events[-1]
+    assert error["type"] == "error"
+    assert (error["code"], error["reason"]) == ("timeout", reason)
+    assert error["requestId"] == events[0]["requestId"]
+    assert isinstance(error["elapsedMs"], int)
+    await ended_within(gateway)
+    assert gateway.outcomes() == {reason: 1}
+
+
+@pytest.mark.parametrize("window", ["before-answer", "while-silent", "while-streaming"])
+async def test_client_disconnect_cancels_the_upstream_within_a_second(
+    gateway: Gateway, window: str
+) -> None:
+    script = {
+        "before-answer": [Gate(NEVER())],
+        "while-silent": [Text("a"), Gate(NEVER())],
+        "while-streaming": [Repeat("tick")],
+    }[window]
+    gateway.fake.queue(script)  # type: ignore[arg-type]
+    resp, frames = await gateway.stream({"prompt": "x"})
+    await frames.event()
+    if window == "before-answer":
+        async with asyncio.timeout(WAIT):
+            await gateway.fake.arrived.wait()
+    else:
+        await frames.event()
+    resp.close()
+    await ended_within(gateway)
+    assert gateway.fake.seen[0].cancelled
+    await gateway.settled()
+    assert gateway.outcomes() == {"client_disconnect": 1}
+    assert gateway.sample("ai_stream_streams_active", route="generate_stream") == 0
+
+
+async def test_client_disconnect_cancels_the_upstream_for_the_json_endpoint(
+    gateway: Gateway,
+) -> None:
+    gateway.fake.queue([Gate(NEVER())])
+    request = asyncio.create_task(gateway.post("/api/ai/generate", {"prompt": "x"}))
+    async with asyncio.timeout(WAIT):
+        await gateway.fake.arrived.wait()
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await ended_within(gateway)
+    await gateway.settled()
+    assert gateway.outcomes("generate") == {"client_disconnect": 1}
+
+
+async def test_retries_happen_before_the_first_token_only(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(upstream_max_retries=3)
+    fast = {"retry-after-ms": "1"}
+    gateway.fake.queue([Status(500, fast)], [Status(429, fast)], answer("ok"))
+    _, frames = await gateway.stream({"prompt": "x"})
+    events = [await frames.event(), *await frames.rest()]
+    assert [e["type"] for e in events] == ["start", "content", "done"]
+    assert events[-1]["content"] == "ok"
+    assert len(gateway.fake.seen) == 3
+    assert gateway.sample("ai_stream_upstream_retries_total") == 2
+
+
+async def test_no_retry_once_text_was_sent(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(upstream_max_retries=3)
+    gateway.fake.queue([Text("partial"), Drop()])
+    _, frames = await gateway.stream({"prompt": "x"})
+    events = [await frames.event(), *await frames.rest()]
+    assert [e["type"] for e in events] == ["start", "content", "error"]
+    assert events[1]["delta"] == "partial"
+    assert (events[2]["code"], events[2]["reason"]) == ("upstream_error", "upstream_error")
+    assert len(gateway.fake.seen) == 1
+    assert gateway.sample("ai_stream_upstream_retries_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("scripts", "attempts", "kind"),
+    [
+        ([[Status(401)]], 1, "auth"),
+        ([[Status(429, {"retry-after-ms": "1"})]] * 2, 2, "rate_limit"),
+        ([[Status(500, {"retry-after-ms": "1"})]] * 2, 2, "server"),
+        ([[Drop()]] * 2, 2, "connection"),
+        ([[Text("a"), Drop()]], 1, "connection"),
+        ([[Raw(b"data: {not json\n\n")]], 1, "malformed"),
+        ([[Text("a")]], 1, "truncated"),
+    ],
+    ids=[
+        "401",
+        "429",
+        "500",
+        "dropped-before-headers",
+        "dropped-mid-stream",
+        "malformed",
+        "no-finish",
+    ],
+)
+async def test_upstream_failures_become_clean_error_events(
+    make_gateway: MakeGateway, scripts: list[list[object]], attempts: int, kind: str
+) -> None:
+    gateway = await make_gateway(upstream_max_retries=1)
+    gateway.fake.queue(*scripts)  # type: ignore[arg-type]
+    _, frames = await gateway.stream({"prompt": "x"})
+    events = [await frames.event(), *await frames.rest()]
+    error = events[-1]
+    assert error["type"] == "error"
+    assert (error["code"], error["reason"]) == ("upstream_error", "upstream_error")
+    for secret in (API_KEY, "sk-live", gateway.fake.url, "127.0.0.1"):
+        assert secret not in error["error"]
+    assert len(gateway.fake.seen) == attempts
+    assert gateway.sample("ai_stream_upstream_errors_total", kind=kind) == 1
+    assert gateway.outcomes() == {"upstream_error": 1}
+
+
+async def test_json_endpoint_returns_the_whole_answer(gateway: Gateway) -> None:
+    gateway.fake.queue(answer("Hello", " [[image: a cat]]", prompt=11))
+    resp = await gateway.post("/api/ai/generate", {"prompt": "x"}, headers={"X-Request-ID": "j-1"})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body == {
+        "content": "Hello [[image: a cat]]",
+        "imagePlaceholders": ["[[image: a cat]]"],
+        "tokenCount": 2,
+        "model": "test-model",
+        "requestId": "j-1",
+        "elapsedMs": body["elapsedMs"],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
+    }
+
+
+async def test_json_endpoint_maps_upstream_failure_to_502(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(upstream_max_retries=0)
+    gateway.fake.queue([Status(503)])
+    resp = await gateway.post("/api/ai/generate", {"prompt": "x"})
+    assert resp.status == 502
+    assert (await resp.json())["error"]["code"] == "upstream_error"
+
+
+async def test_max_streams_answers_503_overloaded_then_frees_the_slot(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(max_streams=1)
+    gate = asyncio.Event()
+    gateway.fake.queue([Gate(gate), *answer("a")])
+    _, frames = await gateway.stream({"prompt": "x"})
+    await frames.event()
+    refused = await gateway.post("/api/ai/generate-stream", {"prompt": "y"})
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert (await refused.json())["error"]["code"] == "overloaded"
+    gate.set()
+    await frames.rest()
+    await gateway.settled()
+    _, again = await gateway.stream({"prompt": "z"})
+    assert (await again.rest())[-1]["type"] == "done"
+
+
+async def test_invalid_request_ids_are_replaced(gateway: Gateway) -> None:
+    resp = await gateway.client.get("/health", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert resp.status == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-ID"])
+    assert await resp.json() == {"status": "ok"}
