@@ -16,6 +16,10 @@ Design notes:
 3. A frame is one `write()` call, so a ping written by the watchdog can never split it.
 4. Heartbeats count as writes for the heartbeat clock only; idle and first-token clocks measure
    the upstream's silence, not the client's.
+5. Teardown outlives a second cancellation. A client can leave while the stream is already
+   closing (aiohttp cancels the handler then); the pump must still finish closing the upstream and
+   the stream must still be counted and released, so `_settle` waits through the cancellation and
+   re-raises it afterwards instead of abandoning the bookkeeping.
 """
 
 from __future__ import annotations
@@ -151,6 +155,24 @@ class LiveStreams:
                 log.warning("shutdown.streams_left", count=len(self._relays))
 
 
+async def _settle(*tasks: asyncio.Task[None]) -> None:
+    """Cancel `tasks` and wait until they have finished, even if we are cancelled meanwhile
+    (design note 5); a cancellation that arrived is re-raised once they are done."""
+    for task in tasks:
+        task.cancel()
+    interrupted = False
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            interrupted = True
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the outcome was already taken from `await pump`
+    if interrupted:
+        raise asyncio.CancelledError
+
+
 @dataclass(slots=True, eq=False)
 class Relay:
     """One upstream call relayed to one client (or collected, for the JSON endpoints)."""
@@ -203,12 +225,12 @@ class Relay:
             self.result.upstream_error_kind = err.kind
             self.result.error_message = err.message
         finally:
-            watchdog.cancel()
-            pump.cancel()
-            await asyncio.gather(pump, watchdog, return_exceptions=True)
-            self._finish(outcome, loop.time())
-            labels.dec()
-            self.live.discard(self)
+            try:
+                await _settle(pump, watchdog)
+            finally:
+                self._finish(outcome, loop.time())
+                labels.dec()
+                self.live.discard(self)
         return self.result
 
     async def _pump(self) -> None:

@@ -118,9 +118,18 @@ class FakeUpstream:
         self.scripts: deque[list[Step]] = deque()
         self.default: list[Step] = answer("Hello", " world")
         self.seen: list[Seen] = []
+        self.record = True  # False: keep no per-request record, only the count of open ones
+        self.open_requests = 0
         self.arrived = asyncio.Event()
         self.url = ""
         self._runner: web.AppRunner | None = None
+
+    @property
+    def connections(self) -> int:
+        """Open connections to this server (idle keep-alive ones included)."""
+        assert self._runner is not None
+        assert self._runner.server is not None
+        return len(self._runner.server.connections)
 
     def queue(self, *scripts: list[Step]) -> None:
         self.scripts.extend(scripts)
@@ -145,7 +154,9 @@ class FakeUpstream:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         seen = Seen(body=await request.json(), headers=dict(request.headers))
-        self.seen.append(seen)
+        if self.record:
+            self.seen.append(seen)
+        self.open_requests += 1
         self.arrived.set()
         script = self.scripts.popleft() if self.scripts else self.default
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -173,6 +184,7 @@ class FakeUpstream:
             seen.cancelled = True
             raise
         finally:
+            self.open_requests -= 1
             seen.ended.set()
 
     @staticmethod
