@@ -10,6 +10,8 @@ A test queues one script per expected request. A script is a list of steps:
     Finish("stop")           a chunk with a finish reason
     Usage(prompt, completion)
     Done()                   `data: [DONE]`
+    Repeat("x", 0.002)       the text every 2 ms until the connection ends
+    Sleep(0.002)             pace the answer
 
 Headers go out with the first step that writes, so a Gate first keeps the upstream silent before
 it has even answered. Each request is recorded with its JSON body and an Event set when the
@@ -71,6 +73,13 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Sleep:
+    """Pace the answer like a model does (not a synchronisation: nothing waits on it)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Repeat:
     """Send `text` every `interval_s` until the connection ends: an upstream still streaming."""
 
@@ -78,7 +87,7 @@ class Repeat:
     interval_s: float = 0.002
 
 
-Step = Text | Gate | Status | Raw | Drop | Finish | Usage | Done | Repeat
+Step = Text | Gate | Status | Raw | Drop | Finish | Usage | Done | Repeat | Sleep
 
 
 def answer(*texts: str, prompt: int = 7, completion: int | None = None) -> list[Step]:
@@ -167,6 +176,9 @@ class FakeUpstream:
                     return web.json_response(body, status=step.status, headers=step.headers)
                 if isinstance(step, Gate):
                     await step.event.wait()
+                    continue
+                if isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
                     continue
                 if isinstance(step, Drop):
                     assert request.transport is not None

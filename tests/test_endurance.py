@@ -27,7 +27,7 @@ from service import keys, logs
 from service.app import create_app
 from service.upstream import OpenAIUpstream
 from tests.conftest import make_settings
-from tests.fake_upstream import FakeUpstream, answer
+from tests.fake_upstream import Done, FakeUpstream, Finish, Sleep, Text, Usage
 from tests.process import ROOT
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,8 @@ class Served:
 
 @pytest.fixture
 async def served(fake: FakeUpstream) -> AsyncIterator[Served]:
-    fake.default = answer(*(f" t{i}" for i in range(TOKENS)))
+    paced = [step for i in range(TOKENS) for step in (Text(f" t{i}"), Sleep(0.002))]
+    fake.default = [*paced, Finish(), Usage(7, TOKENS), Done()]
     fake.record = False
     settings = make_settings(openai_base_url=fake.url, log_level="warning")
     logs.configure(settings)  # as in production: info lines filtered, nothing kept in memory
