@@ -112,3 +112,23 @@ async def test_signal_drains_open_streams_then_ends_the_rest(
     async with asyncio.timeout(1):
         await fake.seen[1].ended.wait()
     assert fake.seen[1].cancelled
+
+
+async def test_a_client_leaving_the_real_process_cancels_the_upstream(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    never = asyncio.Event()
+    fake.queue([Text("a"), Gate(never)])
+    env = {"OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": API_KEY, "OPENAI_MODEL": "test-model"}
+    async with service(env, tmp_path) as svc, aiohttp.ClientSession() as session:
+        resp = await session.post(f"{svc.url}/api/ai/generate-stream", json={"prompt": "x"})
+        assert len(await read_events(resp, 2)) == 2
+        resp.close()
+        async with asyncio.timeout(1):
+            await fake.seen[0].ended.wait()
+        assert fake.seen[0].cancelled
+        metrics = await (await session.get(f"{svc.url}/metrics")).text()
+    assert (
+        'ai_stream_outcomes_total{outcome="client_disconnect",route="generate_stream"} 1.0'
+        in metrics
+    )
