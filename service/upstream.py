@@ -198,13 +198,17 @@ class OpenAIUpstream:
                 stream_options={"include_usage": True},
                 temperature=openai.omit if request.temperature is None else request.temperature,
             )
-            response = await opened.__aenter__()
+            body = (await opened.__aenter__()).http_response
         except (openai.OpenAIError, httpx2.HTTPError) as err:
             raise translate(err) from err
+        # Only the body is needed from here on: dropping the SDK's wrapper (its options hold a
+        # deep copy of the messages) saves memory for every open stream. Closing the body is
+        # all the wrapper's exit would do.
+        del opened
         try:
-            yield _SdkStream(response.http_response)
+            yield _SdkStream(body)
         finally:
-            await opened.__aexit__(None, None, None)
+            await body.aclose()
 
     async def check(self) -> None:
         try:
