@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
+import aiohttp_cors
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from . import demo_upstream, http, keys, logs
+from .access import Access
 from .config import Settings
 from .health import ReadinessProbe
+from .limits import Limits
 from .metrics import create_metrics
+from .ratelimit import LimitConfig, Limiter, MemoryLimiter
+from .redis_limits import RedisLimiter
 from .relay import LiveStreams
 from .routes import generate, health
 from .upstream import OpenAIUpstream, Upstream
@@ -27,27 +34,84 @@ def create_app(
 ) -> web.Application:
     """The API application. Pass `upstream` to use one you own (it is not closed here)."""
     app = web.Application(
-        middlewares=[logs.request_context, http.errors],
+        middlewares=[logs.request_context, http.errors, http.require_key],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = create_metrics(registry or CollectorRegistry(), settings.model_allowlist)
     app[keys.LIVE] = LiveStreams()
+    app[keys.ACCESS] = Access.build(settings.api_keys, settings.trusted_proxies)
     if upstream is not None:
         _use_upstream(app, upstream)
     else:
         app.cleanup_ctx.append(_sdk_upstream)
+    app.cleanup_ctx.append(_limits)
     app.on_response_prepare.append(http.on_prepare)
     app.on_shutdown.append(_drain)
     generate.setup(app)
     health.setup(app)
+    _cors(app, settings)
     return app
+
+
+def _cors(app: web.Application, settings: Settings) -> None:
+    """The API answers browsers from the allowed origins only; they may read the request id and
+    the quota headers."""
+    exposed = ["X-Request-ID", "Retry-After"] + [
+        f"x-ratelimit-{what}-{kind}"
+        for kind in ("requests", "tokens")
+        for what in ("limit", "remaining", "reset")
+    ]
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False,
+        expose_headers=exposed,
+        allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+        allow_methods=["GET", "POST", "DELETE"],
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(settings.allowed_origins, options))
+    for route in list(app.router.routes()):
+        if route.resource is not None and route.resource.canonical.startswith("/api/"):
+            cors.add(route)
 
 
 def _use_upstream(app: web.Application, upstream: Upstream) -> None:
     upstream.on_retry = app[keys.METRICS].upstream_retries.inc
     app[keys.UPSTREAM] = upstream
     app[keys.READINESS] = ReadinessProbe(upstream)
+
+
+async def _limits(app: web.Application) -> AsyncIterator[None]:
+    """The limiter (Redis when REDIS_URL is set) and its upkeep task."""
+    settings = app[keys.SETTINGS]
+    config = LimitConfig(
+        rpm=settings.rate_limit_rpm,
+        concurrent=settings.rate_limit_concurrent,
+        tpm=settings.rate_limit_tpm,
+        lease_s=settings.rate_limit_lease_s,
+    )
+    limiter: Limiter
+    if settings.redis_url:
+        limiter = redis = RedisLimiter(config, settings.redis_url)
+        app[keys.READINESS].redis = redis
+    else:
+        limiter = MemoryLimiter(config)
+    limits = app[keys.LIMITS] = Limits(
+        limiter,
+        metrics=app[keys.METRICS],
+        live=app[keys.LIVE],
+        fail_open=settings.rate_limit_redis_failure == "open",
+        charge_interval_s=settings.rate_limit_charge_interval_s,
+    )
+    upkeep = asyncio.create_task(limits.upkeep()) if config.enabled else None
+    try:
+        yield
+    finally:
+        if upkeep is not None:
+            upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upkeep
+        await limiter.aclose()
 
 
 async def _sdk_upstream(app: web.Application) -> AsyncIterator[None]:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .access import parse_networks
+
 LogFormat = Literal["json", "console"]
 DEFAULT_MODEL = "gpt-4o-mini"
 DEMO_MODEL = "demo-writer-1"
@@ -52,6 +54,23 @@ class Settings:
 
     log_format: LogFormat = "json"
     log_level: str = "info"
+
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    cors_origins: tuple[str, ...] = ()  # empty: the admin page's own origins
+    redis_url: str | None = field(default=None, repr=False)
+    rate_limit_rpm: int = 120
+    rate_limit_concurrent: int = 8
+    rate_limit_tpm: int = 200_000
+    rate_limit_redis_failure: Literal["open", "closed"] = "open"
+    rate_limit_lease_s: float = 10.0
+    rate_limit_charge_interval_s: float = 0.5
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        if self.cors_origins:
+            return self.cors_origins
+        return (f"http://localhost:{self.admin_port}", f"http://127.0.0.1:{self.admin_port}")
 
     @property
     def uses_demo_upstream(self) -> bool:
@@ -124,6 +143,33 @@ def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _networks(raw: str) -> tuple[str, ...]:
+    values = _csv(raw)
+    parse_networks(values)
+    return values
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    values = _csv(raw)
+    for origin in values:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"must be origins like https://example.com, not {origin!r}")
+    return tuple(o.rstrip("/") for o in values)
+
+
+def _redis_url(raw: str) -> str:
+    raw = raw.strip()
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _failure(raw: str) -> str:
+    if raw not in ("open", "closed"):
+        raise ValueError("must be open or closed")
+    return raw
+
+
 def _log_format(raw: str) -> str:
     if raw not in ("json", "console"):
         raise ValueError("must be json or console")
@@ -176,6 +222,16 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MAX_IMAGES": ("max_images", _ranged(int, 0, 1000)),
     "DEFAULT_MAX_TOKENS": ("default_max_tokens", _ranged(int, 1, 1_000_000)),
     "MAX_TOKENS_LIMIT": ("max_tokens_limit", _ranged(int, 1, 1_000_000)),
+    "API_KEYS": ("api_keys", _csv),
+    "TRUSTED_PROXIES": ("trusted_proxies", _networks),
+    "CORS_ORIGINS": ("cors_origins", _origins),
+    "REDIS_URL": ("redis_url", _redis_url),
+    "RATE_LIMIT_RPM": ("rate_limit_rpm", _positive_int),
+    "RATE_LIMIT_CONCURRENT": ("rate_limit_concurrent", _positive_int),
+    "RATE_LIMIT_TPM": ("rate_limit_tpm", _positive_int),
+    "RATE_LIMIT_REDIS_FAILURE": ("rate_limit_redis_failure", _failure),
+    "RATE_LIMIT_LEASE_S": ("rate_limit_lease_s", _ranged(float, 1, 3600)),
+    "RATE_LIMIT_CHARGE_INTERVAL_S": ("rate_limit_charge_interval_s", _ranged(float, 0.01, 60)),
     "LOG_FORMAT": ("log_format", _log_format),
     "LOG_LEVEL": ("log_level", _log_level),
 }
@@ -194,7 +250,9 @@ def from_env(env: Mapping[str, str]) -> Settings:
         try:
             values[attr] = parse(raw)
         except ValueError as err:
-            problems[name] = str(err) if "must" in str(err) else f"not understood ({raw!r})"
+            said = str(err)
+            readable = "must" in said or "is not" in said
+            problems[name] = said if readable else f"not understood ({raw!r})"
     if env.get("AZURE_OPENAI_ENDPOINT") and not (
         env.get("AZURE_OPENAI_API_KEY") or env.get("OPENAI_API_KEY")
     ):

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from .redis_limits import LimiterUnavailable, RedisLimiter
 from .upstream import Upstream, UpstreamError
 
 
@@ -26,6 +27,19 @@ class ReadinessProbe:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._cached: tuple[float, str] | None = None
+        self.redis: RedisLimiter | None = None  # checked (uncached) when limits live in Redis
+
+    async def checks(self) -> dict[str, str]:
+        """Each named check: "ok" or what is wrong."""
+        results = {"upstream": await self.upstream()}
+        if self.redis is not None:
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.redis.ping()
+                results["redis"] = "ok"
+            except (LimiterUnavailable, TimeoutError):
+                results["redis"] = "Redis does not answer."
+        return results
 
     async def upstream(self) -> str:
         """ "ok", or why the model server is not reachable."""

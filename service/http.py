@@ -4,6 +4,7 @@ stream, and turn any error into the contract's JSON shape with a precise status.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -13,7 +14,9 @@ from pydantic import BaseModel, ValidationError
 
 from . import keys
 from .errors import ApiError
+from .limits import RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
+from .ratelimit import quota_headers
 
 log = structlog.get_logger("service.http")
 Body = TypeVar("Body", bound=BaseModel)
@@ -40,6 +43,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except ApiError as err:
+        if isinstance(err, RateLimited):
+            request[keys.ADMISSION] = err.admission
         response = error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -57,11 +62,31 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+@web.middleware
+async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With API_KEYS set, every /api/ route needs `Authorization: Bearer <key>` (a CORS
+    preflight carries no credentials and passes); probes and /metrics need none."""
+    access = request.app[keys.ACCESS]
+    if access.auth_required and request.path.startswith("/api/") and request.method != "OPTIONS":
+        ident = access.authenticate(request.headers.get("Authorization"))
+        if ident is None:
+            raise ApiError("unauthorized", "A valid API key is required (Authorization: Bearer).")
+        request[keys.KEY_ID] = ident
+        structlog.contextvars.bind_contextvars(key_id=ident)
+    return await handler(request)
+
+
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer names its request and is counted once, when its status is final."""
+    """Every answer names its request, carries the quota headers of the limits that were
+    consulted, and is counted once, when its status is final."""
     request_id = request.get(keys.REQUEST_ID)
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
+    admission = request.get(keys.ADMISSION)
+    if admission is not None:
+        response.headers.update(quota_headers(admission))
+    if response.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
     metrics = request.app[keys.METRICS]
     metrics.requests.labels(_route(request), str(response.status)).inc()
 
@@ -100,11 +125,36 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def admit(request: web.Request) -> None:
-    """Refuse a new stream when this instance is draining or full (503 with Retry-After)."""
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted request: whose limits it counts against and what it holds."""
+
+    client: str
+    lease: str | None
+    reserved: int
+
+
+def client_of(request: web.Request) -> str:
+    """The API key's id when keys are required, else the client's address."""
+    key = request.get(keys.KEY_ID)
+    if key is not None:
+        return f"key:{key}"
+    access = request.app[keys.ACCESS]
+    return "ip:" + access.client_address(request.remote, request.headers.get("X-Forwarded-For"))
+
+
+async def admit(request: web.Request, estimate: int) -> Ticket:
+    """Refuse a new stream when this instance is draining or full (503), or the client is over
+    a limit (429); otherwise take its request, lease and token reserve."""
     live = request.app[keys.LIVE]
     if live.draining:
         raise ApiError("server_shutdown", "The server is shutting down.", retry_after_s=1)
     max_streams = request.app[keys.SETTINGS].max_streams
     if max_streams and len(live) >= max_streams:
         raise ApiError("overloaded", "Too many open streams; retry shortly.", retry_after_s=1)
+    limits = request.app[keys.LIMITS]
+    client = client_of(request)
+    admission = await limits.admit(client, estimate)
+    request[keys.ADMISSION] = admission
+    reserved = limits.reserve(estimate) if admission.tokens is not None else 0
+    return Ticket(client, admission.lease, reserved)

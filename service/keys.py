@@ -5,9 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import logs
+from .access import Access
 from .config import Settings
 from .health import ReadinessProbe
+from .limits import Limits
 from .metrics import Metrics
+from .ratelimit import Admission
 from .relay import LiveStreams
 from .upstream import Upstream
 
@@ -16,6 +19,10 @@ METRICS = web.AppKey("metrics", Metrics)
 LIVE = web.AppKey("live", LiveStreams)
 UPSTREAM = web.AppKey("upstream", Upstream)
 READINESS = web.AppKey("readiness", ReadinessProbe)
+ACCESS = web.AppKey("access", Access)
+LIMITS = web.AppKey("limits", Limits)
 
 REQUEST_ID = logs.REQUEST_ID
 ARRIVED = logs.ARRIVED
+KEY_ID = web.RequestKey("key_id", str)  # the accepted API key's id, when keys are required
+ADMISSION = web.RequestKey("admission", Admission)  # what the limiter said: quota headers

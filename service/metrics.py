@@ -50,6 +50,7 @@ class Metrics:
     upstream_errors: Counter
     upstream_retries: Counter
     heartbeats: Counter
+    limiter_errors: Counter
 
     def model_label(self, model: str) -> str:
         return model if model in self.models else "other"
@@ -117,4 +118,7 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
             f"{PREFIX}_upstream_retries", "Upstream retries before the first token", registry=r
         ),
         heartbeats=Counter(f"{PREFIX}_heartbeats", "Heartbeat comments written", registry=r),
+        limiter_errors=Counter(
+            f"{PREFIX}_limiter_errors", "Rate-limit store (Redis) failures", registry=r
+        ),
     )

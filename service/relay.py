@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -114,8 +115,15 @@ class SseWriter:
         await self._write(sse.PING)
 
 
+class Ledger(Protocol):
+    """Settles a stream's account when it ends (limits: final token charge, lease release)."""
+
+    async def settle(self, relay: Relay) -> None: ...
+
+
 class LiveStreams:
-    """Streams in flight on this instance: the MAX_STREAMS count and the shutdown drain."""
+    """Streams in flight on this instance: the MAX_STREAMS count, the limits' upkeep and the
+    shutdown drain."""
 
     def __init__(self) -> None:
         self._relays: set[Relay] = set()
@@ -125,6 +133,9 @@ class LiveStreams:
 
     def __len__(self) -> int:
         return len(self._relays)
+
+    def __iter__(self) -> Iterator[Relay]:
+        return iter(list(self._relays))
 
     def add(self, relay: Relay) -> None:
         self._relays.add(relay)
@@ -186,6 +197,12 @@ class Relay:
     request_id: str
     arrived: float
     writer: SseWriter | None = None
+    ledger: Ledger | None = None
+    client: str = ""  # whose limits this stream counts against ("" = none)
+    lease: str | None = None  # concurrency lease, released by the ledger
+    reserved: int = 0  # tokens taken from the client's budget at admission
+    uncharged: int = 0  # deltas relayed since the ledger last charged them
+    charged: int = 0
     result: Result = field(init=False)
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -203,16 +220,23 @@ class Relay:
         if self._pump_task is not None:
             self._pump_task.cancel()
 
-    async def run(self) -> Result:
+    async def run(self, opening: Callable[[], Awaitable[None]] | None = None) -> Result:
+        """Relay the answer; `opening` (headers, first event) runs first, inside the accounting,
+        so a client that leaves even then is counted and its limits released."""
         loop = asyncio.get_running_loop()
         labels = self.metrics.streams_active.labels(self.route)
         labels.inc()
         self.live.add(self)
-        self._pump_task = pump = asyncio.create_task(self._pump())
-        watchdog = asyncio.create_task(self._watch())
+        tasks: list[asyncio.Task[None]] = []
         outcome = Outcome.COMPLETED
         try:
+            if opening is not None:
+                await opening()
+            self._pump_task = pump = asyncio.create_task(self._pump())
+            tasks = [pump, asyncio.create_task(self._watch())]
             await pump
+        except ConnectionError:
+            outcome = Outcome.CLIENT_DISCONNECT  # the opening could not be written
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -226,11 +250,15 @@ class Relay:
             self.result.error_message = err.message
         finally:
             try:
-                await _settle(pump, watchdog)
+                await _settle(*tasks)
             finally:
                 self._finish(outcome, loop.time())
                 labels.dec()
-                self.live.discard(self)
+                try:
+                    if self.ledger is not None:
+                        await self.ledger.settle(self)
+                finally:
+                    self.live.discard(self)
         return self.result
 
     async def _pump(self) -> None:
@@ -250,6 +278,7 @@ class Relay:
                     metrics.upstream_time_to_first_token.labels(model).observe(now - called)
                 self._last_token = now
                 result.deltas += count
+                self.uncharged += count
                 pieces.append(text)
                 if write is not None:
                     await write(text, result.deltas)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import keys
 from service.app import create_app
@@ -22,6 +25,7 @@ from service.config import Settings
 from service.errors import Outcome
 from service.upstream import OpenAIUpstream
 from tests.fake_upstream import FakeUpstream, running
+from tests.process import free_port
 
 API_KEY = "sk-test-SECRET-0123456789"
 WAIT = 5.0  # every wait in the suite is bounded by this unless it says otherwise
@@ -32,6 +36,10 @@ def make_settings(**overrides: Any) -> Settings:
         openai_base_url="http://127.0.0.1:9/v1",  # replaced by the fake's URL in `gateway`
         openai_api_key=API_KEY,
         openai_model="test-model",
+        # limits are the subject of their own tests; elsewhere they stay out of the way
+        rate_limit_rpm=0,
+        rate_limit_concurrent=0,
+        rate_limit_tpm=0,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -141,3 +149,60 @@ def tool_required(name: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{name} is required on CI and is missing")
     pytest.skip(f"{name} is not installed")
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, no persistence."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            async with asyncio.timeout(WAIT):
+                await self.proc.wait()
+
+
+async def start_redis() -> RedisServer:
+    if shutil.which("redis-server") is None:
+        tool_required("redis-server")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "yes",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    client = aioredis.Redis(port=port, socket_connect_timeout=0.2)
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                try:
+                    await client.ping()
+                    break
+                except RedisConnectionError:
+                    await asyncio.sleep(0.02)  # bounded: waiting for the server to listen
+    finally:
+        await client.aclose()
+    return RedisServer(proc, port)
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = await start_redis()
+    try:
+        yield server
+    finally:
+        await server.stop()

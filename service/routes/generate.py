@@ -15,8 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from .. import keys
 from ..errors import STATUS_BY_CODE, ApiError, Outcome
-from ..http import admit, json_response, read_json
-from ..prompts import extract_placeholders, generate_messages
+from ..http import Ticket, admit, json_response, read_json
+from ..prompts import estimate_tokens, extract_placeholders, generate_messages
 from ..relay import Relay, Result, SseWriter
 from ..sse import HEADERS
 from ..upstream import CompletionRequest
@@ -106,7 +106,9 @@ def _answer(result: Result) -> dict[str, Any]:
     }
 
 
-def _relay(request: web.Request, route: str, upstream_request: CompletionRequest) -> Relay:
+def _relay(
+    request: web.Request, route: str, upstream_request: CompletionRequest, ticket: Ticket
+) -> Relay:
     app = request.app
     return Relay(
         settings=app[keys.SETTINGS],
@@ -117,18 +119,25 @@ def _relay(request: web.Request, route: str, upstream_request: CompletionRequest
         request=upstream_request,
         request_id=request[keys.REQUEST_ID],
         arrived=request[keys.ARRIVED],
+        ledger=app[keys.LIMITS],
+        client=ticket.client,
+        lease=ticket.lease,
+        reserved=ticket.reserved,
     )
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    admit(request)
-    relay = _relay(request, "generate_stream", upstream_request)
+    ticket = await admit(request, estimate_tokens(upstream_request.messages))
+    relay = _relay(request, "generate_stream", upstream_request, ticket)
     response = web.StreamResponse(headers=HEADERS)
-    await response.prepare(request)
     relay.writer = writer = SseWriter(response, GenerateVocabulary)
-    await writer.event({"type": "start", "requestId": relay.request_id})
-    result = await relay.run()
+
+    async def opening() -> None:
+        await response.prepare(request)
+        await writer.event({"type": "start", "requestId": relay.request_id})
+
+    result = await relay.run(opening)
     if result.outcome is Outcome.CLIENT_DISCONNECT:
         return response
     completed = result.outcome is Outcome.COMPLETED
@@ -143,8 +152,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
 async def generate(request: web.Request) -> web.Response:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    admit(request)
-    result = await _relay(request, "generate", upstream_request).run()
+    ticket = await admit(request, estimate_tokens(upstream_request.messages))
+    result = await _relay(request, "generate", upstream_request, ticket).run()
     if result.outcome is Outcome.COMPLETED:
         return json_response({**_answer(result), "usage": result.usage})
     code = result.error_code or "internal"

@@ -14,7 +14,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    checks = {"upstream": await request.app[keys.READINESS].upstream()}
+    checks = await request.app[keys.READINESS].checks()
     if request.app[keys.LIVE].draining:
         checks["shutdown"] = "the server is shutting down"
     ok = all(value == "ok" for value in checks.values())

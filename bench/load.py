@@ -1,0 +1,349 @@
+"""The load generator: `python -m bench.load --url URL --mode service|direct ... --out FILE`.
+
+Opens `--streams` streams, at most `--concurrency` at once, either through the service
+(`POST /api/ai/generate-stream`) or straight to the upstream (`POST /v1/chat/completions`, the
+baseline), and writes one JSON summary.
+
+Per stream it records the request start, the first content arrival (TTFT), every later content
+arrival (inter-token gaps), the tokens received and the end. An arrival is one network read that
+carried at least one content event: deltas or frames that come in the same read count once, as a
+frame carrying several deltas does. In service mode every stream is checked: the joined deltas must
+equal `done.content` and `" w0 w1 ... w{N-1}"`, and the last `tokenCount` must be N; in direct
+mode the deltas' text is checked the same way. "Flowing at once" is the largest number of streams
+that were between their first token and their end at the same instant.
+
+Everything is bounded: a timeout per stream and one for the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .common import install_uvloop, percentile, raise_nofile
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+SERVICE_CONTENT = b'{"type":"content"'
+MAX_MISMATCH_EXAMPLES = 3
+
+
+def expected_text(tokens: int) -> str:
+    return "".join(f" w{i}" for i in range(tokens))
+
+
+@dataclass(slots=True)
+class Stream:
+    """What one stream did; times are `time.monotonic()` seconds, 0.0 for never."""
+
+    start: float = 0.0
+    first: float = 0.0
+    end: float = 0.0
+    tokens: int = 0
+    completed: bool = False
+    error: str | None = None
+    mismatch: str | None = None
+
+
+class Run:
+    """One load run: its settings, the streams and the gaps seen so far."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.mode: str = args.mode
+        self.tokens: int = args.tokens
+        self.model: str = args.model
+        base = args.url.rstrip("/")
+        if self.mode == "service":
+            self.url = base + "/api/ai/generate-stream"
+            body: dict[str, Any] = {
+                "prompt": "bench",
+                "maxTokens": self.tokens,
+                "model": self.model,
+            }
+        else:
+            self.url = base + "/v1/chat/completions"
+            body = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": "bench"}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_completion_tokens": self.tokens,
+            }
+        self.body = orjson.dumps(body)
+        self.expected = expected_text(self.tokens)
+        self.streams = [Stream() for _ in range(args.streams)]
+        self.gaps: list[float] = []
+
+    async def one(self, session: aiohttp.ClientSession, rec: Stream) -> None:
+        rec.start = time.monotonic()
+        async with session.post(self.url, data=self.body, headers=JSON_HEADERS) as resp:
+            if resp.status != 200:
+                rec.error = f"http_{resp.status}"
+                await resp.read()
+                return
+            if self.mode == "service":
+                await self._read_service(resp, rec)
+            else:
+                await self._read_direct(resp, rec)
+
+    async def _read_service(self, resp: aiohttp.ClientResponse, rec: Stream) -> None:
+        loads, gaps, clock = orjson.loads, self.gaps, time.monotonic
+        pieces: list[str] = []
+        buf = b""
+        last_arrival = 0.0
+        token_count = 0
+        done: dict[str, Any] | None = None
+        async for data in resp.content.iter_any():
+            now = clock()
+            if done is not None or rec.error:
+                continue  # read on to the end of the body so the connection can be reused
+            frames = (buf + data if buf else data).split(b"\n\n")
+            buf = frames.pop()
+            arrived = False
+            for frame in frames:
+                at = frame.find(b"data: ")
+                if at < 0:
+                    continue  # a `: ping` comment, or a frame without data
+                payload = frame[at + 6 :]
+                if payload.startswith(SERVICE_CONTENT):
+                    obj = loads(payload)
+                    pieces.append(obj["delta"])
+                    token_count = obj["tokenCount"]
+                    arrived = True
+                    continue
+                obj = loads(payload)
+                kind = obj.get("type")
+                if kind == "done":
+                    done = obj
+                    break
+                if kind == "error":
+                    rec.error = f"error_frame:{obj.get('code')}:{obj.get('reason')}"
+                    break
+            if arrived:
+                if last_arrival:
+                    gaps.append(now - last_arrival)
+                else:
+                    rec.first = now
+                last_arrival = now
+        rec.end = clock()
+        rec.tokens = token_count
+        if done is None:
+            rec.error = rec.error or "truncated"
+            return
+        rec.completed = True
+        text = "".join(pieces)
+        if text != self.expected:
+            rec.mismatch = f"deltas differ from expected: {len(text)} vs {len(self.expected)} chars"
+        elif done.get("content") != self.expected:
+            rec.mismatch = "done.content differs from expected"
+        elif token_count != self.tokens:
+            rec.mismatch = f"last tokenCount {token_count} != {self.tokens}"
+        elif done.get("tokenCount") != self.tokens:
+            rec.mismatch = f"done.tokenCount {done.get('tokenCount')} != {self.tokens}"
+
+    async def _read_direct(self, resp: aiohttp.ClientResponse, rec: Stream) -> None:
+        loads, gaps, clock = orjson.loads, self.gaps, time.monotonic
+        pieces: list[str] = []
+        buf = b""
+        last_arrival = 0.0
+        finished = False
+        async for data in resp.content.iter_any():
+            now = clock()
+            if finished:
+                continue
+            events = (buf + data if buf else data).split(b"\n\n")
+            buf = events.pop()
+            arrived = False
+            for event in events:
+                if not event.startswith(b"data: "):
+                    continue
+                payload = event[6:]
+                if payload == b"[DONE]":
+                    finished = True
+                    break
+                choices = loads(payload).get("choices")
+                if choices:
+                    content = choices[0].get("delta", {}).get("content")
+                    if content:
+                        pieces.append(content)
+                        arrived = True
+            if arrived:
+                if last_arrival:
+                    gaps.append(now - last_arrival)
+                else:
+                    rec.first = now
+                last_arrival = now
+        rec.end = clock()
+        rec.tokens = len(pieces)
+        if not finished:
+            rec.error = "truncated"
+            return
+        rec.completed = True
+        if "".join(pieces) != self.expected or rec.tokens != self.tokens:
+            rec.mismatch = f"text differs from expected ({rec.tokens} deltas)"
+
+
+def _error_name(err: BaseException) -> str:
+    if isinstance(err, aiohttp.ClientConnectorError) and err.os_error.errno:
+        return "connect:" + errno.errorcode.get(err.os_error.errno, str(err.os_error.errno))
+    if isinstance(err, OSError) and err.errno:
+        return type(err).__name__ + ":" + errno.errorcode.get(err.errno, str(err.errno))
+    return type(err).__name__
+
+
+async def drive(args: argparse.Namespace) -> dict[str, Any]:
+    run = Run(args)
+    streams = run.streams
+    next_index = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal next_index
+        while next_index < len(streams):  # bounded: each pass takes one of the S streams
+            rec = streams[next_index]
+            next_index += 1
+            try:
+                async with asyncio.timeout(args.stream_timeout):
+                    await run.one(session, rec)
+            except TimeoutError:
+                rec.error = "stream_timeout"
+            except (aiohttp.ClientError, OSError, ValueError) as err:
+                rec.error = _error_name(err)
+            if not rec.end:
+                rec.end = time.monotonic()
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=args.stream_timeout)
+    began = time.monotonic()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        workers = [
+            asyncio.create_task(worker(session)) for _ in range(min(args.concurrency, len(streams)))
+        ]
+        try:
+            async with asyncio.timeout(args.timeout):
+                await asyncio.gather(*workers)
+        except TimeoutError:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            for rec in streams:
+                if not rec.completed and not rec.error:
+                    rec.error = "run_timeout" if rec.start else "not_started"
+                    rec.end = rec.end or time.monotonic()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    return summarize(run, began, cpu_s, args)
+
+
+def flowing_at_once(streams: list[Stream]) -> int:
+    """Most streams that were between their first token and their end at one instant."""
+    marks: list[tuple[float, int]] = []
+    for rec in streams:
+        if rec.first:
+            marks.append((rec.first, 1))
+            marks.append((max(rec.end, rec.first), -1))
+    marks.sort()  # at equal times the end (-1) sorts before the start (+1): no false overlap
+    best = current = 0
+    for _, step in marks:
+        current += step
+        best = max(best, current)
+    return best
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 3)
+
+
+def summarize(run: Run, began: float, cpu_s: float, args: argparse.Namespace) -> dict[str, Any]:
+    streams = run.streams
+    started = [rec for rec in streams if rec.start]
+    ttfts = sorted(rec.first - rec.start for rec in streams if rec.first)
+    gaps = sorted(run.gaps)
+    errors: dict[str, int] = {}
+    for rec in streams:
+        if rec.error:
+            errors[rec.error] = errors.get(rec.error, 0) + 1
+    mismatches = [rec.mismatch for rec in streams if rec.mismatch]
+    tokens = sum(rec.tokens for rec in streams)
+    first_start = min((rec.start for rec in started), default=began)
+    last_end = max((rec.end for rec in started), default=began)
+    wall_s = max(last_end - first_start, 1e-9)
+    firsts = [rec.first for rec in streams if rec.first]
+    flowing = flowing_at_once(streams)
+    return {
+        "mode": run.mode,
+        "url": run.url,
+        "model": run.model,
+        "tokens_per_stream": run.tokens,
+        "streams": len(streams),
+        "concurrency": args.concurrency,
+        "completed": sum(rec.completed for rec in streams),
+        "errors": errors,
+        "error_count": sum(errors.values()),
+        "mismatches": len(mismatches),
+        "mismatch_examples": mismatches[:MAX_MISMATCH_EXAMPLES],
+        "tokens_received": tokens,
+        "wall_s": round(wall_s, 4),
+        "tokens_per_s": round(tokens / wall_s, 1),
+        "ttft_ms": {
+            "count": len(ttfts),
+            "p50": _ms(percentile(ttfts, 50)),
+            "p90": _ms(percentile(ttfts, 90)),
+            "p99": _ms(percentile(ttfts, 99)),
+            "max": _ms(ttfts[-1] if ttfts else None),
+        },
+        "gap_ms": {
+            "count": len(gaps),
+            "p50": _ms(percentile(gaps, 50)),
+            "p99": _ms(percentile(gaps, 99)),
+            "max": _ms(gaps[-1] if gaps else None),
+        },
+        "flowing_at_once": flowing,
+        "flowing_share": round(flowing / len(streams), 4) if streams else 0.0,
+        "first_token_spread_s": round(max(firsts) - first_start, 3) if firsts else None,
+        "load_cpu_s": round(cpu_s, 3),
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
+    parser.add_argument("--url", required=True, help="service or upstream base URL")
+    parser.add_argument("--mode", choices=("service", "direct"), required=True)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--streams", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=100)
+    parser.add_argument("--model", default="bench")
+    parser.add_argument("--stream-timeout", type=float, default=120.0, help="seconds per stream")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
+    parser.add_argument("--out", type=Path, help="write the JSON summary here (default stdout)")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.streams < 1 or args.tokens < 1:
+        parser.error("--concurrency, --streams and --tokens must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_nofile()
+    install_uvloop()
+    summary = asyncio.run(drive(args))
+    data = orjson.dumps(summary, option=orjson.OPT_INDENT_2)
+    if args.out:
+        args.out.write_bytes(data)
+    else:
+        sys.stdout.write(data.decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

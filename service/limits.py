@@ -1,0 +1,153 @@
+"""The limiter in the app: admission with the Redis-outage policy, one upkeep task per instance
+(batched token charges that cut over-budget streams, lease renewal), and each stream's final
+settlement (reconciled with the upstream's usage, lease released).
+
+Overshoot bound: a client's balance is checked once per `RATE_LIMIT_CHARGE_INTERVAL_S`, so it can
+overdraw by what its open streams relay in one interval (about rate x interval per stream, e.g.
+50 tokens/s x 0.5 s = 25 tokens), plus the difference between the prompt estimate and the
+upstream's prompt count, which is settled when the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import structlog
+
+from .errors import ApiError, Outcome
+from .metrics import Metrics
+from .ratelimit import Admission, LimitConfig, Limiter, reserve_for
+from .redis_limits import LimiterUnavailable
+from .relay import LiveStreams, Relay
+
+log = structlog.get_logger("service.limits")
+
+
+class Limits:
+    def __init__(
+        self,
+        limiter: Limiter,
+        *,
+        metrics: Metrics,
+        live: LiveStreams,
+        fail_open: bool = True,
+        charge_interval_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.limiter = limiter
+        self.config: LimitConfig = limiter.config
+        self._metrics = metrics
+        self._live = live
+        self._fail_open = fail_open
+        self._charge_interval_s = charge_interval_s
+        self.clock = clock
+
+    async def admit(self, client: str, estimate: int) -> Admission:
+        """Admit one request or raise 429 (with Retry-After) or, Redis being down and the policy
+        closed, 503."""
+        if not self.config.enabled:
+            return Admission(True)
+        try:
+            async with asyncio.timeout(1.0):
+                admission = await self.limiter.admit(client, estimate, self.clock())
+        except (LimiterUnavailable, TimeoutError) as err:
+            self._unavailable("admit", err)
+            if self._fail_open:
+                return Admission(True)
+            raise ApiError(
+                "overloaded", "Rate limiting is unavailable; retry shortly.", retry_after_s=1
+            ) from err
+        if not admission.allowed:
+            assert admission.limit is not None
+            self._metrics.rate_limited.labels(admission.limit).inc()
+            raise RateLimited(admission)
+        return admission
+
+    def reserve(self, estimate: int) -> int:
+        return reserve_for(estimate, self.config.tpm) if self.config.tpm else 0
+
+    async def settle(self, relay: Relay) -> None:
+        """The stream ended: charge what is left (reconciled with usage) and free its lease."""
+        if not relay.client or not self.config.enabled:
+            return
+        result = relay.result
+        actual = (
+            result.prompt_tokens + result.completion_tokens
+            if result.usage
+            else relay.reserved + result.deltas
+        )
+        debit = actual - relay.reserved - relay.charged
+        try:
+            async with asyncio.timeout(1.0):
+                if self.config.tpm and debit:
+                    await self.limiter.charge({relay.client: debit}, self.clock())
+                if relay.lease:
+                    await self.limiter.release(relay.client, relay.lease)
+        except (LimiterUnavailable, TimeoutError) as err:
+            self._unavailable("settle", err)  # the lease expires by itself within its TTL
+
+    async def upkeep(self) -> None:
+        """Forever: charge streamed tokens every interval; renew leases every third of a TTL."""
+        renew_at = 0.0
+        while True:
+            await asyncio.sleep(self._charge_interval_s)
+            now = self.clock()
+            try:
+                async with asyncio.timeout(1.0):
+                    if self.config.tpm:
+                        await self._charge(now)
+                    if self.config.concurrent and now >= renew_at:
+                        renew_at = now + self.config.lease_s / 3
+                        leases = [(r.client, r.lease) for r in self._live if r.lease]
+                        await self.limiter.renew(leases, now)
+            except (LimiterUnavailable, TimeoutError) as err:
+                self._unavailable("upkeep", err)
+
+    async def _charge(self, now: float) -> None:
+        debits: dict[str, int] = defaultdict(int)
+        streams: dict[str, list[Relay]] = defaultdict(list)
+        for relay in self._live:
+            if not relay.client:
+                continue
+            streams[relay.client].append(relay)
+            if relay.uncharged:
+                debits[relay.client] += relay.uncharged
+                relay.charged += relay.uncharged
+                relay.uncharged = 0
+        if not debits:
+            return
+        for client, balance in (await self.limiter.charge(dict(debits), now)).items():
+            if balance < 0:
+                for relay in streams[client]:
+                    self._metrics.rate_limited.labels("tokens").inc()
+                    relay.expire(Outcome.RATE_LIMITED)
+
+    def _unavailable(self, where: str, err: BaseException) -> None:
+        self._metrics.limiter_errors.inc()
+        log.error(
+            "ratelimit.unavailable",
+            where=where,
+            policy="fail open" if self._fail_open else "fail closed",
+            error=type(err).__name__,
+        )
+
+
+class RateLimited(ApiError):
+    """429 with Retry-After (whole seconds, at least 1) and the quota headers."""
+
+    def __init__(self, admission: Admission) -> None:
+        what = {
+            "requests": "requests per minute",
+            "concurrency": "concurrent streams",
+            "tokens": "tokens per minute",
+        }[admission.limit or "requests"]
+        super().__init__(
+            "rate_limited",
+            f"Rate limit reached for {what}; retry after the Retry-After delay.",
+            retry_after_s=max(1, math.ceil(admission.retry_after_s)),
+        )
+        self.admission = admission
