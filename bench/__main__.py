@@ -7,6 +7,12 @@ CPU time from /proc and samples its RSS every 0.5 s. The scale scenarios (S3, S4
 warmed-up service process for every run, so RSS growth is not hidden by memory the allocator kept
 from earlier runs. Prints a table of medians and writes everything to `bench/results/<UTC>.json`
 (logs of every process next to it, in `<UTC>-logs/`). Children are always stopped on exit.
+
+The service's per-client rate limits are off by default (`RATE_LIMIT_RPM`, `_CONCURRENT`, `_TPM`
+set to 0): all bench traffic comes from one loopback client, which the default limits would turn
+away with 429 after a handful of streams. To measure with limits on, pass them back with
+`--service-env` and spread the streams over many client addresses with `--clients`, e.g.
+`--clients 20000 --service-env RATE_LIMIT_CONCURRENT=8 --service-env RATE_LIMIT_RPM=120`.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Bench:
         self.logs = logs
         self.bench_pin, self.service_pin, self.pin_note = cpu_plan(not args.no_pin)
         self.overrides: dict[str, str] = dict(args.service_env)
+        self.clients: int = args.clients
         self.upstream: Child | None = None
         self.upstream_url = ""
         self.service: Child | None = None
@@ -83,6 +90,10 @@ class Bench:
             "UPSTREAM_MAX_CONNECTIONS": "30000",
             "MAX_TOKENS_LIMIT": "100000",
             "HEARTBEAT_INTERVAL_S": "15",
+            # One loopback client would hit the per-client limits at once (module docstring).
+            "RATE_LIMIT_RPM": "0",
+            "RATE_LIMIT_CONCURRENT": "0",
+            "RATE_LIMIT_TPM": "0",
         }
         env.update(self.overrides)
         env["PORT"] = str(port)  # the runner owns the port
@@ -169,6 +180,7 @@ class Bench:
             f"--model={scenario.model}",
             f"--stream-timeout={scenario.stream_timeout_s}",
             f"--timeout={scenario.run_timeout_s}",
+            f"--clients={self.clients}",
             f"--out={out}",
         ]
         service = self.service if mode == "service" and sample else None
@@ -303,6 +315,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra environment for the service (repeatable), e.g. to turn a feature off",
     )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help="spread streams over this many client addresses (X-Forwarded-For); 0: one client",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -396,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "pinning": bench.pin_note,
             "service_env": bench.service_environment(0) | {"PORT": "<free port>"},
             "service_env_overrides": bench.overrides,
+            "clients": args.clients,
             "scenarios": {k: dataclasses.asdict(s) for k, s in scenarios.items()},
         },
         "table": [dataclasses.asdict(row) for row in all_rows],

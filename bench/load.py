@@ -9,8 +9,11 @@ arrival (inter-token gaps), the tokens received and the end. An arrival is one n
 carried at least one content event: deltas or frames that come in the same read count once, as a
 frame carrying several deltas does. In service mode every stream is checked: the joined deltas must
 equal `done.content` and `" w0 w1 ... w{N-1}"`, and the last `tokenCount` must be N; in direct
-mode the deltas' text is checked the same way. "Flowing at once" is the largest number of streams
-that were between their first token and their end at the same instant.
+mode the deltas' text is checked the same way. "Flowing at once" is the largest number of
+streams that were between their first token and their end at the same instant.
+
+With `--clients K` the streams carry `X-Forwarded-For` addresses 10.x.y.z of K different clients
+(round robin), so a service that limits per client can be measured with its limits on.
 
 Everything is bounded: a timeout per stream and one for the whole run.
 """
@@ -82,10 +85,18 @@ class Run:
         self.expected = expected_text(self.tokens)
         self.streams = [Stream() for _ in range(args.streams)]
         self.gaps: list[float] = []
+        self.clients: int = args.clients
 
-    async def one(self, session: aiohttp.ClientSession, rec: Stream) -> None:
+    def headers(self, index: int) -> dict[str, str]:
+        if not self.clients:
+            return JSON_HEADERS
+        k = index % self.clients
+        return {**JSON_HEADERS, "X-Forwarded-For": f"10.{k >> 16 & 255}.{k >> 8 & 255}.{k & 255}"}
+
+    async def one(self, session: aiohttp.ClientSession, index: int, rec: Stream) -> None:
+        headers = self.headers(index)
         rec.start = time.monotonic()
-        async with session.post(self.url, data=self.body, headers=JSON_HEADERS) as resp:
+        async with session.post(self.url, data=self.body, headers=headers) as resp:
             if resp.status != 200:
                 rec.error = f"http_{resp.status}"
                 await resp.read()
@@ -208,11 +219,12 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
         while next_index < len(streams):  # bounded: each pass takes one of the S streams
-            rec = streams[next_index]
+            index = next_index
             next_index += 1
+            rec = streams[index]
             try:
                 async with asyncio.timeout(args.stream_timeout):
-                    await run.one(session, rec)
+                    await run.one(session, index, rec)
             except TimeoutError:
                 rec.error = "stream_timeout"
             except (aiohttp.ClientError, OSError, ValueError) as err:
@@ -286,6 +298,7 @@ def summarize(run: Run, began: float, cpu_s: float, args: argparse.Namespace) ->
         "tokens_per_stream": run.tokens,
         "streams": len(streams),
         "concurrency": args.concurrency,
+        "clients": run.clients,
         "completed": sum(rec.completed for rec in streams),
         "errors": errors,
         "error_count": sum(errors.values()),
@@ -323,12 +336,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--model", default="bench")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help="spread streams over this many X-Forwarded-For client addresses (0: no header)",
+    )
     parser.add_argument("--stream-timeout", type=float, default=120.0, help="seconds per stream")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
     parser.add_argument("--out", type=Path, help="write the JSON summary here (default stdout)")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.streams < 1 or args.tokens < 1:
         parser.error("--concurrency, --streams and --tokens must be at least 1")
+    if not 0 <= args.clients <= 1 << 24:
+        parser.error("--clients must be from 0 to 16777216")
     return args
 
 

@@ -78,7 +78,9 @@ async def test_requests_never_double_burst_in_any_minute(make) -> None:  # type:
 async def test_concurrency_leases(make) -> None:  # type: ignore[no-untyped-def]
     limiter = make(concurrent=2, lease_s=10)
     a, b = await limiter.admit("c", 1, T0), await limiter.admit("c", 1, T0)
-    assert a.lease and b.lease and a.lease != b.lease
+    assert a.lease
+    assert b.lease
+    assert a.lease != b.lease
     refused = await limiter.admit("c", 1, T0)
     assert (refused.allowed, refused.limit) == (False, "concurrency")
     assert await limiter.concurrent("c", T0) == 2

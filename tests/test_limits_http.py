@@ -1,0 +1,180 @@
+"""Limits and access at the HTTP edge: 429s, quota headers, slots freed on every outcome, the
+mid-stream token cut, API keys, forwarded addresses and CORS."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from service import keys
+from service.errors import Outcome
+from tests.conftest import WAIT, Gateway, MakeGateway
+from tests.fake_upstream import Gate, Repeat, Status, answer
+
+NEVER = asyncio.Event
+
+
+async def concurrent(gateway: Gateway, client: str = "ip:127.0.0.1") -> int:
+    limits = gateway.client.app[keys.LIMITS]
+    return await limits.limiter.concurrent(client, limits.clock())
+
+
+async def test_over_the_request_limit_is_429_with_retry_after_and_no_upstream_call(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(rate_limit_rpm=6)  # a burst of one
+    first = await gateway.post("/api/ai/generate", {"prompt": "x"})
+    assert first.status == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "6"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    assert first.headers["x-ratelimit-reset-requests"] == "10s"
+    refused = await gateway.post("/api/ai/generate-stream", {"prompt": "x"})
+    assert refused.status == 429
+    assert 9 <= int(refused.headers["Retry-After"]) <= 10
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    body = await refused.json()
+    assert body["error"]["code"] == "rate_limited"
+    assert "requests per minute" in body["error"]["message"]
+    assert len(gateway.fake.seen) == 1
+    assert gateway.sample("ai_stream_rate_limited_total", limit="requests") == 1
+
+
+async def test_streams_carry_the_token_quota_headers(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(rate_limit_tpm=60_000)
+    resp, frames = await gateway.stream({"prompt": "x" * 400})
+    assert resp.headers["x-ratelimit-limit-tokens"] == "60000"
+    remaining = int(resp.headers["x-ratelimit-remaining-tokens"])
+    assert 60_000 - 200 < remaining < 60_000 - 100  # the prompt estimate was reserved
+    await frames.rest()
+
+
+@pytest.mark.parametrize("ending", ["done", "error", "timeout", "disconnect", "shutdown"])
+async def test_a_concurrency_slot_is_free_at_once_however_the_stream_ends(
+    make_gateway: MakeGateway, ending: str
+) -> None:
+    gateway = await make_gateway(rate_limit_concurrent=1, first_token_timeout_s=0.2)
+    gate = asyncio.Event()
+    script: dict[str, list[Any]] = {
+        "done": [Gate(gate), *answer("a")],
+        "error": [Gate(gate), Status(400)],
+        "timeout": [Gate(NEVER())],
+        "disconnect": [Gate(NEVER())],
+        "shutdown": [Gate(NEVER())],
+    }
+    gateway.fake.queue(script[ending])
+    resp, frames = await gateway.stream({"prompt": "x"})
+    await frames.event()
+    assert await concurrent(gateway) == 1
+    refused = await gateway.post("/api/ai/generate-stream", {"prompt": "y"})
+    assert refused.status == 429
+    assert (await refused.json())["error"]["message"].endswith("retry after the Retry-After delay.")
+    if ending == "disconnect":
+        resp.close()
+    elif ending == "shutdown":
+        async with asyncio.timeout(WAIT):
+            await gateway.client.app[keys.LIVE].drain(0)
+    else:
+        gate.set()
+        await frames.rest()
+    await gateway.settled()
+    assert await concurrent(gateway) == 0
+    if ending != "shutdown":
+        again, rest = await gateway.stream({"prompt": "z"})
+        assert again.status == 200
+        assert (await rest.rest())[-1]["type"] == "done"
+
+
+async def test_running_out_of_tokens_mid_stream_ends_it_and_cancels_the_upstream(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(rate_limit_tpm=600, rate_limit_charge_interval_s=0.05)
+    gateway.fake.queue([Repeat("tok", 0.002)])
+    resp, frames = await gateway.stream({"prompt": "x"})
+    budget = int(resp.headers["x-ratelimit-remaining-tokens"])  # after the prompt's reserve
+    events = [await frames.event(), *await frames.rest()]
+    error = events[-1]
+    assert (error["type"], error["code"], error["reason"]) == (
+        "error",
+        "rate_limited",
+        "rate_limited",
+    )
+    relayed = sum(e["delta"].count("tok") for e in events if e["type"] == "content")
+    refill = 10 * error["elapsedMs"] / 1000  # 600 a minute
+    # overshoot bound: what one stream relays in about one charge interval (~500 tok/s x 0.05 s),
+    # doubled for scheduling slack
+    assert budget <= relayed <= budget + refill + 50
+    async with asyncio.timeout(1):
+        await gateway.fake.seen[0].ended.wait()
+    await gateway.settled()
+    assert gateway.outcomes() == {Outcome.RATE_LIMITED.value: 1}
+    assert gateway.sample("ai_stream_rate_limited_total", limit="tokens") == 1
+    refused = await gateway.post("/api/ai/generate", {"prompt": "x"})
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == "rate_limited"
+
+
+async def test_api_keys_guard_the_api_and_never_reach_the_logs(make_gateway: MakeGateway) -> None:
+    secret = "sk-gateway-key-123456"
+    gateway = await make_gateway(api_keys=(secret, "another-key"), rate_limit_rpm=60)
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": secret}):
+            refused = await gateway.post("/api/ai/generate", {"prompt": "x"}, headers=headers)
+            assert refused.status == 401
+            assert refused.headers["WWW-Authenticate"] == "Bearer"
+            assert (await refused.json())["error"]["code"] == "unauthorized"
+        ok = await gateway.post(
+            "/api/ai/generate", {"prompt": "x"}, headers={"Authorization": f"Bearer {secret}"}
+        )
+        assert ok.status == 200
+        assert ok.headers["x-ratelimit-limit-requests"] == "60"
+    for path in ("/health", "/health/ready", "/metrics"):
+        assert (await gateway.client.get(path)).status == 200
+    assert gateway.fake.seen[0].headers["Authorization"] != f"Bearer {secret}"
+    assert secret not in repr(logs)
+    assert any(entry.get("key_id") for entry in logs)
+
+
+@pytest.mark.parametrize(("trusted", "shared"), [(("127.0.0.1",), False), (("10.9.9.9",), True)])
+async def test_forwarded_addresses_are_believed_only_from_trusted_proxies(
+    make_gateway: MakeGateway, trusted: tuple[str, ...], shared: bool
+) -> None:
+    gateway = await make_gateway(rate_limit_rpm=6, trusted_proxies=trusted)
+    first = await gateway.post(
+        "/api/ai/generate", {"prompt": "x"}, headers={"X-Forwarded-For": "198.51.100.1"}
+    )
+    second = await gateway.post(
+        "/api/ai/generate", {"prompt": "x"}, headers={"X-Forwarded-For": "198.51.100.2"}
+    )
+    assert first.status == 200
+    assert second.status == (429 if shared else 200)
+
+
+async def test_cors_allows_listed_origins_only(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(rate_limit_rpm=60)
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization",
+    }
+    allowed = await gateway.client.options(
+        "/api/ai/generate-stream", headers={"Origin": "http://localhost:3300", **preflight}
+    )
+    assert allowed.status == 200
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://localhost:3300"
+    assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
+    refused = await gateway.client.options(
+        "/api/ai/generate-stream", headers={"Origin": "https://evil.example", **preflight}
+    )
+    assert refused.status == 403
+    assert "Access-Control-Allow-Origin" not in refused.headers
+    answer_ = await gateway.post(
+        "/api/ai/generate", {"prompt": "x"}, headers={"Origin": "http://127.0.0.1:3300"}
+    )
+    assert answer_.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:3300"
+    exposed = {
+        h.strip().lower() for h in answer_.headers["Access-Control-Expose-Headers"].split(",")
+    }
+    assert {"x-request-id", "retry-after", "x-ratelimit-remaining-requests"} <= exposed
