@@ -149,10 +149,9 @@ class Bench:
             )
 
     def close(self) -> None:
-        for child in (self.load,):
-            if child is not None:
-                child.stop(signal.SIGKILL, 5.0)
-        self.load = None
+        if self.load is not None:
+            self.load.stop(signal.SIGKILL, 5.0)
+            self.load = None
         with contextlib.suppress(Exception):
             self.stop_service()
         if self.upstream is not None:
@@ -233,8 +232,8 @@ class Bench:
             }
         return summary, proc
 
-    def run_scenario(self, scenario: Scenario, rounds: int) -> list[Round]:
-        results: list[Round] = []
+    def run_scenario(self, scenario: Scenario, rounds: int, results: list[Round]) -> None:
+        """Append each finished round to `results` (kept if a later round fails)."""
         self.check_fds(scenario)
         for i in range(rounds):
             order = ("direct", "service") if i % 2 == 0 else ("service", "direct")
@@ -258,7 +257,6 @@ class Bench:
                     service_proc=got["service"][1],
                 )
             )
-        return results
 
     def check_fds(self, scenario: Scenario) -> None:
         """Note when the service cannot hold a client and an upstream socket per stream."""
@@ -325,6 +323,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if not 0 <= args.clients <= 1 << 24:
+        parser.error("--clients must be from 0 to 16777216")
     return args
 
 
@@ -362,7 +362,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt  # SIGTERM ends the run like Ctrl-C: children stopped, partial report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,13 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         bench.start_upstream()
         for key, scenario in scenarios.items():
             log(f"{key} {scenario.title}: {scenario.describe()}, {rounds} round(s)")
-            results[key] = bench.run_scenario(scenario, rounds)
-            all_rows.extend(rows_for(scenario, results[key]))
+            bench.run_scenario(scenario, rounds, results.setdefault(key, []))
     except (RuntimeError, OSError, KeyboardInterrupt) as err:
         failure = str(err) or type(err).__name__
         log(f"FAILED: {failure}")
     finally:
         bench.close()
+    for key, done in results.items():
+        if done:
+            all_rows.extend(rows_for(scenarios[key], done))
 
     report = {
         "started_utc": stamp,

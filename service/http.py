@@ -93,10 +93,11 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
 
 async def read_json(request: web.Request, model: type[Body]) -> Body:
     """The request body as `model`, or the precise 4xx that says what is wrong with it."""
-    if request.content_type != "application/json":
+    media = media_type(request.headers.get("Content-Type", ""))
+    if media != "application/json":
         raise ApiError(
             "unsupported_media_type",
-            f"Content-Type must be application/json, not {request.content_type or 'missing'}.",
+            "Content-Type must be application/json." if media else "Content-Type is missing.",
         )
     limit = request.app[keys.SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -109,6 +110,13 @@ async def read_json(request: web.Request, model: type[Body]) -> Body:
         return model.model_validate_json(raw)
     except ValidationError as err:
         raise ApiError("bad_request", describe(err)) from err
+
+
+def media_type(header: str) -> str:
+    """The media type of a Content-Type header, parameters dropped. Read by hand: aiohttp's
+    `request.content_type` goes through the stdlib's email parser, which raises IndexError on
+    some malformed values (`;0*`), and the type is all that is needed here."""
+    return header.split(";", 1)[0].strip().lower()[:100]
 
 
 def describe(err: ValidationError) -> str:

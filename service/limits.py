@@ -25,6 +25,7 @@ from .redis_limits import LimiterUnavailable
 from .relay import LiveStreams, Relay
 
 log = structlog.get_logger("service.limits")
+STORE_TIMEOUT_S = 2.0  # the longest a request waits on the limit store before the policy applies
 
 
 class Limits:
@@ -52,7 +53,7 @@ class Limits:
         if not self.config.enabled:
             return Admission(True)
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(STORE_TIMEOUT_S):
                 admission = await self.limiter.admit(client, estimate, self.clock())
         except (LimiterUnavailable, TimeoutError) as err:
             self._unavailable("admit", err)
@@ -82,7 +83,7 @@ class Limits:
         )
         debit = actual - relay.reserved - relay.charged
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(STORE_TIMEOUT_S):
                 if self.config.tpm and debit:
                     await self.limiter.charge({relay.client: debit}, self.clock())
                 if relay.lease:
@@ -97,7 +98,7 @@ class Limits:
             await asyncio.sleep(self._charge_interval_s)
             now = self.clock()
             try:
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(STORE_TIMEOUT_S):
                     if self.config.tpm:
                         await self._charge(now)
                     if self.config.concurrent and now >= renew_at:
@@ -132,7 +133,7 @@ class Limits:
             "ratelimit.unavailable",
             where=where,
             policy="fail open" if self._fail_open else "fail closed",
-            error=type(err).__name__,
+            error=type(err.__cause__ or err).__name__,
         )
 
 

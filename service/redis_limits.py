@@ -101,11 +101,20 @@ def _key(client: str, kind: str) -> str:
 
 
 class RedisLimiter:
-    def __init__(self, config: LimitConfig, url: str, *, timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, config: LimitConfig, url: str, *, timeout_s: float = 1.0, connections: int = 256
+    ) -> None:
         self.config = config
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+        # A bounded pool that waits (briefly) for a free connection: under a burst of admissions
+        # the default pool raises MaxConnectionsError instead.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
         )
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._admit = self.redis.register_script(ADMIT)
         self._charge = self.redis.register_script(CHARGE)
 

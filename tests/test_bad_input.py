@@ -200,3 +200,13 @@ async def test_unknown_routes_and_methods_answer_json(
     resp = await gateway.client.request(method, path)
     assert resp.status == status
     assert (await resp.json())["error"]["code"] == code
+
+
+@pytest.mark.parametrize("content_type", [";0*", "application/json;", "APPLICATION/JSON; x=1"])
+async def test_odd_content_types_are_read_without_tripping(
+    gateway: Gateway, content_type: str
+) -> None:
+    resp = await gateway.client.post(
+        "/api/ai/generate", data=b'{"prompt": "x"}', headers={"Content-Type": content_type}
+    )
+    assert resp.status == (415 if content_type == ";0*" else 200)

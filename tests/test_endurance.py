@@ -1,5 +1,6 @@
 """Endurance: 10,000 streams through one service, a third cancelled by the client at random
-points. Afterwards tasks, file descriptors, open upstream requests and RSS are back at baseline.
+points, with limits on (in process, then in Redis). Afterwards tasks, file descriptors, open
+upstream requests and RSS are back at baseline, and every concurrency slot is free.
 
 The service runs in this process on a real socket (so its tasks, descriptors and memory can be
 read) with the scripted upstream; the clients run in a separate process. Idle keep-alive
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -23,10 +25,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from service import keys, logs
+from service import keys
 from service.app import create_app
 from service.upstream import OpenAIUpstream
-from tests.conftest import make_settings
+from tests.conftest import make_settings, start_redis
 from tests.fake_upstream import Done, FakeUpstream, Finish, Sleep, Text, Usage
 from tests.process import ROOT
 
@@ -80,13 +82,34 @@ class Served:
         return self.app[keys.METRICS].registry.get_sample_value(name, labels) or 0.0
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def limits_backend(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """Limits on, generous, kept in process or in a real Redis."""
+    if request.param == "memory":
+        yield None
+        return
+    server = await start_redis()
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
 @pytest.fixture
-async def served(fake: FakeUpstream) -> AsyncIterator[Served]:
+async def served(fake: FakeUpstream, limits_backend: str | None) -> AsyncIterator[Served]:
     paced = [step for i in range(TOKENS) for step in (Text(f" t{i}"), Sleep(0.002))]
     fake.default = [*paced, Finish(), Usage(7, TOKENS), Done()]
     fake.record = False
-    settings = make_settings(openai_base_url=fake.url, log_level="warning")
-    logs.configure(settings)  # as in production: info lines filtered, nothing kept in memory
+    settings = make_settings(
+        openai_base_url=fake.url,
+        log_level="warning",
+        redis_url=limits_backend,
+        rate_limit_rpm=1_000_000,
+        rate_limit_concurrent=CONCURRENCY * 2,
+        rate_limit_tpm=10**9,
+    )
+    # info lines filtered, as in production, but without caching loggers process-wide
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     upstream = OpenAIUpstream(settings)
     app = create_app(settings, upstream=upstream, registry=CollectorRegistry())
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -143,3 +166,7 @@ async def test_ten_thousand_streams_leave_nothing_behind(
     )
     assert total == STREAMS + 1_000
     assert outcomes["completed"] >= counts["completed"] + warm["completed"]
+    limits = served.app[keys.LIMITS]
+    assert await limits.limiter.concurrent("ip:127.0.0.1", limits.clock()) == 0
+    assert served.sample("ai_stream_rate_limited_total", limit="concurrency") == 0
+    assert served.sample("ai_stream_limiter_errors_total") == 0

@@ -63,7 +63,7 @@ def completion_request(body: GenerateBody, request: web.Request) -> CompletionRe
         raise ApiError("bad_request", f"maxTokens: must be from 1 to {settings.max_tokens_limit}")
     model = body.model or settings.openai_model
     if model not in settings.model_allowlist:
-        raise ApiError("bad_request", f"model: {model!r} is not offered here")
+        raise ApiError("bad_request", "model: not offered here (see ALLOWED_MODELS)")
     messages = generate_messages(body.prompt, body.selectedImageUrls, body.referenceImageUrls)
     return CompletionRequest(
         model=model, messages=messages, max_tokens=max_tokens, temperature=body.temperature
