@@ -114,7 +114,7 @@ class RedisLimiter:
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
         )
-        self.redis = aioredis.Redis(connection_pool=pool)
+        self.redis = aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
         self._admit = self.redis.register_script(ADMIT)
         self._charge = self.redis.register_script(CHARGE)
 
