@@ -1,4 +1,5 @@
 # Two commands a newcomer needs: `make run` and `make test`. Everything else is here for them.
+# `make test` also installs the system tools the suite runs for real (redis-server) when it can.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -26,6 +27,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint typecheck
+	bash scripts/ensure-tools.sh
 	bash scripts/pytest.sh
 
 bench: $(STAMP)

@@ -88,7 +88,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     if response.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     metrics = request.app[keys.METRICS]
-    metrics.requests.labels(_route(request), str(response.status)).inc()
+    metrics.child(metrics.requests, _route(request), str(response.status)).inc()
 
 
 async def read_json(request: web.Request, model: type[Body]) -> Body:

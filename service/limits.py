@@ -64,7 +64,7 @@ class Limits:
             ) from err
         if not admission.allowed:
             assert admission.limit is not None
-            self._metrics.rate_limited.labels(admission.limit).inc()
+            self._metrics.child(self._metrics.rate_limited, admission.limit).inc()
             raise RateLimited(admission)
         return admission
 
@@ -124,7 +124,7 @@ class Limits:
         for client, balance in (await self.limiter.charge(dict(debits), now)).items():
             if balance < 0:
                 for relay in streams[client]:
-                    self._metrics.rate_limited.labels("tokens").inc()
+                    self._metrics.child(self._metrics.rate_limited, "tokens").inc()
                     relay.expire(Outcome.RATE_LIMITED)
 
     def _unavailable(self, where: str, err: BaseException) -> None:

@@ -224,7 +224,7 @@ class Relay:
         """Relay the answer; `opening` (headers, first event) runs first, inside the accounting,
         so a client that leaves even then is counted and its limits released."""
         loop = asyncio.get_running_loop()
-        labels = self.metrics.streams_active.labels(self.route)
+        labels = self.metrics.child(self.metrics.streams_active, self.route)
         labels.inc()
         self.live.add(self)
         tasks: list[asyncio.Task[None]] = []
@@ -264,7 +264,7 @@ class Relay:
     async def _pump(self) -> None:
         loop_time = asyncio.get_running_loop().time
         metrics, model = self.metrics, self.metrics.model_label(self.request.model)
-        gap = self.metrics.inter_token_latency.labels(self.route, model).observe
+        gap = metrics.child(metrics.inter_token_latency, self.route, model).observe
         write = self.writer.text if self.writer else None
         pieces, result = self._pieces, self.result
         called = loop_time()
@@ -275,7 +275,7 @@ class Relay:
                     gap(now - self._last_token)
                 else:
                     self._first_token = now
-                    metrics.upstream_time_to_first_token.labels(model).observe(now - called)
+                    metrics.child(metrics.upstream_time_to_first_token, model).observe(now - called)
                 self._last_token = now
                 result.deltas += count
                 self.uncharged += count
@@ -283,7 +283,7 @@ class Relay:
                 if write is not None:
                     await write(text, result.deltas)
                 if not result.deltas - count:
-                    metrics.time_to_first_token.labels(self.route, model).observe(
+                    metrics.child(metrics.time_to_first_token, self.route, model).observe(
                         loop_time() - self.arrived
                     )
             result.usage = stream.parser.usage
@@ -341,15 +341,15 @@ class Relay:
             result.error_code = code
             result.error_message = result.error_message or message
         model = metrics.model_label(self.request.model)
-        metrics.outcomes.labels(self.route, outcome.value).inc()
-        metrics.duration.labels(self.route, outcome.value).observe(now - self.arrived)
+        metrics.child(metrics.outcomes, self.route, outcome.value).inc()
+        metrics.child(metrics.duration, self.route, outcome.value).observe(now - self.arrived)
         if result.upstream_error_kind:
-            metrics.upstream_errors.labels(result.upstream_error_kind).inc()
-        metrics.completion_tokens.labels(model).inc(result.completion_tokens)
-        metrics.prompt_tokens.labels(model).inc(result.prompt_tokens)
+            metrics.child(metrics.upstream_errors, result.upstream_error_kind).inc()
+        metrics.child(metrics.completion_tokens, model).inc(result.completion_tokens)
+        metrics.child(metrics.prompt_tokens, model).inc(result.prompt_tokens)
         decode_s = self._last_token - self._first_token
         if result.deltas > 1 and decode_s > 0:
-            metrics.output_tokens_per_second.labels(self.route, model).observe(
+            metrics.child(metrics.output_tokens_per_second, self.route, model).observe(
                 result.completion_tokens / decode_s
             )
         log.info(
