@@ -20,6 +20,10 @@ Design notes:
    closing (aiohttp cancels the handler then); the pump must still finish closing the upstream and
    the stream must still be counted and released, so `_settle` waits through the cancellation and
    re-raises it afterwards instead of abandoning the bookkeeping.
+6. Completion tokens are counted as they are relayed (one counter increment per batch), so
+   `rate(ai_stream_completion_tokens_total)` shows a long answer while it streams rather than in
+   one step at its end; when the upstream's usage reports more tokens than deltas, the rest is
+   added at the end.
 """
 
 from __future__ import annotations
@@ -265,6 +269,7 @@ class Relay:
         loop_time = asyncio.get_running_loop().time
         metrics, model = self.metrics, self.metrics.model_label(self.request.model)
         gap = metrics.child(metrics.inter_token_latency, self.route, model).observe
+        tokens = metrics.child(metrics.completion_tokens, model).inc  # as they flow: note 6
         write = self.writer.text if self.writer else None
         pieces, result = self._pieces, self.result
         called = loop_time()
@@ -279,6 +284,7 @@ class Relay:
                 self._last_token = now
                 result.deltas += count
                 self.uncharged += count
+                tokens(count)
                 pieces.append(text)
                 if write is not None:
                     await write(text, result.deltas)
@@ -345,7 +351,10 @@ class Relay:
         metrics.child(metrics.duration, self.route, outcome.value).observe(now - self.arrived)
         if result.upstream_error_kind:
             metrics.child(metrics.upstream_errors, result.upstream_error_kind).inc()
-        metrics.child(metrics.completion_tokens, model).inc(result.completion_tokens)
+        if result.completion_tokens > result.deltas:  # the upstream's usage counts more
+            metrics.child(metrics.completion_tokens, model).inc(
+                result.completion_tokens - result.deltas
+            )
         metrics.child(metrics.prompt_tokens, model).inc(result.prompt_tokens)
         decode_s = self._last_token - self._first_token
         if result.deltas > 1 and decode_s > 0:
