@@ -140,11 +140,7 @@ class Run:
                     rec.error = f"error_frame:{obj.get('code')}:{obj.get('reason')}"
                     break
             if arrived:
-                if last_arrival:
-                    gaps.append(now - last_arrival)
-                else:
-                    rec.first = now
-                last_arrival = now
+                last_arrival = _arrival(rec, gaps, now, last_arrival)
         rec.end = clock()
         rec.tokens = token_count
         if done is None:
@@ -188,11 +184,7 @@ class Run:
                         pieces.append(content)
                         arrived = True
             if arrived:
-                if last_arrival:
-                    gaps.append(now - last_arrival)
-                else:
-                    rec.first = now
-                last_arrival = now
+                last_arrival = _arrival(rec, gaps, now, last_arrival)
         rec.end = clock()
         rec.tokens = len(pieces)
         if not finished:
@@ -364,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(data.decode() + "\n")
     return 0
+
+
+def _arrival(rec: Stream, gaps: list[float], now: float, last: float) -> float:
+    """Record a read that carried content: the first token's time, or the gap since the last."""
+    if last:
+        gaps.append(now - last)
+    else:
+        rec.first = now
+    return now
 
 
 if __name__ == "__main__":
