@@ -4,6 +4,7 @@ shipped alert rules, and a real Prometheus scrapes a running gateway while strea
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -154,3 +155,16 @@ async def test_prometheus_sees_open_streams_and_tokens_per_second(
         assert up == 1
     for resp, _ in streams:
         resp.close()
+
+
+@pytest.mark.parametrize("shipped", ["grafana-dashboard.json", "alerts.yml"])
+async def test_every_metric_the_shipped_files_query_exists(gateway: Gateway, shipped: str) -> None:
+    _, frames = await gateway.stream({"prompt": "x"})
+    await frames.rest()
+    exposed = (await exposition(gateway)).decode()
+    families = {line.split()[2] for line in exposed.splitlines() if line.startswith("# TYPE")}
+    named = set(re.findall(r"ai_stream_[a-z_]+", (DEPLOY / shipped).read_text()))
+    assert named
+    for name in named:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert base in families or base.removesuffix("_total") in families, name
