@@ -240,7 +240,7 @@ class Relay:
             tasks = [pump, asyncio.create_task(self._watch())]
             await pump
         except ConnectionError:
-            outcome = Outcome.CLIENT_DISCONNECT  # the opening could not be written
+            outcome = Outcome.CLIENT_DISCONNECT  # a write to the client failed: it is gone
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -252,6 +252,12 @@ class Relay:
             outcome = Outcome.UPSTREAM_ERROR
             self.result.upstream_error_kind = err.kind
             self.result.error_message = err.message
+        except Exception:
+            # A failure nothing translated (a bug, or an exception a library let through): the
+            # client still gets an error event and the stream is still counted.
+            log.exception("stream.failed", route=self.route)
+            outcome = Outcome.UPSTREAM_ERROR
+            self.result.upstream_error_kind = "other"
         finally:
             try:
                 await _settle(*tasks)
@@ -276,11 +282,12 @@ class Relay:
         async with self.upstream.stream(self.request) as stream:
             async for text, count in stream:
                 now = loop_time()
-                if result.deltas:
-                    gap(now - self._last_token)
-                else:
+                first = not result.deltas
+                if first:
                     self._first_token = now
                     metrics.child(metrics.upstream_time_to_first_token, model).observe(now - called)
+                else:
+                    gap(now - self._last_token)
                 self._last_token = now
                 result.deltas += count
                 self.uncharged += count
@@ -288,7 +295,7 @@ class Relay:
                 pieces.append(text)
                 if write is not None:
                     await write(text, result.deltas)
-                if not result.deltas - count:
+                if first:  # measured once the first content is written to the client
                     metrics.child(metrics.time_to_first_token, self.route, model).observe(
                         loop_time() - self.arrived
                     )

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway
+from service.app import create_app
+from tests.conftest import API_KEY, WAIT, Frames, Gateway, MakeGateway, make_settings
 from tests.fake_upstream import Done, Drop, Finish, Gate, Raw, Repeat, Status, Text, Usage, answer
 
 NEVER = asyncio.Event  # a gate nobody opens: the upstream stays silent until cancelled
@@ -309,3 +314,41 @@ async def test_invalid_request_ids_are_replaced(gateway: Gateway) -> None:
     assert resp.status == 200
     assert re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-ID"])
     assert await resp.json() == {"status": "ok"}
+
+
+class _Broken:
+    """An Upstream whose stream fails with an error no layer translates (a bug, say)."""
+
+    on_retry = None
+
+    def stream(self, request: object) -> Any:
+        @contextlib.asynccontextmanager
+        async def opened() -> AsyncIterator[Any]:
+            async def deltas() -> AsyncIterator[tuple[str, int]]:
+                yield "partial", 1
+                raise RuntimeError("a bug")
+
+            yield type("S", (), {"parser": None, "__aiter__": lambda self: deltas()})()
+
+        return opened()
+
+    async def check(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_an_untranslated_failure_still_ends_in_an_error_event(aiohttp_client: Any) -> None:
+    registry = CollectorRegistry()
+    app = create_app(make_settings(), upstream=_Broken(), registry=registry)  # type: ignore[arg-type]
+    client = await aiohttp_client(app)
+    resp = await client.post("/api/ai/generate-stream", json={"prompt": "x"})
+    assert resp.status == 200
+    frames = Frames(resp)
+    events = [await frames.event(), *await frames.rest()]
+    assert [e["type"] for e in events] == ["start", "content", "error"]
+    assert (events[-1]["code"], events[-1]["reason"]) == ("upstream_error", "upstream_error")
+    labels = {"route": "generate_stream", "outcome": "upstream_error"}
+    assert registry.get_sample_value("ai_stream_outcomes_total", labels) == 1
+    assert registry.get_sample_value("ai_stream_upstream_errors_total", {"kind": "other"}) == 1
