@@ -236,8 +236,6 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_LEVEL": ("log_level", _log_level),
 }
 
-SETTING_NAMES: tuple[str, ...] = tuple(_VARIABLES)
-
 
 def from_env(env: Mapping[str, str]) -> Settings:
     """Build Settings from an environment mapping; raise SettingsError naming every bad one."""

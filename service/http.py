@@ -164,5 +164,4 @@ async def admit(request: web.Request, estimate: int) -> Ticket:
     client = client_of(request)
     admission = await limits.admit(client, estimate)
     request[keys.ADMISSION] = admission
-    reserved = limits.reserve(estimate) if admission.tokens is not None else 0
-    return Ticket(client, admission.lease, reserved)
+    return Ticket(client, admission.lease, admission.reserved)

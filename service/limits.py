@@ -20,7 +20,7 @@ import structlog
 
 from .errors import ApiError, Outcome
 from .metrics import Metrics
-from .ratelimit import Admission, LimitConfig, Limiter, reserve_for
+from .ratelimit import Admission, LimitConfig, Limiter
 from .redis_limits import LimiterUnavailable
 from .relay import LiveStreams, Relay
 
@@ -67,9 +67,6 @@ class Limits:
             self._metrics.child(self._metrics.rate_limited, admission.limit).inc()
             raise RateLimited(admission)
         return admission
-
-    def reserve(self, estimate: int) -> int:
-        return reserve_for(estimate, self.config.tpm) if self.config.tpm else 0
 
     async def settle(self, relay: Relay) -> None:
         """The stream ended: charge what is left (reconciled with usage) and free its lease."""

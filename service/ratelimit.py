@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,7 @@ class Admission:
     requests: Quota | None = None
     tokens: Quota | None = None
     lease: str | None = None
+    reserved: int = 0  # tokens taken from the bucket, settled when the stream ends
 
 
 # --- the arithmetic -------------------------------------------------------------------------
@@ -151,6 +152,7 @@ class MemoryLimiter:
         self._sweep(now)
         c, state = self.config, self._client(client, now)
         requests = tokens = None
+        reserved = 0
         if c.rpm:
             ok, tat, requests, retry = gcra(state.tat, now, c.rpm, c.burst)
             if not ok:
@@ -159,11 +161,11 @@ class MemoryLimiter:
             return Admission(False, "concurrency", 1.0, requests, _tokens(state, c))
         if c.tpm:
             assert state.balance is not None
-            need = reserve_for(estimate, c.tpm)
-            if state.balance < need:
-                retry = (need - state.balance) * 60.0 / c.tpm
+            reserved = reserve_for(estimate, c.tpm)
+            if state.balance < reserved:
+                retry = (reserved - state.balance) * 60.0 / c.tpm
                 return Admission(False, "tokens", retry, requests, _tokens(state, c))
-            state.balance -= need
+            state.balance -= reserved
             tokens = _tokens(state, c)
         if c.rpm:
             state.tat = tat
@@ -171,7 +173,7 @@ class MemoryLimiter:
         if c.concurrent:
             lease = uuid.uuid4().hex
             state.leases.add(lease)
-        return Admission(True, None, 0.0, requests, tokens, lease)
+        return Admission(True, None, 0.0, requests, tokens, lease, reserved)
 
     async def charge(self, debits: dict[str, int], now: float) -> dict[str, float]:
         balances = {}
@@ -232,19 +234,3 @@ def duration(seconds: float) -> str:
         return f"{round(seconds * 1000)}ms"
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-def decode_admission(raw: list[Any], c: LimitConfig, lease: str | None) -> Admission:
-    """An Admission from the Redis admit script's reply (see redis_limits.ADMIT)."""
-    allowed, refused, retry_ms, req_rem, req_reset_ms, tok_rem, tok_reset_ms = (int(x) for x in raw)
-    requests = Quota(c.rpm, req_rem, req_reset_ms / 1000) if c.rpm else None
-    tokens = Quota(c.tpm, max(0, tok_rem), tok_reset_ms / 1000) if c.tpm else None
-    limit = (None, "requests", "concurrency", "tokens")[refused]
-    return Admission(
-        bool(allowed),
-        limit,
-        retry_ms / 1000,
-        requests,
-        tokens,
-        lease if allowed and c.concurrent else None,
-    )

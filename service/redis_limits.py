@@ -11,11 +11,12 @@ would not, so idle clients cost nothing. Redis errors and timeouts surface as
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .ratelimit import Admission, LimitConfig, decode_admission, reserve_for
+from .ratelimit import Admission, LimitConfig, Quota, reserve_for
 
 # KEYS: rpm, tpm, concurrency. ARGV: now, rpm, burst, tpm, reserve, concurrency limit, lease id,
 # lease TTL (s). Reply: allowed, refused (0 none, 1 requests, 2 concurrency, 3 tokens),
@@ -137,7 +138,7 @@ class RedisLimiter:
             raw = await self._admit(keys=keys, args=args)
         except (RedisError, OSError) as err:
             raise LimiterUnavailable(str(err)) from err
-        return decode_admission(list(raw), c, lease)
+        return decode_admission(list(raw), c, lease, reserve)
 
     async def charge(self, debits: dict[str, int], now: float) -> dict[str, float]:
         if not self.config.tpm or not debits:
@@ -185,3 +186,20 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         await self.redis.aclose()
+
+
+def decode_admission(raw: list[Any], c: LimitConfig, lease: str | None, reserved: int) -> Admission:
+    """An Admission from the ADMIT script's reply."""
+    allowed, refused, retry_ms, req_rem, req_reset_ms, tok_rem, tok_reset_ms = (int(x) for x in raw)
+    requests = Quota(c.rpm, req_rem, req_reset_ms / 1000) if c.rpm else None
+    tokens = Quota(c.tpm, max(0, tok_rem), tok_reset_ms / 1000) if c.tpm else None
+    limit = (None, "requests", "concurrency", "tokens")[refused]
+    return Admission(
+        bool(allowed),
+        limit,
+        retry_ms / 1000,
+        requests,
+        tokens,
+        lease if allowed and c.concurrent else None,
+        reserved if allowed else 0,
+    )

@@ -51,11 +51,10 @@ class CompletionRequest:
 class UpstreamError(Exception):
     """A failure of the model server. `kind` is a bounded label; `message` is safe to show."""
 
-    def __init__(self, kind: str, message: str, *, status: int | None = None) -> None:
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
-        self.status = status
 
 
 class UpstreamStream(Protocol):
@@ -91,7 +90,7 @@ def _status_error(status: int) -> UpstreamError:
         kind, what = "server", "failed"
     else:
         kind, what = "rejected", "rejected the request"
-    return UpstreamError(kind, f"The model server {what} ({status}).", status=status)
+    return UpstreamError(kind, f"The model server {what} ({status}).")
 
 
 def _transport_cause(err: BaseException) -> aiohttp.ClientError | None:

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from .. import keys
-from ..errors import STATUS_BY_CODE, ApiError, Outcome
+from ..errors import ApiError, Outcome
 from ..http import Ticket, admit, json_response, read_json
 from ..prompts import estimate_tokens, extract_placeholders, generate_messages
 from ..relay import Relay, Result, SseWriter
@@ -160,7 +160,6 @@ async def generate(request: web.Request) -> web.Response:
     raise ApiError(
         code,
         result.error_message or "The answer failed.",
-        status=STATUS_BY_CODE[code],
         retry_after_s=1 if code == "server_shutdown" else None,
     )
 
