@@ -4,6 +4,7 @@ mid-stream token cut, API keys, forwarded addresses and CORS."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from structlog.testing import capture_logs
 
 from service import keys
 from service.errors import Outcome
-from tests.conftest import WAIT, Gateway, MakeGateway
+from tests.conftest import WAIT, Gateway, MakeGateway, start_redis
 from tests.fake_upstream import Gate, Repeat, Status, answer
 
 NEVER = asyncio.Event
@@ -178,3 +179,31 @@ async def test_cors_allows_listed_origins_only(make_gateway: MakeGateway) -> Non
         h.strip().lower() for h in answer_.headers["Access-Control-Expose-Headers"].split(",")
     }
     assert {"x-request-id", "retry-after", "x-ratelimit-remaining-requests"} <= exposed
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limit_store(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """Where limits live: in process (None) or in a real Redis (its URL)."""
+    if request.param == "memory":
+        yield None
+        return
+    server = await start_redis()
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
+async def test_a_finished_stream_costs_exactly_its_usage(
+    make_gateway: MakeGateway, limit_store: str | None
+) -> None:
+    gateway = await make_gateway(rate_limit_tpm=600, redis_url=limit_store)  # 10 tokens a second
+    gateway.fake.queue(answer("a", "b", prompt=7), answer("c", prompt=7))
+    first = await gateway.post("/api/ai/generate", {"prompt": "x"})
+    second = await gateway.post("/api/ai/generate", {"prompt": "x"})
+    spent = int(first.headers["x-ratelimit-remaining-tokens"]) - int(
+        second.headers["x-ratelimit-remaining-tokens"]
+    )
+    # the first answer's usage (7 prompt + 2 completion) replaced its reserve; refill between
+    # the two requests is a fraction of a token
+    assert spent in (8, 9)
