@@ -1,0 +1,32 @@
+"""The admin page's stream client (`service/admin/static/aiStream.js`), unit-tested in Node's
+built-in test runner (`tests/js/`); this runs them as part of the suite."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+from tests.conftest import tool_required
+from tests.process import ROOT
+
+
+def test_ai_stream_js_unit_tests() -> None:
+    node = shutil.which("node")
+    if node is None:
+        tool_required("node")
+        return
+    done = subprocess.run(
+        [node, "--test", "--test-reporter=tap", "tests/js/"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    passed = re.search(r"^# pass (\d+)$", report, re.MULTILINE)
+    failed = re.search(r"^# fail (\d+)$", report, re.MULTILINE)
+    assert passed is not None and int(passed.group(1)) >= 15, report
+    assert failed is not None and int(failed.group(1)) == 0, report
