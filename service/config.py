@@ -24,6 +24,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 3301
     admin_port: int = 3300
+    # Where the admin page sends API calls: None = the API's port on the page's own host when the
+    # page is opened on ADMIN_PORT, else the page's origin (a proxy in front); "" = the page's
+    # origin always; a URL = that API.
+    admin_api_base: str | None = None
     listen_backlog: int = 4096
 
     openai_api_key: str | None = field(default=None, repr=False)
@@ -139,6 +143,15 @@ def _url(raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _api_base(raw: str) -> str:
+    raw = raw.strip()
+    if raw == "/":
+        return ""  # same origin
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL, or / for the page's own origin")
+    return raw.rstrip("/")
+
+
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
@@ -198,6 +211,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "HOST": ("host", _text),
     "PORT": ("port", _port),
     "ADMIN_PORT": ("admin_port", _port),
+    "ADMIN_API_BASE": ("admin_api_base", _api_base),
     "LISTEN_BACKLOG": ("listen_backlog", _ranged(int, 1, 65535)),
     "OPENAI_API_KEY": ("openai_api_key", _text),
     "OPENAI_BASE_URL": ("openai_base_url", _url),

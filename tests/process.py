@@ -57,16 +57,22 @@ class ServiceProcess:
 
 
 @contextlib.asynccontextmanager
-async def service(env: Mapping[str, str], tmp: Path) -> AsyncIterator[ServiceProcess]:
-    port = free_port()
-    log = tmp / f"service-{port}.log"
+async def service(
+    env: Mapping[str, str], tmp: Path, command: str = "api", port: int | None = None
+) -> AsyncIterator[ServiceProcess]:
+    """`python -m service [command]` on `port` or a free one (PORT, or ADMIN_PORT for the admin
+    page)."""
+    port = port or free_port()
+    log = tmp / f"service-{command}-{port}.log"
+    port_variable = "ADMIN_PORT" if command == "admin" else "PORT"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "service",
+            command,
             cwd=ROOT,
-            env=clean_env({"PORT": str(port), **env}),
+            env=clean_env({**env, port_variable: str(port)}),
             stdout=out,
             stderr=out,
         )

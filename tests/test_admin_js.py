@@ -28,5 +28,7 @@ def test_ai_stream_js_unit_tests() -> None:
     assert done.returncode == 0, report
     passed = re.search(r"^# pass (\d+)$", report, re.MULTILINE)
     failed = re.search(r"^# fail (\d+)$", report, re.MULTILINE)
-    assert passed is not None and int(passed.group(1)) >= 15, report
-    assert failed is not None and int(failed.group(1)) == 0, report
+    assert passed is not None, report
+    assert failed is not None, report
+    assert int(passed.group(1)) >= 15, report
+    assert int(failed.group(1)) == 0, report

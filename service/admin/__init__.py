@@ -1,14 +1,45 @@
-"""The admin page: a small aiohttp app on `ADMIN_PORT` serving static HTML, CSS and ES modules."""
+"""The admin page: a small aiohttp app on `ADMIN_PORT` serving static HTML, CSS and ES modules.
+
+No build step and nothing fetched from elsewhere: `static/` is served as it is. The page reads
+`config.json` (where the API is, its models and limits) and then talks to the API from the
+browser, directly (CORS) or through the proxy in front of both.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from ..config import Settings
+from ..logs import Handler
 
 STATIC = Path(__file__).parent / "static"
+SETTINGS = web.AppKey("admin_settings", Settings)
+
+# Scripts and styles only from this origin (model text can never run as code even if some
+# future change rendered it as HTML); API calls may go to any http(s) origin, because where the
+# API is depends on ADMIN_API_BASE and on the host name the browser used.
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: http: https:; "
+    "connect-src 'self' http: https:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # Always revalidate: an upgraded service never runs against a stale module.
+    "Cache-Control": "no-cache",
+}
+
+
+@web.middleware
+async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers.update(_HEADERS)
+    return response
 
 
 async def _health(_: web.Request) -> web.Response:
@@ -19,9 +50,30 @@ async def _index(_: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
+def page_config(settings: Settings) -> dict[str, Any]:
+    """What the page needs to know about the API: where it is, its models and token limits, and
+    whether it asks for a key (never the keys themselves)."""
+    return {
+        "apiBase": settings.admin_api_base,
+        "apiPort": settings.port,
+        "adminPort": settings.admin_port,
+        "model": settings.openai_model,
+        "models": sorted(settings.model_allowlist),
+        "defaultMaxTokens": settings.default_max_tokens,
+        "maxTokensLimit": settings.max_tokens_limit,
+        "authRequired": bool(settings.api_keys),
+    }
+
+
+async def _config(request: web.Request) -> web.Response:
+    return web.json_response(page_config(request.app[SETTINGS]))
+
+
 def create_admin_app(settings: Settings) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_headers])
+    app[SETTINGS] = settings
     app.router.add_get("/health", _health)
     app.router.add_get("/", _index)
+    app.router.add_get("/config.json", _config)
     app.router.add_static("/static/", STATIC)
     return app

@@ -1,0 +1,137 @@
+// The Generate tab: one streamed article with progress, Stop, the done metadata and errors.
+// Model text only ever enters the page as text (a Text node's data, or textContent).
+import { generateContentStream } from "./aiStream.js";
+
+const $ = (id) => document.getElementById(id);
+
+export function describeError(e) {
+  return `Error (${e.code}): ${e.error}`;
+}
+
+export function setupGenerate(config, options) {
+  const form = $("generate-form");
+  const model = $("model");
+  const maxTokens = $("max-tokens");
+  const stopButton = $("stop");
+  const goButton = $("generate");
+  const status = $("generate-status");
+  const output = $("output");
+  const bar = $("progress-bar");
+
+  for (const name of config.models) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    option.selected = name === config.model;
+    model.append(option);
+  }
+  maxTokens.value = String(config.defaultMaxTokens);
+  maxTokens.max = String(config.maxTokensLimit);
+
+  let running = null; // {controller, started, firstAt, tokens, timer}
+
+  const setStatus = (text, kind = "") => {
+    status.textContent = text;
+    status.className = `status ${kind}`.trim();
+  };
+
+  const showStats = () => {
+    if (!running) return;
+    const now = performance.now();
+    $("stat-tokens").textContent = String(running.tokens);
+    $("stat-elapsed").textContent = ((now - running.started) / 1000).toFixed(1);
+    const decoding = running.firstAt === null ? 0 : (now - running.firstAt) / 1000;
+    $("stat-rate").textContent = decoding > 0.2 ? (running.tokens / decoding).toFixed(1) : "–";
+    bar.value = Math.min(running.tokens, bar.max);
+  };
+
+  const showMeta = (done, images) => {
+    $("meta-summary").textContent = `Generated ${done.tokenCount} tokens in ${done.elapsedMs} ms`;
+    $("meta-model").textContent = done.model;
+    $("meta-request").textContent = done.requestId;
+    const list = $("meta-placeholders");
+    list.replaceChildren();
+    for (const placeholder of done.imagePlaceholders) {
+      const item = document.createElement("li");
+      const n = /^\[\[image:(\d+)\]\]$/.exec(placeholder);
+      const url = n ? images[Number(n[1]) - 1] : undefined;
+      item.textContent = url ? `${placeholder} → ${url}` : placeholder;
+      list.append(item);
+    }
+    if (!done.imagePlaceholders.length) {
+      const item = document.createElement("li");
+      item.textContent = "none";
+      list.append(item);
+    }
+    $("meta").hidden = false;
+  };
+
+  const finish = () => {
+    clearInterval(running.timer);
+    showStats();
+    running = null;
+    goButton.disabled = false;
+    stopButton.disabled = true;
+    output.setAttribute("aria-busy", "false");
+  };
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (running) return;
+    const images = $("image-urls")
+      .value.split("\n")
+      .map((line) => line.trim())
+      .filter(Boolean);
+    const limit = Number(maxTokens.value) || config.defaultMaxTokens;
+    const request = {
+      prompt: $("prompt").value,
+      selectedImageUrls: images,
+      model: model.value || undefined,
+      maxTokens: limit,
+    };
+    const text = document.createTextNode("");
+    output.replaceChildren(text);
+    output.setAttribute("aria-busy", "true");
+    $("meta").hidden = true;
+    $("progress").hidden = false;
+    bar.max = limit;
+    bar.value = 0;
+    setStatus("Waiting for the first tokens…");
+    goButton.disabled = true;
+    stopButton.disabled = false;
+    const controller = new AbortController();
+    running = { controller, started: performance.now(), firstAt: null, tokens: 0, timer: 0 };
+    running.timer = setInterval(showStats, 200);
+    showStats();
+
+    await generateContentStream(
+      request,
+      {
+        onStart: () => setStatus("Streaming…"),
+        onContent: (e) => {
+          if (running.firstAt === null) running.firstAt = performance.now();
+          const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 24;
+          text.appendData(e.delta);
+          if (atBottom) output.scrollTop = output.scrollHeight;
+          running.tokens = e.tokenCount;
+          showStats();
+        },
+        onDone: (done) => {
+          running.tokens = done.tokenCount;
+          setStatus("Done.", "ok");
+          showMeta(done, images);
+        },
+        onError: (e) => {
+          const kept = text.data ? " The text received so far is kept below." : "";
+          setStatus(describeError(e) + kept, "error");
+        },
+        onAbort: () => setStatus(`Stopped after ${running.tokens} tokens.`, "stopped"),
+      },
+      { ...options(), signal: controller.signal },
+    );
+    finish();
+  });
+
+  stopButton.addEventListener("click", () => running?.controller.abort());
+  return {};
+}
