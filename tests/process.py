@@ -14,7 +14,16 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-_CLEARED = ("OPENAI_", "AZURE_OPENAI_", "PORT", "HOST", "ADMIN_PORT", "REDIS_URL", "API_KEYS")
+_CLEARED = (
+    "OPENAI_",
+    "AZURE_OPENAI_",
+    "PORT",
+    "HOST",
+    "ADMIN_PORT",
+    "REDIS_URL",
+    "API_KEYS",
+    "CHAT_",
+)
 
 
 def free_port() -> int:
@@ -66,7 +75,9 @@ async def service(env: Mapping[str, str], tmp: Path) -> AsyncIterator[ServicePro
             "-m",
             "service",
             cwd=ROOT,
-            env=clean_env({"PORT": str(port), **env}),
+            env=clean_env(
+                {"PORT": str(port), "CHAT_DB_PATH": str(tmp / "conversations.db"), **env}
+            ),
             stdout=out,
             stderr=out,
         )
