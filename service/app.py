@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from . import demo_upstream, http, keys, logs
 from .access import Access
+from .chat import Chats
+from .chat_store import ConversationStore, RedisStore, SqliteStore
 from .config import Settings
 from .health import ReadinessProbe
 from .limits import Limits
@@ -20,7 +22,7 @@ from .metrics import create_metrics
 from .ratelimit import LimitConfig, Limiter, MemoryLimiter
 from .redis_limits import RedisLimiter
 from .relay import LiveStreams
-from .routes import generate, health
+from .routes import chat, generate, health
 from .upstream import OpenAIUpstream, Upstream
 
 log = structlog.get_logger("service.app")
@@ -46,9 +48,11 @@ def create_app(
     else:
         app.cleanup_ctx.append(_sdk_upstream)
     app.cleanup_ctx.append(_limits)
+    app.cleanup_ctx.append(_conversations)
     app.on_response_prepare.append(http.on_prepare)
     app.on_shutdown.append(_drain)
     generate.setup(app)
+    chat.setup(app)
     health.setup(app)
     _cors(app, settings)
     return app
@@ -112,6 +116,23 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await upkeep
         await limiter.aclose()
+
+
+async def _conversations(app: web.Application) -> AsyncIterator[None]:
+    """The conversation store: Redis when REDIS_URL is set (shared by instances), else SQLite."""
+    settings = app[keys.SETTINGS]
+    store: ConversationStore
+    if settings.redis_url:
+        store = RedisStore(settings.redis_url)
+    else:
+        sqlite = SqliteStore(settings.chat_db_path)
+        await sqlite.open()
+        store = sqlite
+    chats = app[keys.CHATS] = Chats(store, settings)
+    try:
+        yield
+    finally:
+        await chats.aclose()
 
 
 async def _sdk_upstream(app: web.Application) -> AsyncIterator[None]:

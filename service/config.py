@@ -17,6 +17,7 @@ from .access import parse_networks
 LogFormat = Literal["json", "console"]
 DEFAULT_MODEL = "gpt-4o-mini"
 DEMO_MODEL = "demo-writer-1"
+CHAT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +70,11 @@ class Settings:
     rate_limit_redis_failure: Literal["open", "closed"] = "open"
     rate_limit_lease_s: float = 10.0
     rate_limit_charge_interval_s: float = 0.5
+
+    chat_db_path: str = "data/conversations.db"  # SQLite; ignored when REDIS_URL is set
+    chat_system_prompt: str = CHAT_SYSTEM_PROMPT
+    chat_context_tokens: int = 8000  # system prompt + history + the new message, estimated
+    chat_message_max_chars: int = 8000
 
     @property
     def allowed_origins(self) -> tuple[str, ...]:
@@ -246,6 +252,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RATE_LIMIT_REDIS_FAILURE": ("rate_limit_redis_failure", _failure),
     "RATE_LIMIT_LEASE_S": ("rate_limit_lease_s", _ranged(float, 1, 3600)),
     "RATE_LIMIT_CHARGE_INTERVAL_S": ("rate_limit_charge_interval_s", _ranged(float, 0.01, 60)),
+    "CHAT_DB_PATH": ("chat_db_path", _text),
+    "CHAT_SYSTEM_PROMPT": ("chat_system_prompt", _text),
+    "CHAT_CONTEXT_TOKENS": ("chat_context_tokens", _ranged(int, 256, 10_000_000)),
+    "CHAT_MESSAGE_MAX_CHARS": ("chat_message_max_chars", _ranged(int, 1, 1_000_000)),
     "LOG_FORMAT": ("log_format", _log_format),
     "LOG_LEVEL": ("log_level", _log_level),
 }
@@ -275,6 +285,12 @@ def from_env(env: Mapping[str, str]) -> Settings:
     limit, default = settings.max_tokens_limit, settings.default_max_tokens
     if default > limit:
         raise SettingsError({"DEFAULT_MAX_TOKENS": f"must not exceed MAX_TOKENS_LIMIT ({limit})"})
+    # The newest message must always fit beside the system prompt (history fills what is left).
+    floor = (len(settings.chat_system_prompt) + settings.chat_message_max_chars) // 4 + 16
+    if settings.chat_context_tokens < floor:
+        raise SettingsError(
+            {"CHAT_CONTEXT_TOKENS": f"must be at least {floor} to fit CHAT_MESSAGE_MAX_CHARS"}
+        )
     if settings.uses_demo_upstream and "OPENAI_MODEL" not in values:
         settings = dataclasses.replace(settings, openai_model=DEMO_MODEL)
     return settings

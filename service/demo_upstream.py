@@ -53,9 +53,9 @@ def _topic(messages: list[dict[str, Any]]) -> tuple[str, int]:
             images = sum(1 for p in content if p.get("type") == "image_url")
             content = " ".join(texts)
         words = str(content or "").replace("\n", " ").split()
-        for lead in ("write", "a", "an", "short", "article", "about", "on", "me", "tell"):
-            if words and words[0].lower() == lead:
-                words = words[1:]
+        leads = {"write", "a", "an", "short", "article", "about", "on", "me", "tell", "explain"}
+        while words and words[0].lower() in leads:
+            words = words[1:]
         return " ".join(words[:6]).rstrip(".?!") or "this subject", images
     return "this subject", 0
 

@@ -4,6 +4,7 @@ stream, and turn any error into the contract's JSON shape with a precise status.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -13,10 +14,12 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from . import keys
-from .errors import ApiError
+from .errors import ApiError, Outcome
 from .limits import RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
+from .relay import Relay, Result, SseWriter
+from .upstream import CompletionRequest
 
 log = structlog.get_logger("service.http")
 Body = TypeVar("Body", bound=BaseModel)
@@ -165,3 +168,48 @@ async def admit(request: web.Request, estimate: int) -> Ticket:
     admission = await limits.admit(client, estimate)
     request[keys.ADMISSION] = admission
     return Ticket(client, admission.lease, admission.reserved)
+
+
+def relay_for(
+    request: web.Request, route: str, upstream_request: CompletionRequest, ticket: Ticket
+) -> Relay:
+    """The relay for an admitted request, wired to the app's upstream, metrics and limits."""
+    app = request.app
+    return Relay(
+        settings=app[keys.SETTINGS],
+        upstream=app[keys.UPSTREAM],
+        metrics=app[keys.METRICS],
+        live=app[keys.LIVE],
+        route=route,
+        request=upstream_request,
+        request_id=request[keys.REQUEST_ID],
+        arrived=request[keys.ARRIVED],
+        ledger=app[keys.LIMITS],
+        client=ticket.client,
+        lease=ticket.lease,
+        reserved=ticket.reserved,
+    )
+
+
+async def last_event(writer: SseWriter, result: Result, write_timeout_s: float) -> None:
+    """A stream's closing event in its vocabulary: `done`, or `error` with the outcome. None when
+    the client already left; a client that stops reading at the very end is not waited for."""
+    if result.outcome is Outcome.CLIENT_DISCONNECT:
+        return
+    vocabulary = writer.vocabulary
+    final = vocabulary.done if result.outcome is Outcome.COMPLETED else vocabulary.error
+    try:
+        async with asyncio.timeout(write_timeout_s or None):
+            await writer.event(final(result))
+    except (TimeoutError, ConnectionError):
+        pass  # the outcome is already counted
+
+
+def failed(result: Result) -> ApiError:
+    """A JSON endpoint's answer that did not complete, as the error it answers with."""
+    code = result.error_code or "internal"
+    return ApiError(
+        code,
+        result.error_message or "The answer failed.",
+        retry_after_s=1 if code == "server_shutdown" else None,
+    )

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from . import logs
 from .access import Access
+from .chat import Chats
 from .config import Settings
 from .health import ReadinessProbe
 from .limits import Limits
@@ -21,6 +22,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 READINESS = web.AppKey("readiness", ReadinessProbe)
 ACCESS = web.AppKey("access", Access)
 LIMITS = web.AppKey("limits", Limits)
+CHATS = web.AppKey("chats", Chats)
 
 REQUEST_ID = logs.REQUEST_ID
 ARRIVED = logs.ARRIVED

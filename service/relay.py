@@ -224,6 +224,12 @@ class Relay:
         if self._pump_task is not None:
             self._pump_task.cancel()
 
+    async def release(self) -> None:
+        """The relay will not run after all: refund its token reserve and free its lease."""
+        if self.ledger is not None:
+            self.result.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            await self.ledger.settle(self)
+
     async def run(self, opening: Callable[[], Awaitable[None]] | None = None) -> Result:
         """Relay the answer; `opening` (headers, first event) runs first, inside the accounting,
         so a client that leaves even then is counted and its limits released."""

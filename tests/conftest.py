@@ -40,6 +40,7 @@ def make_settings(**overrides: Any) -> Settings:
         rate_limit_rpm=0,
         rate_limit_concurrent=0,
         rate_limit_tpm=0,
+        chat_db_path=":memory:",
     )
     return dataclasses.replace(base, **overrides)
 

@@ -12,6 +12,7 @@ A test queues one script per expected request. A script is a list of steps:
     Done()                   `data: [DONE]`
     Repeat("x", 0.002)       the text every 2 ms until the connection ends
     Sleep(0.002)             pace the answer
+    Echo()                   one chunk per message received: "role: content\n" (the context)
 
 Headers go out with the first step that writes, so a Gate first keeps the upstream silent before
 it has even answered. Each request is recorded with its JSON body and an Event set when the
@@ -87,7 +88,17 @@ class Repeat:
     interval_s: float = 0.002
 
 
-Step = Text | Gate | Status | Raw | Drop | Finish | Usage | Done | Repeat | Sleep
+@dataclass(frozen=True)
+class Echo:
+    """Answer with the messages the request carried, one delta each: `role: content\n`."""
+
+
+Step = Text | Gate | Status | Raw | Drop | Finish | Usage | Done | Repeat | Sleep | Echo
+
+
+def echoed(messages: list[dict[str, Any]]) -> str:
+    """The text an Echo step answers for these messages."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
 def answer(*texts: str, prompt: int = 7, completion: int | None = None) -> list[Step]:
@@ -186,6 +197,10 @@ class FakeUpstream:
                     return resp
                 if not resp.prepared:
                     await resp.prepare(request)
+                if isinstance(step, Echo):
+                    for message in seen.body["messages"]:
+                        await resp.write(chunk({"content": echoed([message])}))
+                    continue
                 if isinstance(step, Repeat):
                     while True:
                         await resp.write(chunk({"content": step.text}))

@@ -14,7 +14,16 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-_CLEARED = ("OPENAI_", "AZURE_OPENAI_", "PORT", "HOST", "ADMIN_PORT", "REDIS_URL", "API_KEYS")
+_CLEARED = (
+    "OPENAI_",
+    "AZURE_OPENAI_",
+    "PORT",
+    "HOST",
+    "ADMIN_PORT",
+    "REDIS_URL",
+    "API_KEYS",
+    "CHAT_",
+)
 
 
 def free_port() -> int:
@@ -72,7 +81,9 @@ async def service(
             "service",
             command,
             cwd=ROOT,
-            env=clean_env({**env, port_variable: str(port)}),
+            env=clean_env(
+                {port_variable: str(port), "CHAT_DB_PATH": str(tmp / "conversations.db"), **env}
+            ),
             stdout=out,
             stderr=out,
         )

@@ -1,4 +1,4 @@
-"""Hostile input: 10,000 generated bodies and header sets to each endpoint. Every answer is a
+"""Hostile input: 10,000 generated bodies and header sets to each POST endpoint. Every answer is a
 2xx or a precise 4xx with the JSON error shape, never a 500, and nothing is left running.
 
 Hypothesis tests are synchronous, so the gateway (and its scripted upstream) runs on its own
@@ -30,7 +30,12 @@ from tests.conftest import make_settings
 from tests.fake_upstream import FakeUpstream
 
 EXAMPLES = 10_000
-ROUTES = ("/api/ai/generate", "/api/ai/generate-stream")
+ROUTES = (
+    "/api/ai/generate",
+    "/api/ai/generate-stream",
+    "/api/v1/ai/chat",
+    "/api/v1/ai/chat/stream",
+)
 
 
 class Served:
@@ -51,7 +56,11 @@ class Served:
         fake.record = False
         await fake.start()
         config = make_settings(
-            openai_base_url=fake.url, prompt_max_chars=500, max_body_bytes=8192, max_images=3
+            openai_base_url=fake.url,
+            prompt_max_chars=500,
+            chat_message_max_chars=500,
+            max_body_bytes=8192,
+            max_images=3,
         )
         upstream = OpenAIUpstream(config)
         app = create_app(config, upstream=upstream, registry=CollectorRegistry())
@@ -137,8 +146,18 @@ shaped = st.fixed_dictionaries(
         "stream": anything,
     },
 )
+chat_shaped = st.fixed_dictionaries(
+    {},
+    optional={
+        "message": st.one_of(st.text(max_size=600), anything),
+        "conversationId": st.one_of(
+            st.sampled_from(["c_AAAAAAAAAAAAAAAAAAAAAA", "", "c_", "../x"]), anything
+        ),
+    },
+)
 bodies = st.one_of(
     shaped.map(lambda v: json.dumps(v).encode()),
+    chat_shaped.map(lambda v: json.dumps(v).encode()),
     json_values.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=300),
     st.just(b'{"prompt": "' + b"x" * 9000 + b'"}'),
@@ -184,7 +203,7 @@ def check(served: Served, route: str, body: bytes, sent: dict[str, str]) -> None
         assert error["message"]
         return
     assert resp.status == 200
-    if route.endswith("-stream"):
+    if route.endswith("stream"):
         last = payload.rstrip(b"\n").rsplit(b"\n", 1)[-1]
         assert orjson.loads(last.removeprefix(b"data: "))["type"] in ("done", "error")
     else:

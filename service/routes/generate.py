@@ -6,7 +6,6 @@ disconnects, timeouts and shutdown behave alike for both.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Annotated, Any
 
@@ -15,9 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from .. import keys
 from ..errors import ApiError, Outcome
-from ..http import Ticket, admit, json_response, read_json
+from ..http import admit, failed, json_response, last_event, read_json, relay_for
 from ..prompts import estimate_tokens, extract_placeholders, generate_messages
-from ..relay import Relay, Result, SseWriter
+from ..relay import Result, SseWriter
 from ..sse import HEADERS
 from ..upstream import CompletionRequest
 
@@ -106,30 +105,10 @@ def _answer(result: Result) -> dict[str, Any]:
     }
 
 
-def _relay(
-    request: web.Request, route: str, upstream_request: CompletionRequest, ticket: Ticket
-) -> Relay:
-    app = request.app
-    return Relay(
-        settings=app[keys.SETTINGS],
-        upstream=app[keys.UPSTREAM],
-        metrics=app[keys.METRICS],
-        live=app[keys.LIVE],
-        route=route,
-        request=upstream_request,
-        request_id=request[keys.REQUEST_ID],
-        arrived=request[keys.ARRIVED],
-        ledger=app[keys.LIMITS],
-        client=ticket.client,
-        lease=ticket.lease,
-        reserved=ticket.reserved,
-    )
-
-
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
     ticket = await admit(request, estimate_tokens(upstream_request.messages))
-    relay = _relay(request, "generate_stream", upstream_request, ticket)
+    relay = relay_for(request, "generate_stream", upstream_request, ticket)
     response = web.StreamResponse(headers=HEADERS)
     relay.writer = writer = SseWriter(response, GenerateVocabulary)
 
@@ -138,30 +117,17 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         await writer.event({"type": "start", "requestId": relay.request_id})
 
     result = await relay.run(opening)
-    if result.outcome is Outcome.CLIENT_DISCONNECT:
-        return response
-    completed = result.outcome is Outcome.COMPLETED
-    final = GenerateVocabulary.done if completed else GenerateVocabulary.error
-    try:
-        async with asyncio.timeout(relay.settings.write_timeout_s or None):
-            await writer.event(final(result))
-    except (TimeoutError, ConnectionError):
-        pass  # the client stopped reading at the very end; the outcome is already counted
+    await last_event(writer, result, relay.settings.write_timeout_s)
     return response
 
 
 async def generate(request: web.Request) -> web.Response:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
     ticket = await admit(request, estimate_tokens(upstream_request.messages))
-    result = await _relay(request, "generate", upstream_request, ticket).run()
+    result = await relay_for(request, "generate", upstream_request, ticket).run()
     if result.outcome is Outcome.COMPLETED:
         return json_response({**_answer(result), "usage": result.usage})
-    code = result.error_code or "internal"
-    raise ApiError(
-        code,
-        result.error_message or "The answer failed.",
-        retry_after_s=1 if code == "server_shutdown" else None,
-    )
+    raise failed(result)
 
 
 def setup(app: web.Application) -> None:

@@ -1,0 +1,200 @@
+"""One behaviour suite for both conversation stores: SQLite (a file) and Redis (a real
+redis-server). Turn leases run on a clock the test moves, in SQLite; Redis expires them itself."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from service.chat_store import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
+from service.conversations import Message, new_conversation_id, new_message_id
+from tests.conftest import WAIT, start_redis
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ConversationStore]:
+    if request.param == "sqlite":
+        sqlite = SqliteStore(str(tmp_path / "chat.db"))
+        await sqlite.open()
+        yield sqlite
+        await sqlite.aclose()
+        return
+    server = await start_redis()
+    redis = RedisStore(server.url)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+        await server.stop()
+
+
+def message(role: str = "user", content: str = "hello", **kwargs: object) -> Message:
+    return Message(new_message_id(), role, content, "complete", 1.5, 2.5, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_conversation_keeps_its_messages_in_order(store: ConversationStore) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "key-a", 10.0)
+    sent = [
+        message("user", "first question"),
+        message("assistant", "first answer", model="m", usage={"prompt_tokens": 3}),
+        message("user", 'second\nquestion with "quotes" and ünïcode'),
+    ]
+    for n, m in enumerate(sent):
+        assert await store.append(cid, m, 11.0 + n)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert (loaded.conversation_id, loaded.owner, loaded.created_at) == (cid, "key-a", 10.0)
+    assert loaded.updated_at == 13.0
+    assert loaded.messages == sent
+    assert await store.owner(cid) == "key-a"
+
+
+async def test_last_reads_only_the_newest_messages(store: ConversationStore) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    sent = [message(content=f"m{n}") for n in range(7)]
+    for m in sent:
+        await store.append(cid, m, 2.0)
+    loaded = await store.load(cid, last=3)
+    assert loaded is not None
+    assert [m.content for m in loaded.messages] == ["m4", "m5", "m6"]
+
+
+async def test_unknown_conversations_are_none(store: ConversationStore) -> None:
+    cid = new_conversation_id()
+    assert await store.load(cid) is None
+    assert await store.owner(cid) is None
+    assert not await store.append(cid, message(), 1.0)
+    assert not await store.delete(cid)
+    assert await store.load(cid) is None  # a refused append created nothing
+
+
+async def test_delete_forgets_everything_and_a_late_answer_is_not_saved(
+    store: ConversationStore,
+) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    await store.append(cid, message(), 1.0)
+    assert await store.take_turn(cid, "t1", 30)
+    assert await store.delete(cid)
+    assert await store.load(cid) is None
+    assert not await store.append(cid, message("assistant", "late"), 2.0)
+    assert await store.load(cid) is None
+    # The id can be made again from nothing, turn included.
+    await store.create(cid, "", 3.0)
+    assert await store.take_turn(cid, "t2", 30)
+
+
+async def test_one_turn_at_a_time_and_only_its_holder_renews_or_releases(
+    store: ConversationStore,
+) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    assert await store.take_turn(cid, "t1", 30)
+    assert not await store.take_turn(cid, "t2", 30)
+    assert not await store.renew_turn(cid, "t2", 30)
+    await store.release_turn(cid, "t2")  # not the holder: nothing happens
+    assert not await store.take_turn(cid, "t2", 30)
+    assert await store.renew_turn(cid, "t1", 30)
+    await store.release_turn(cid, "t1")
+    assert await store.take_turn(cid, "t2", 30)
+
+
+async def test_a_turn_nobody_renews_expires(tmp_path: Path) -> None:
+    """A crashed instance's turn frees itself: SQLite on the store's clock, Redis by PX."""
+    clock = Clock()
+    sqlite = SqliteStore(str(tmp_path / "chat.db"), clock=clock)
+    await sqlite.open()
+    try:
+        cid = new_conversation_id()
+        await sqlite.create(cid, "", 1.0)
+        assert await sqlite.take_turn(cid, "crashed", 30)
+        clock.now += 29
+        assert not await sqlite.take_turn(cid, "next", 30)
+        clock.now += 2
+        assert await sqlite.take_turn(cid, "next", 30)
+    finally:
+        await sqlite.aclose()
+
+    server = await start_redis()
+    redis = RedisStore(server.url)
+    try:
+        cid = new_conversation_id()
+        await redis.create(cid, "", 1.0)
+        assert await redis.take_turn(cid, "crashed", 0.2)
+        assert not await redis.take_turn(cid, "next", 30)
+        async with asyncio.timeout(WAIT):
+            while not await redis.take_turn(cid, "next", 30):  # noqa: ASYNC110 (Redis's clock)
+                await asyncio.sleep(0.05)  # bounded: polling Redis's own expiry
+    finally:
+        await redis.aclose()
+        await server.stop()
+
+
+async def test_sqlite_survives_reopening(tmp_path: Path) -> None:
+    path = str(tmp_path / "nested" / "dir" / "chat.db")
+    first = SqliteStore(path)
+    await first.open()
+    cid = new_conversation_id()
+    await first.create(cid, "k", 1.0)
+    sent = message(content="kept")
+    await first.append(cid, sent, 2.0)
+    await first.aclose()
+
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        loaded = await second.load(cid)
+        assert loaded is not None
+        assert loaded.messages == [sent]
+        journal = await second._call(lambda: second.db.execute("PRAGMA journal_mode").fetchone())
+        assert journal == ("wal",)
+    finally:
+        await second.aclose()
+
+
+async def test_redis_instances_share_conversations(tmp_path: Path) -> None:
+    server = await start_redis()
+    a, b = RedisStore(server.url), RedisStore(server.url)
+    try:
+        cid = new_conversation_id()
+        await a.create(cid, "k", 1.0)
+        await a.append(cid, message(content="from a"), 2.0)
+        assert await a.take_turn(cid, "a-turn", 30)
+        assert not await b.take_turn(cid, "b-turn", 30)
+        loaded = await b.load(cid)
+        assert loaded is not None
+        assert [m.content for m in loaded.messages] == ["from a"]
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await server.stop()
+
+
+async def test_an_unreachable_store_says_so(tmp_path: Path) -> None:
+    redis = RedisStore("redis://127.0.0.1:9/0")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await redis.load(new_conversation_id())
+        with pytest.raises(StoreUnavailable):
+            await redis.take_turn(new_conversation_id(), "t", 30)
+    finally:
+        await redis.aclose()
+    directory = tmp_path / "not-a-file"
+    directory.mkdir()
+    sqlite = SqliteStore(str(directory))
+    with pytest.raises(StoreUnavailable):
+        await sqlite.open()
+    await sqlite.aclose()
