@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import re
 import threading
@@ -44,6 +45,7 @@ CHROMIUM_FLAGS = [
 ]
 ARTIFACTS = ROOT / "artifacts" / "admin"
 PACE = "30"  # demo tokens per second: slow enough to watch the text grow
+CHAT_TOKENS = "40"
 WAIT_MS = 15_000  # every browser wait is bounded by this
 T = TypeVar("T")
 
@@ -81,6 +83,10 @@ class Stack:
     def page_url(self) -> str:
         return self.admin.url + "/"
 
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.api.url + path, timeout=5) as resp:  # noqa: S310
+            return json.loads(resp.read())
+
     def sample(self, name: str, **labels: str) -> float:
         with urllib.request.urlopen(self.api.url + "/metrics", timeout=5) as resp:  # noqa: S310
             text = resp.read().decode()
@@ -112,7 +118,8 @@ def running_stack(tmp: Path, **env: str) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("admin")) as running:
+    # Chat answers are DEFAULT_MAX_TOKENS long: about 1.3 s each at the demo's pace.
+    with running_stack(tmp_path_factory.mktemp("admin"), DEFAULT_MAX_TOKENS=CHAT_TOKENS) as running:
         yield running
 
 
@@ -307,3 +314,87 @@ def test_errors_are_shown_with_their_code_and_partial_text_kept(
         page.reload()
         page.wait_for_selector("body[data-ready=true]", state="attached")
         assert page.input_value("#api-key") == key  # kept in local storage
+
+
+def chat_text(message: str) -> str:
+    """The demo upstream's answer to a chat message (it writes about the last user message)."""
+    messages = [{"role": "user", "content": message}]
+    return "".join(itertools.islice(article_tokens(messages, 350), int(CHAT_TOKENS)))
+
+
+def send_chat(page: Page, message: str, messages_after: int) -> None:
+    page.fill("#chat-input", message)
+    page.click("#send")
+    page.wait_for_function(
+        """n => document.querySelectorAll('#messages li').length === n
+            && !document.querySelector('#messages li.streaming')
+            && !document.getElementById('send').disabled""",
+        arg=messages_after,
+    )
+
+
+def shown_messages(page: Page) -> list[tuple[str, str, str]]:
+    return [
+        (
+            item.get_attribute("class") or "",
+            item.locator(".body").text_content() or "",
+            item.locator(".note").text_content() or "",
+        )
+        for item in page.locator("#messages li").all()
+    ]
+
+
+def test_chat_keeps_its_history_across_a_reload(stack: Stack, browser: Browser) -> None:
+    first, second = "Tell me about baby sleep patterns", "Explain night feeds"
+    expected = [
+        ("message user", first, ""),
+        ("message assistant", chat_text(first), f"{CHAT_TOKENS} tokens"),
+        ("message user", second, ""),
+        ("message assistant", chat_text(second), f"{CHAT_TOKENS} tokens"),
+    ]
+    with open_page(browser, stack.page_url + "#chat") as page:
+        assert page.is_visible("#panel-chat")
+        assert page.is_hidden("#panel-generate")
+        assert page.text_content("#conversation-label") == "New conversation"
+        send_chat(page, first, 2)
+        match = re.search(r"[?&]conversation=(c_[A-Za-z0-9_-]+)", page.url)
+        assert match is not None, page.url
+        conversation = match.group(1)
+        assert page.text_content("#conversation-label") == f"Conversation {conversation}"
+        send_chat(page, second, 4)
+        assert shown_messages(page) == expected
+        assert conversation in page.url  # the second turn stayed in the same conversation
+        screenshot(page, "chat")
+
+        page.reload()
+        page.wait_for_selector("body[data-ready=true]", state="attached")
+        page.wait_for_function("() => document.querySelectorAll('#messages li').length === 4")
+        assert shown_messages(page) == expected
+        assert page.text_content("#conversation-label") == f"Conversation {conversation}"
+        saved = stack.get(f"/api/v1/ai/conversations/{conversation}")
+        assert [(m["role"], m["content"], m["status"]) for m in saved["messages"]] == [
+            ("user", first, "complete"),
+            ("assistant", chat_text(first), "complete"),
+            ("user", second, "complete"),
+            ("assistant", chat_text(second), "complete"),
+        ]
+
+        # Without the id in the URL, local storage brings the same conversation back.
+        page.goto(stack.page_url + "#chat")
+        page.wait_for_function("() => document.querySelectorAll('#messages li').length === 4")
+        assert shown_messages(page) == expected
+        assert conversation in page.url
+
+        page.click("#new-conversation")
+        assert page.locator("#messages li").count() == 0
+        assert page.text_content("#conversation-label") == "New conversation"
+        assert "conversation=" not in page.url
+        assert page.evaluate("localStorage.getItem('aiStream.conversationId')") is None
+
+    # A shared link opens the conversation on another device (here a phone-sized one).
+    link = f"{stack.page_url}?conversation={conversation}#chat"
+    with open_page(browser, link, phone=True) as phone:
+        phone.wait_for_function("() => document.querySelectorAll('#messages li').length === 4")
+        assert shown_messages(phone) == expected
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        screenshot(phone, "phone-chat")
