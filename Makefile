@@ -13,8 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The API on PORT (3301) and the admin page on ADMIN_PORT (3300). Ctrl-C (or SIGTERM) sends each
+# one SIGINT and waits while they drain; if either exits, the other is stopped too. The children
+# run in their own sessions so the terminal's Ctrl-C reaches them once, through the trap.
+run: SHELL := /bin/bash
 run: $(STAMP)
-	$(PY) -m service
+	@setsid $(PY) -m service api & api=$$!; \
+	setsid $(PY) -m service admin & admin=$$!; \
+	stop() { kill -INT $$api $$admin 2>/dev/null; wait $$api $$admin; }; \
+	trap 'stop; exit 0' INT TERM; \
+	echo "API: http://$${HOST:-127.0.0.1}:$${PORT:-3301}  admin page: http://$${HOST:-127.0.0.1}:$${ADMIN_PORT:-3300}/"; \
+	wait -n $$api $$admin; status=$$?; stop; exit $$status
 
 demo-upstream: $(STAMP)
 	$(PY) -m service.demo_upstream --port 8099
