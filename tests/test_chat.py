@@ -448,3 +448,21 @@ async def test_heartbeats_and_first_event_before_the_upstream_answers(
     gate.set()
     events = await frames.rest()
     assert [e["type"] for e in events] == ["token", "done"]
+
+
+async def test_an_unreachable_store_is_a_clear_503_and_no_upstream_call(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(redis_url="redis://127.0.0.1:9/0")  # nothing listens on port 9
+    for path in (STREAM, CHAT):
+        resp = await gw.client.post(path, json={"message": "Hello"})
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert await resp.json() == {
+            "error": {
+                "code": "internal",
+                "message": "Conversation storage is unavailable; retry shortly.",
+            }
+        }
+    assert gw.fake.seen == []
+    assert len(gw.client.app[keys.LIVE]) == 0
