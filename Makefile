@@ -1,5 +1,5 @@
 # Two commands a newcomer needs: `make run` and `make test`. Everything else is here for them.
-# `make test` also installs the system tools the suite runs for real (redis-server) when it can.
+# `make test` also installs the system tools the suite runs for real (scripts/ensure-tools.sh).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
