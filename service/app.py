@@ -20,7 +20,7 @@ from .metrics import create_metrics
 from .ratelimit import LimitConfig, Limiter, MemoryLimiter
 from .redis_limits import RedisLimiter
 from .relay import LiveStreams
-from .routes import generate, health
+from .routes import generate, health, probe
 from .upstream import OpenAIUpstream, Upstream
 
 log = structlog.get_logger("service.app")
@@ -49,6 +49,7 @@ def create_app(
     app.on_response_prepare.append(http.on_prepare)
     app.on_shutdown.append(_drain)
     generate.setup(app)
+    probe.setup(app)
     health.setup(app)
     _cors(app, settings)
     return app
