@@ -2,7 +2,8 @@
 // 3300), both `python -m service` from the project's venv, behind nginx.conf or the Caddyfile.
 // Must match: the proxies' upstream ports; kill_timeout above SHUTDOWN_DRAIN_S (PM2 stops with
 // SIGINT, then SIGKILLs after kill_timeout: its default 1.6 s would kill streams mid-drain).
-// Settings come from the environment of whoever runs pm2 (deploy/deploy.sh loads an env file).
+// Settings come from the environment of whoever runs pm2 (deploy/deploy.sh loads an env file);
+// this file also reads VENV_PYTHON (default ./.venv/bin/python), LOG_DIR (./logs), MAX_MEMORY (1G).
 //
 //   pm2 startOrReload ecosystem.config.js --update-env     (or, in the foreground: pm2-runtime start)
 //
