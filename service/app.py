@@ -22,7 +22,7 @@ from .metrics import create_metrics
 from .ratelimit import LimitConfig, Limiter, MemoryLimiter
 from .redis_limits import RedisLimiter
 from .relay import LiveStreams
-from .routes import chat, generate, health
+from .routes import chat, generate, health, probe
 from .upstream import OpenAIUpstream, Upstream
 
 log = structlog.get_logger("service.app")
@@ -53,6 +53,7 @@ def create_app(
     app.on_shutdown.append(_drain)
     generate.setup(app)
     chat.setup(app)
+    probe.setup(app)
     health.setup(app)
     _cors(app, settings)
     return app

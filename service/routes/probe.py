@@ -1,0 +1,157 @@
+"""`GET /api/ai/stream-probe`: timed events that show whether the path to the service streams.
+
+No upstream call and no token cost. Each event carries `sentAt`, the server's clock when it was
+written, so `python -m service probe URL` (service/probe.py) can measure how late each arrived.
+The shape is chosen to trip the buffering traps known for the proxies in front (README,
+Deployment): the first event is over 512 bytes (a compressor that waits for more before it
+flushes) and every third probe event is 6 KB (a proxy buffer that sends large events one late).
+
+Design notes:
+1. Admission is the streams' own (`http.admit`): one request from the client's per-minute budget
+   and one concurrency slot, held until the probe ends. The shared admission reserves at least
+   one token; it is given back at the end, so the probe costs no tokens. The probe is not a
+   `Relay` (there is no upstream, no model and no tokens to account), so it is not in the stream
+   metrics or `MAX_STREAMS`; it renews its own lease when limits live in Redis.
+2. Shutdown ends a probe at its next tick (at most `interval_ms` later) with a `server_shutdown`
+   error event instead of holding a drain for a diagnostic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Mapping
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from .. import keys, sse
+from ..errors import ApiError
+from ..http import Ticket, admit
+from ..limits import STORE_TIMEOUT_S
+from ..redis_limits import LimiterUnavailable
+
+log = structlog.get_logger("service.probe")
+
+COUNT: Final = (1, 100, 20)  # low, high, default
+INTERVAL_MS: Final = (50, 2000, 200)
+MAX_TOTAL_MS: Final = 60_000
+FIRST_EVENT_BYTES: Final = 1024  # over Caddy's 512-byte encode threshold
+LARGE_EVENT_BYTES: Final = 6144  # nginx's "one event late" size
+LARGE_EVERY: Final = 3
+
+
+def _bounded(query: Mapping[str, str], name: str, bounds: tuple[int, int, int]) -> int:
+    low, high, default = bounds
+    raw = query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError("bad_request", f"{name}: must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def parse_query(query: Mapping[str, str]) -> tuple[int, int]:
+    """(count, interval_ms) from the query string, or a 400 naming what is wrong."""
+    count = _bounded(query, "count", COUNT)
+    interval_ms = _bounded(query, "interval_ms", INTERVAL_MS)
+    if count * interval_ms > MAX_TOTAL_MS:
+        raise ApiError("bad_request", f"count x interval_ms: must be at most {MAX_TOTAL_MS} ms")
+    return count, interval_ms
+
+
+def frame(seq: int, payload: dict[str, Any], size: int = 0) -> bytes:
+    """One SSE frame, padded with a `pad` field to at least `size` bytes."""
+    data = sse.event(seq, {**payload, "pad": ""})
+    if len(data) < size:
+        data = sse.event(seq, {**payload, "pad": "." * (size - len(data))})
+    return data
+
+
+class _Probe:
+    def __init__(self, request: web.Request, response: web.StreamResponse, ticket: Ticket) -> None:
+        self.request = request
+        self.response = response
+        self.ticket = ticket
+        self.settings = request.app[keys.SETTINGS]
+        self.seq = 0
+
+    async def write(self, payload: dict[str, Any], size: int = 0) -> None:
+        self.seq += 1
+        payload["sentAt"] = round(time.time(), 6)
+        async with asyncio.timeout(self.settings.write_timeout_s or None):
+            await self.response.write(frame(self.seq, payload, size))
+
+    async def run(self, count: int, interval_ms: int) -> str:
+        request_id = self.request[keys.REQUEST_ID]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        live = self.request.app[keys.LIVE]
+        limits = self.request.app[keys.LIMITS]
+        renew_every = limits.config.lease_s / 3
+        renew_at = started + renew_every
+        head = {"type": "start", "requestId": request_id, "count": count, "intervalMs": interval_ms}
+        await self.write(head, FIRST_EVENT_BYTES)
+        for n in range(1, count + 1):
+            await asyncio.sleep(max(0.0, started + n * interval_ms / 1000 - loop.time()))
+            if live.draining:  # design note 2
+                await self.write(
+                    {
+                        "type": "error",
+                        "error": "The server is restarting; please retry.",
+                        "code": "server_shutdown",
+                        "reason": "shutdown",
+                        "requestId": request_id,
+                    }
+                )
+                return "shutdown"
+            if self.ticket.lease and loop.time() >= renew_at:  # design note 1
+                renew_at = loop.time() + renew_every
+                lease = [(self.ticket.client, self.ticket.lease)]
+                await _store(limits.limiter.renew(lease, limits.clock()))
+            large = n % LARGE_EVERY == 0
+            await self.write({"type": "probe", "seq": n}, LARGE_EVENT_BYTES if large else 0)
+        elapsed_ms = round((loop.time() - started) * 1000)
+        await self.write(
+            {"type": "done", "requestId": request_id, "count": count, "elapsedMs": elapsed_ms}
+        )
+        return "completed"
+
+
+async def _store(call: Awaitable[object]) -> None:
+    """A limit-store call that may fail: the lease then expires by itself (limits.py)."""
+    try:
+        async with asyncio.timeout(STORE_TIMEOUT_S):
+            await call
+    except (LimiterUnavailable, TimeoutError) as err:
+        log.error("ratelimit.unavailable", where="probe", error=type(err.__cause__ or err).__name__)
+
+
+async def stream_probe(request: web.Request) -> web.StreamResponse:
+    count, interval_ms = parse_query(request.query)
+    ticket = await admit(request, 0)
+    response = web.StreamResponse(headers=sse.HEADERS)
+    outcome = "client_disconnect"
+    try:
+        await response.prepare(request)
+        outcome = await _Probe(request, response, ticket).run(count, interval_ms)
+    except (ConnectionError, TimeoutError):
+        pass  # the client left or stopped reading: nothing more to say to it
+    finally:
+        await _release(request, ticket)
+        log.info("probe.finished", outcome=outcome, count=count, interval_ms=interval_ms)
+    return response
+
+
+async def _release(request: web.Request, ticket: Ticket) -> None:
+    limiter = request.app[keys.LIMITS].limiter
+    now = request.app[keys.LIMITS].clock()
+    if ticket.reserved:
+        await _store(limiter.charge({ticket.client: -ticket.reserved}, now))  # design note 1
+    if ticket.lease:
+        await _store(limiter.release(ticket.client, ticket.lease))
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/ai/stream-probe", stream_probe, name="stream_probe")
