@@ -172,7 +172,7 @@ def render_nginx(
     text = sub(text, r"/etc/letsencrypt/live/[^/]+/fullchain\.pem", str(cert[0]), 2)
     text = sub(text, r"/etc/letsencrypt/live/[^/]+/privkey\.pem", str(cert[1]), 2)
     text = sub(text, r"root /var/www/acme;", f"root {prefix}/acme;", 1)
-    text = sub(text, r"proxy_read_timeout \S+;", f"proxy_read_timeout {read_timeout};", 1)
+    text = sub(text, r"proxy_read_timeout \S+;", f"proxy_read_timeout {read_timeout};", 2)
     allow = "".join(f"allow {a};\n            " for a in metrics_allow)
     text = sub(text, r"(?:allow \S+;\n\s*)+deny all;", allow + "deny all;", 1)
     prefix.mkdir(parents=True, exist_ok=True)

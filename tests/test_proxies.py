@@ -146,6 +146,10 @@ async def session(local: str = "127.0.0.1") -> AsyncIterator[aiohttp.ClientSessi
         connector=connector, timeout=timeout, auto_decompress=True
     ) as s:
         yield s
+    # Closing a transport finishes in a callback on the loop's next turn (`call_soon`); give it
+    # that turn, or a stream left mid-body is still half-closed when the test's loop ends.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 @dataclass
@@ -342,12 +346,24 @@ async def test_routes_health_admin_and_unknown_paths(front: Front) -> None:
         async with s.get(f"{front.api}/health/ready", headers=front.api_host) as resp:
             assert resp.status == 200
             assert (await resp.json())["status"] == "ok"
-        # chat routes live under /api/v1/ai/: they reach the app (its JSON, its request id)
+        # chat routes live under /api/v1/ai/: they reach the app (its JSON error, its request id)
+        unknown = {"message": "hi", "conversationId": "c_AAAAAAAAAAAAAAAAAAAAAA"}
         async with s.post(
-            f"{front.api}/api/v1/ai/chat/stream", json={"message": "hi"}, headers=front.api_host
+            f"{front.api}/api/v1/ai/chat/stream", json=unknown, headers=front.api_host
         ) as resp:
+            assert resp.status == 404
             assert "X-Request-ID" in resp.headers
-            assert "error" in await resp.json() or resp.status == 200
+            assert await resp.json() == {
+                "error": {"code": "not_found", "message": "No such conversation."}
+            }
+        # The admin site sends /api/ to the API too, unbuffered: the page calls its own origin.
+        async with s.get(
+            f"{front.admin}/api/ai/stream-probe?count=1&interval_ms=50", headers=front.admin_host
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+            assert "Content-Encoding" not in resp.headers
+            assert b'"type":"done"' in await resp.read()
         async with s.get(f"{front.api}/elsewhere", headers=front.api_host) as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["code"] == "not_found"
