@@ -251,9 +251,6 @@ class RedisStore:
         p = self._prefix
         return f"{p}:c:{conversation_id}", f"{p}:m:{conversation_id}", f"{p}:t:{conversation_id}"
 
-    async def open(self) -> None:
-        return None  # connections are made on first use; readiness pings
-
     async def create(self, conversation_id: str, owner: str, now: float) -> None:
         head, _, _ = self._keys(conversation_id)
         try:

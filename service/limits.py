@@ -46,6 +46,7 @@ class Limits:
         self._fail_open = fail_open
         self._charge_interval_s = charge_interval_s
         self.clock = clock
+        self._held: set[tuple[str, str]] = set()  # leases held outside a relay (the probe)
 
     async def admit(self, client: str, estimate: int) -> Admission:
         """Admit one request or raise 429 (with Retry-After) or, Redis being down and the policy
@@ -79,14 +80,29 @@ class Limits:
             else relay.reserved + result.deltas
         )
         debit = actual - relay.reserved - relay.charged
+        await self._close(relay.client, relay.lease, debit, "settle")
+
+    def hold(self, client: str, lease: str | None) -> None:
+        """Keep a lease taken outside a relay alive (renewed by `upkeep`) until `give_back`."""
+        if lease:
+            self._held.add((client, lease))
+
+    async def give_back(self, client: str, lease: str | None, reserved: int) -> None:
+        """An admission that relayed no tokens ends: refund its reserve and free its lease."""
+        if lease:
+            self._held.discard((client, lease))
+        if client and self.config.enabled:
+            await self._close(client, lease, -reserved, "give_back")
+
+    async def _close(self, client: str, lease: str | None, debit: int, where: str) -> None:
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 if self.config.tpm and debit:
-                    await self.limiter.charge({relay.client: debit}, self.clock())
-                if relay.lease:
-                    await self.limiter.release(relay.client, relay.lease)
+                    await self.limiter.charge({client: debit}, self.clock())
+                if lease:
+                    await self.limiter.release(client, lease)
         except (LimiterUnavailable, TimeoutError) as err:
-            self._unavailable("settle", err)  # the lease expires by itself within its TTL
+            self._unavailable(where, err)  # the lease expires by itself within its TTL
 
     async def upkeep(self) -> None:
         """Forever: charge streamed tokens every interval; renew leases every third of a TTL."""
@@ -101,6 +117,7 @@ class Limits:
                     if self.config.concurrent and now >= renew_at:
                         renew_at = now + self.config.lease_s / 3
                         leases = [(r.client, r.lease) for r in self._live if r.lease]
+                        leases.extend(self._held)
                         await self.limiter.renew(leases, now)
             except (LimiterUnavailable, TimeoutError) as err:
                 self._unavailable("upkeep", err)

@@ -73,6 +73,15 @@ class Result:
             return int(self.usage["prompt_tokens"])
         return 0
 
+    def error_event(self) -> dict[str, Any]:
+        """The fields every vocabulary's `error` event carries: for people, programs, outcome."""
+        return {
+            "type": "error",
+            "error": self.error_message,
+            "code": self.error_code,
+            "reason": self.outcome.value,
+        }
+
 
 class Vocabulary(Protocol):
     """How one endpoint's events look. `content_head` + JSON text + `content_tail(n)`."""
@@ -223,12 +232,6 @@ class Relay:
             self._forced = outcome
         if self._pump_task is not None:
             self._pump_task.cancel()
-
-    async def release(self) -> None:
-        """The relay will not run after all: refund its token reserve and free its lease."""
-        if self.ledger is not None:
-            self.result.usage = {"prompt_tokens": 0, "completion_tokens": 0}
-            await self.ledger.settle(self)
 
     async def run(self, opening: Callable[[], Awaitable[None]] | None = None) -> Result:
         """Relay the answer; `opening` (headers, first event) runs first, inside the accounting,

@@ -207,3 +207,16 @@ async def redis_server() -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limit_store(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """Where limits live: in process (None) or in a real Redis (its URL)."""
+    if request.param == "memory":
+        yield None
+        return
+    server = await start_redis()
+    try:
+        yield server.url
+    finally:
+        await server.stop()

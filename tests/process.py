@@ -10,8 +10,10 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 _CLEARED = (
@@ -95,3 +97,11 @@ async def service(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def curl_events(*args: str) -> list[dict[str, Any]]:
+    """Run curl as a user would (bounded) and return the JSON of every `data: ` line it printed."""
+    proc = await asyncio.create_subprocess_exec("curl", *args, stdout=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    return [orjson.loads(line[6:]) for line in out.splitlines() if line.startswith(b"data: ")]

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 from tests.conftest import API_KEY, WAIT, MakeGateway, RedisServer
 from tests.fake_upstream import Echo, FakeUpstream, Finish, Gate, Text, answer, echoed
-from tests.process import service
+from tests.process import curl_events, service
 from tests.test_process import read_events
 
 STREAM = "/api/v1/ai/chat/stream"
@@ -87,8 +86,7 @@ async def test_shutdown_mid_answer_saves_it_as_partial(fake: FakeUpstream, tmp_p
 
 async def test_the_seed_curl_example_streams_tokens(tmp_path: Path) -> None:
     async with service({"DEMO_TOKENS_PER_S": "2000"}, tmp_path) as svc:
-        proc = await asyncio.create_subprocess_exec(
-            "curl",
+        events = await curl_events(
             "-s",
             "-X",
             "POST",
@@ -98,11 +96,7 @@ async def test_the_seed_curl_example_streams_tokens(tmp_path: Path) -> None:
             "-d",
             '{"message": "Tell me about baby sleep patterns"}',
             "--no-buffer",
-            stdout=asyncio.subprocess.PIPE,
         )
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    events = [orjson.loads(line[6:]) for line in out.splitlines() if line.startswith(b"data: ")]
     assert events[0]["type"] == "metadata"
     assert events[0]["model"] == "demo-writer-1"
     assert {e["type"] for e in events[1:-1]} == {"token"}

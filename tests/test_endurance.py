@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from service import keys
 from service.app import create_app
 from service.upstream import OpenAIUpstream
-from tests.conftest import make_settings, start_redis
+from tests.conftest import make_settings
 from tests.fake_upstream import Done, FakeUpstream, Finish, Sleep, Text, Usage
 from tests.process import ROOT
 
@@ -82,28 +82,15 @@ class Served:
         return self.app[keys.METRICS].registry.get_sample_value(name, labels) or 0.0
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def limits_backend(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
-    """Limits on, generous, kept in process or in a real Redis."""
-    if request.param == "memory":
-        yield None
-        return
-    server = await start_redis()
-    try:
-        yield server.url
-    finally:
-        await server.stop()
-
-
 @pytest.fixture
-async def served(fake: FakeUpstream, limits_backend: str | None) -> AsyncIterator[Served]:
+async def served(fake: FakeUpstream, limit_store: str | None) -> AsyncIterator[Served]:
     paced = [step for i in range(TOKENS) for step in (Text(f" t{i}"), Sleep(0.002))]
     fake.default = [*paced, Finish(), Usage(7, TOKENS), Done()]
     fake.record = False
     settings = make_settings(
         openai_base_url=fake.url,
         log_level="warning",
-        redis_url=limits_backend,
+        redis_url=limit_store,
         rate_limit_rpm=1_000_000,
         rate_limit_concurrent=CONCURRENCY * 2,
         rate_limit_tpm=10**9,

@@ -4,7 +4,6 @@ mid-stream token cut, API keys, forwarded addresses and CORS."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from structlog.testing import capture_logs
 
 from service import keys
 from service.errors import Outcome
-from tests.conftest import WAIT, Gateway, MakeGateway, start_redis
+from tests.conftest import WAIT, Gateway, MakeGateway
 from tests.fake_upstream import Gate, Repeat, Status, answer
 
 NEVER = asyncio.Event
@@ -179,19 +178,6 @@ async def test_cors_allows_listed_origins_only(make_gateway: MakeGateway) -> Non
         h.strip().lower() for h in answer_.headers["Access-Control-Expose-Headers"].split(",")
     }
     assert {"x-request-id", "retry-after", "x-ratelimit-remaining-requests"} <= exposed
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def limit_store(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
-    """Where limits live: in process (None) or in a real Redis (its URL)."""
-    if request.param == "memory":
-        yield None
-        return
-    server = await start_redis()
-    try:
-        yield server.url
-    finally:
-        await server.stop()
 
 
 async def test_a_finished_stream_costs_exactly_its_usage(

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import API_KEY, WAIT
 from tests.fake_upstream import FakeUpstream, Gate, Text, answer
-from tests.process import ROOT, clean_env, service
+from tests.process import ROOT, clean_env, curl_events, service
 
 
 async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[dict[str, object]]:
@@ -48,8 +48,7 @@ def test_bad_settings_stop_start_up_naming_every_variable() -> None:
 
 async def test_with_no_key_the_demo_upstream_streams_the_seed_example(tmp_path: Path) -> None:
     async with service({"DEMO_TOKENS_PER_S": "2000"}, tmp_path) as svc:
-        proc = await asyncio.create_subprocess_exec(
-            "curl",
+        events = await curl_events(
             "-sN",
             "-X",
             "POST",
@@ -58,11 +57,7 @@ async def test_with_no_key_the_demo_upstream_streams_the_seed_example(tmp_path: 
             "Content-Type: application/json",
             "-d",
             '{"prompt": "Write a short article about TypeScript"}',
-            stdout=asyncio.subprocess.PIPE,
         )
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    events = [orjson.loads(line[6:]) for line in out.splitlines() if line.startswith(b"data: ")]
     assert events[0]["type"] == "start"
     assert {e["type"] for e in events[1:-1]} == {"content"}
     done = events[-1]

@@ -14,7 +14,6 @@ import contextlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from tests.proxies import (
     self_signed,
     sub,
 )
+from tests.test_probe import cli
 
 READ_TIMEOUT_S = 2.0  # the proxies' rendered read timeout; the demo upstream is silent for 4 s
 EVENT_LAG_S = 0.150
@@ -234,20 +234,9 @@ async def test_every_probe_event_arrives_within_150_ms(front: Front, encoding: s
 
 
 async def test_probe_cli_says_streaming_through_the_shipped_configs(front: Front) -> None:
-    done = await _probe_cli(front.plain_api)
+    done = await cli(front.plain_api, "--count", "6")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith("STREAMING: worst lag ")
-
-
-async def _probe_cli(url: str) -> subprocess.CompletedProcess[str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "probe", url, "--count", "6",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess([], proc.returncode, out.decode(), err.decode())
 
 
 async def test_a_stream_silent_longer_than_the_read_timeout_survives_on_heartbeats(
@@ -438,7 +427,7 @@ async def test_probe_cli_says_buffered_through_a_buffering_config(
         source = sub(_CADDY, r"encode gzip zstd \{[\s\S]*?\n\t\}\n", "encode gzip zstd\n", 1)
         runner = running_caddy(stack, name, source)
     with runner as front:
-        done = await _probe_cli(front.plain_api)
+        done = await cli(front.plain_api, "--count", "6")
     assert done.returncode == 1, done.stdout + done.stderr
     verdict = done.stdout.splitlines()[-1]
     assert verdict.startswith("BUFFERED: worst lag "), verdict

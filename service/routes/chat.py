@@ -64,12 +64,7 @@ class ChatVocabulary:
 
     @staticmethod
     def error(result: Result) -> dict[str, Any]:
-        return {
-            "type": "error",
-            "error": result.error_message,
-            "code": result.error_code,
-            "reason": result.outcome.value,
-        }
+        return result.error_event()
 
 
 def _owner(request: web.Request) -> str:
@@ -91,19 +86,18 @@ async def _open_turn(request: web.Request, route: str) -> tuple[Turn, Relay, int
     except BaseException:
         await chats.abandon(turn)
         raise
+    try:
+        await chats.start(turn)
+    except BaseException:
+        await request.app[keys.LIMITS].give_back(ticket.client, ticket.lease, ticket.reserved)
+        raise
     upstream_request = CompletionRequest(
         model=settings.openai_model,
         messages=turn.context,
         max_tokens=settings.default_max_tokens,
         temperature=None,
     )
-    relay = relay_for(request, route, upstream_request, ticket)
-    try:
-        await chats.start(turn)
-    except BaseException:
-        await relay.release()
-        raise
-    return turn, relay, estimate
+    return turn, relay_for(request, route, upstream_request, ticket), estimate
 
 
 async def chat_stream(request: web.Request) -> web.StreamResponse:

@@ -84,14 +84,8 @@ class GenerateVocabulary:
 
     @staticmethod
     def error(result: Result) -> dict[str, Any]:
-        return {
-            "type": "error",
-            "error": result.error_message,
-            "code": result.error_code,
-            "reason": result.outcome.value,
-            "requestId": result.request_id,
-            "elapsedMs": result.elapsed_ms,
-        }
+        ids = {"requestId": result.request_id, "elapsedMs": result.elapsed_ms}
+        return {**result.error_event(), **ids}
 
 
 def _answer(result: Result) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Design notes:
    and one concurrency slot, held until the probe ends. The shared admission reserves at least
    one token; it is given back at the end, so the probe costs no tokens. The probe is not a
    `Relay` (there is no upstream, no model and no tokens to account), so it is not in the stream
-   metrics or `MAX_STREAMS`; it renews its own lease when limits live in Redis.
+   metrics or `MAX_STREAMS`; the limits' upkeep renews its lease with the streams' (`hold`), and
+   `give_back` returns its reserve and lease at the end.
 2. Shutdown ends a probe at its next tick (at most `interval_ms` later) with a `server_shutdown`
    error event instead of holding a drain for a diagnostic.
 """
@@ -20,17 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import structlog
 from aiohttp import web
 
 from .. import keys, sse
-from ..errors import ApiError
-from ..http import Ticket, admit
-from ..limits import STORE_TIMEOUT_S
-from ..redis_limits import LimiterUnavailable
+from ..errors import FAILURE_BY_OUTCOME, ApiError, Outcome
+from ..http import admit
 
 log = structlog.get_logger("service.probe")
 
@@ -70,10 +69,9 @@ def frame(seq: int, payload: dict[str, Any], size: int = 0) -> bytes:
 
 
 class _Probe:
-    def __init__(self, request: web.Request, response: web.StreamResponse, ticket: Ticket) -> None:
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
         self.request = request
         self.response = response
-        self.ticket = ticket
         self.settings = request.app[keys.SETTINGS]
         self.seq = 0
 
@@ -88,28 +86,22 @@ class _Probe:
         loop = asyncio.get_running_loop()
         started = loop.time()
         live = self.request.app[keys.LIVE]
-        limits = self.request.app[keys.LIMITS]
-        renew_every = limits.config.lease_s / 3
-        renew_at = started + renew_every
         head = {"type": "start", "requestId": request_id, "count": count, "intervalMs": interval_ms}
         await self.write(head, FIRST_EVENT_BYTES)
         for n in range(1, count + 1):
             await asyncio.sleep(max(0.0, started + n * interval_ms / 1000 - loop.time()))
             if live.draining:  # design note 2
+                code, message = FAILURE_BY_OUTCOME[Outcome.SHUTDOWN]
                 await self.write(
                     {
                         "type": "error",
-                        "error": "The server is restarting; please retry.",
-                        "code": "server_shutdown",
-                        "reason": "shutdown",
+                        "error": message,
+                        "code": code,
+                        "reason": Outcome.SHUTDOWN.value,
                         "requestId": request_id,
                     }
                 )
                 return "shutdown"
-            if self.ticket.lease and loop.time() >= renew_at:  # design note 1
-                renew_at = loop.time() + renew_every
-                lease = [(self.ticket.client, self.ticket.lease)]
-                await _store(limits.limiter.renew(lease, limits.clock()))
             large = n % LARGE_EVERY == 0
             await self.write({"type": "probe", "seq": n}, LARGE_EVENT_BYTES if large else 0)
         elapsed_ms = round((loop.time() - started) * 1000)
@@ -119,38 +111,22 @@ class _Probe:
         return "completed"
 
 
-async def _store(call: Awaitable[object]) -> None:
-    """A limit-store call that may fail: the lease then expires by itself (limits.py)."""
-    try:
-        async with asyncio.timeout(STORE_TIMEOUT_S):
-            await call
-    except (LimiterUnavailable, TimeoutError) as err:
-        log.error("ratelimit.unavailable", where="probe", error=type(err.__cause__ or err).__name__)
-
-
 async def stream_probe(request: web.Request) -> web.StreamResponse:
     count, interval_ms = parse_query(request.query)
     ticket = await admit(request, 0)
+    limits = request.app[keys.LIMITS]
+    limits.hold(ticket.client, ticket.lease)  # design note 1
     response = web.StreamResponse(headers=sse.HEADERS)
     outcome = "client_disconnect"
     try:
         await response.prepare(request)
-        outcome = await _Probe(request, response, ticket).run(count, interval_ms)
+        outcome = await _Probe(request, response).run(count, interval_ms)
     except (ConnectionError, TimeoutError):
         pass  # the client left or stopped reading: nothing more to say to it
     finally:
-        await _release(request, ticket)
+        await limits.give_back(ticket.client, ticket.lease, ticket.reserved)
         log.info("probe.finished", outcome=outcome, count=count, interval_ms=interval_ms)
     return response
-
-
-async def _release(request: web.Request, ticket: Ticket) -> None:
-    limiter = request.app[keys.LIMITS].limiter
-    now = request.app[keys.LIMITS].clock()
-    if ticket.reserved:
-        await _store(limiter.charge({ticket.client: -ticket.reserved}, now))  # design note 1
-    if ticket.lease:
-        await _store(limiter.release(ticket.client, ticket.lease))
 
 
 def setup(app: web.Application) -> None:
