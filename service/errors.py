@@ -67,6 +67,8 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.status = status if status is not None else STATUS_BY_CODE[code]
+        if retry_after_s is None and self.status == 429:
+            retry_after_s = 1  # every 429 says when to retry
         self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, dict[str, str]]:

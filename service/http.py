@@ -5,6 +5,7 @@ stream, and turn any error into the contract's JSON shape with a precise status.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -208,8 +209,9 @@ async def last_event(writer: SseWriter, result: Result, write_timeout_s: float) 
 def failed(result: Result) -> ApiError:
     """A JSON endpoint's answer that did not complete, as the error it answers with."""
     code = result.error_code or "internal"
-    return ApiError(
-        code,
-        result.error_message or "The answer failed.",
-        retry_after_s=1 if code == "server_shutdown" else None,
-    )
+    retry_after = None
+    if code == "server_shutdown":
+        retry_after = 1
+    elif code == "rate_limited":  # the token budget ran out: it is back above zero by then
+        retry_after = max(1, math.ceil(result.retry_after_s))
+    return ApiError(code, result.error_message or "The answer failed.", retry_after_s=retry_after)

@@ -11,8 +11,10 @@ upstream's prompt count, which is settled when the stream ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -21,11 +23,12 @@ import structlog
 from .errors import ApiError, Outcome
 from .metrics import Metrics
 from .ratelimit import Admission, LimitConfig, Limiter
-from .redis_limits import LimiterUnavailable
+from .redis_limits import LimiterRecovering, LimiterUnavailable
 from .relay import LiveStreams, Relay
 
 log = structlog.get_logger("service.limits")
 STORE_TIMEOUT_S = 2.0  # the longest a request waits on the limit store before the policy applies
+RECOVERY_TRIES = 3  # admissions that wait for a restarted store's leases before giving up
 
 
 class Limits:
@@ -47,22 +50,34 @@ class Limits:
         self._charge_interval_s = charge_interval_s
         self.clock = clock
         self._held: set[tuple[str, str]] = set()  # leases held outside a relay (the probe)
+        self._released: set[str] | None = None  # leases released while a renewal is in flight
 
     async def admit(self, client: str, estimate: int) -> Admission:
         """Admit one request or raise 429 (with Retry-After) or, Redis being down and the policy
-        closed, 503."""
+        closed, 503. While a restarted Redis gets its leases back, the request waits."""
         if not self.config.enabled:
             return Admission(True)
-        try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
-                admission = await self.limiter.admit(client, estimate, self.clock())
-        except (LimiterUnavailable, TimeoutError) as err:
-            self._unavailable("admit", err)
-            if self._fail_open:
-                return Admission(True)
+        for _ in range(RECOVERY_TRIES):
+            try:
+                async with asyncio.timeout(STORE_TIMEOUT_S):
+                    admission = await self.limiter.admit(client, estimate, self.clock())
+                break
+            except LimiterRecovering as err:
+                await asyncio.sleep(err.wait_s)  # redis_limits design note 2
+            except (LimiterUnavailable, TimeoutError) as err:
+                self._unavailable("admit", err)
+                if self._fail_open:
+                    # Unlimited, but with a lease that renewal registers once Redis answers, so
+                    # the stream counts against its client from then on.
+                    lease = uuid.uuid4().hex if self.config.concurrent else None
+                    return Admission(True, lease=lease)
+                raise ApiError(
+                    "overloaded", "Rate limiting is unavailable; retry shortly.", retry_after_s=1
+                ) from err
+        else:
             raise ApiError(
-                "overloaded", "Rate limiting is unavailable; retry shortly.", retry_after_s=1
-            ) from err
+                "overloaded", "Rate limiting is recovering; retry shortly.", retry_after_s=1
+            )
         if not admission.allowed:
             assert admission.limit is not None
             self._metrics.child(self._metrics.rate_limited, admission.limit).inc()
@@ -95,6 +110,8 @@ class Limits:
             await self._close(client, lease, -reserved, "give_back")
 
     async def _close(self, client: str, lease: str | None, debit: int, where: str) -> None:
+        if lease and self._released is not None:
+            self._released.add(lease)  # a renewal in flight may re-create it: `_renew`
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 if self.config.tpm and debit:
@@ -105,22 +122,43 @@ class Limits:
             self._unavailable(where, err)  # the lease expires by itself within its TTL
 
     async def upkeep(self) -> None:
-        """Forever: charge streamed tokens every interval; renew leases every third of a TTL."""
+        """Forever: charge streamed tokens every interval; renew leases every third of a TTL, and
+        at once when the store says it restarted (it lost them)."""
+        c, restarted = self.config, self.limiter.restarted
+        # renewals must keep their period within the store's recovery hold (redis_limits note 2)
+        tick = min(self._charge_interval_s, c.renew_interval_s / 4)
         renew_at = 0.0
         while True:
-            await asyncio.sleep(self._charge_interval_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await restarted.wait()
+            if restarted.is_set():
+                restarted.clear()
+                renew_at = 0.0
             now = self.clock()
             try:
                 async with asyncio.timeout(STORE_TIMEOUT_S):
-                    if self.config.tpm:
+                    if c.tpm:
                         await self._charge(now)
-                    if self.config.concurrent and now >= renew_at:
-                        renew_at = now + self.config.lease_s / 3
-                        leases = [(r.client, r.lease) for r in self._live if r.lease]
-                        leases.extend(self._held)
-                        await self.limiter.renew(leases, now)
+                    if c.concurrent and now >= renew_at:
+                        renew_at = now + c.renew_interval_s
+                        await self._renew(now)
             except (LimiterUnavailable, TimeoutError) as err:
                 self._unavailable("upkeep", err)
+
+    async def _renew(self, now: float) -> None:
+        """Renew (or re-create) the leases of running streams. A stream that ended meanwhile had
+        its lease released, perhaps before the renewal re-created it: release it again."""
+        leases = [(r.client, r.lease) for r in self._live if r.lease]
+        leases.extend(self._held)
+        self._released = set()
+        try:
+            await self.limiter.renew(leases, now)
+        finally:
+            released, self._released = self._released, None
+        for client, lease in leases:
+            if lease in released:
+                await self.limiter.release(client, lease)
 
     async def _charge(self, now: float) -> None:
         debits: dict[str, int] = defaultdict(int)
@@ -139,6 +177,8 @@ class Limits:
             if balance < 0:
                 for relay in streams[client]:
                     self._metrics.child(self._metrics.rate_limited, "tokens").inc()
+                    # when the budget is back above zero (a JSON answer's Retry-After)
+                    relay.result.retry_after_s = -balance * 60.0 / self.config.tpm
                     relay.expire(Outcome.RATE_LIMITED)
 
     def _unavailable(self, where: str, err: BaseException) -> None:

@@ -1,13 +1,16 @@
 """Per-client limits: requests per minute, concurrent streams, tokens per minute.
 
 Hand-written rather than taken from `limits`: that library offers fixed and sliding windows, but
-not a GCRA, not concurrency leases that expire, and not a token bucket that a stream debits as it
+not concurrency leases that expire, and not a token bucket that a stream debits as it
 goes and may overdraw (then repaid at the end from the upstream's usage). The arithmetic is pure
 and takes the clock as an argument; the in-process backend and the Redis backend (Lua scripts,
 atomic) run the same formulas, and the app passes its own clock to both (design note 1).
 
-- Requests: GCRA with an emission interval of 60/RPM s and a burst of ceil(RPM/6) (ten seconds'
-  worth), so traffic is smooth and there is no double burst at a window boundary.
+- Requests: a sliding log. A client's admitted requests of the last 60 s are kept (at most RPM
+  timestamps; a Redis sorted set trimmed to the window); a request is admitted while fewer than
+  RPM are in the window. So a fresh client may send its RPM at once, no 60-second window ever
+  holds more than RPM of a client's requests, `remaining` counts down from RPM, and `reset` is
+  when the oldest request leaves the window (the next slot frees).
 - Tokens: a bucket of TPM tokens refilled at TPM/60 per second. Admission needs the prompt
   estimate in the bucket and takes it out; streamed tokens are charged in batches; the balance can
   go below zero, which ends the client's open streams (`rate_limited`).
@@ -24,8 +27,11 @@ Design notes:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,8 +44,9 @@ class LimitConfig:
     lease_s: float = 10.0
 
     @property
-    def burst(self) -> int:
-        return max(1, math.ceil(self.rpm / 6))
+    def renew_interval_s(self) -> float:
+        """How often a held lease is renewed: three times per TTL."""
+        return self.lease_s / 3
 
     @property
     def enabled(self) -> bool:
@@ -67,18 +74,31 @@ class Admission:
 # --- the arithmetic -------------------------------------------------------------------------
 
 
-def gcra(tat: float, now: float, rpm: int, burst: int) -> tuple[bool, float, Quota, float]:
-    """One request against a GCRA state. Returns (allowed, new tat, quota, retry after)."""
-    interval = 60.0 / rpm
-    tat = max(tat, now)
-    new_tat = tat + interval
-    allowed = new_tat - now <= burst * interval + 1e-9
-    if not allowed:
-        new_tat = tat
-    used = new_tat - now
-    remaining = max(0, math.floor((burst * interval - used) / interval + 1e-9))
-    retry = 0.0 if allowed else (tat + interval - now) - burst * interval
-    return allowed, new_tat, Quota(rpm, remaining, max(0.0, used)), max(0.0, retry)
+WINDOW_S = 60.0  # the requests-per-minute window
+
+
+def window_start(now: float) -> float:
+    """Requests stamped at or before this have left the window that ends at `now`."""
+    return now - WINDOW_S
+
+
+def request_quota(stamps: Sequence[float], now: float, rpm: int) -> Quota:
+    """The request quota for a client whose requests in the window are `stamps` (oldest first):
+    what is left, and when the next slot frees (the oldest that matters leaves the window)."""
+    used = len(stamps)
+    if not used:
+        return Quota(rpm, rpm, 0.0)
+    frees = stamps[max(0, used - rpm)] + WINDOW_S - now
+    return Quota(rpm, max(0, rpm - used), max(0.0, frees))
+
+
+def sliding_log(stamps: Sequence[float], now: float, rpm: int) -> tuple[bool, Quota, float]:
+    """One request against a client's log of admitted requests still in the window (oldest
+    first). Returns (allowed, the quota after it, retry after)."""
+    if len(stamps) >= rpm:
+        quota = request_quota(stamps, now, rpm)
+        return False, quota, quota.reset_s
+    return True, request_quota([*stamps, now], now, rpm), 0.0
 
 
 def refill(balance: float, updated: float, now: float, tpm: int) -> float:
@@ -100,6 +120,7 @@ def reserve_for(estimate: int, tpm: int) -> int:
 
 class Limiter(Protocol):
     config: LimitConfig
+    restarted: asyncio.Event  # set when the store lost its state: re-register the leases now
 
     async def admit(self, client: str, estimate: int, now: float) -> Admission: ...
 
@@ -120,7 +141,7 @@ class Limiter(Protocol):
 
 @dataclass(slots=True)
 class _Client:
-    tat: float = 0.0
+    stamps: deque[float] = field(default_factory=deque)  # admitted requests in the window
     balance: float | None = None
     updated: float = 0.0
     leases: set[str] = field(default_factory=set)
@@ -131,6 +152,7 @@ class MemoryLimiter:
 
     def __init__(self, config: LimitConfig, *, sweep_every_s: float = 60.0) -> None:
         self.config = config
+        self.restarted = asyncio.Event()  # never set: this state dies with its process
         self._clients: dict[str, _Client] = {}
         self._sweep_every_s = sweep_every_s
         self._next_sweep = 0.0
@@ -142,6 +164,9 @@ class MemoryLimiter:
         state = self._clients.get(client)
         if state is None:
             state = self._clients[client] = _Client(updated=now)
+        stamps, start = state.stamps, window_start(now)
+        while stamps and stamps[0] <= start:
+            stamps.popleft()
         if self.config.tpm:
             start = state.balance if state.balance is not None else float(self.config.tpm)
             state.balance = refill(start, state.updated, now, self.config.tpm)
@@ -154,21 +179,23 @@ class MemoryLimiter:
         requests = tokens = None
         reserved = 0
         if c.rpm:
-            ok, tat, requests, retry = gcra(state.tat, now, c.rpm, c.burst)
+            ok, requests, retry = sliding_log(state.stamps, now, c.rpm)
             if not ok:
                 return Admission(False, "requests", retry, requests, _tokens(state, c))
+        # refused by another limit, the request is not spent: the quota is the log's as it is
+        unspent = request_quota(state.stamps, now, c.rpm) if c.rpm else None
         if c.concurrent and len(state.leases) >= c.concurrent:
-            return Admission(False, "concurrency", 1.0, requests, _tokens(state, c))
+            return Admission(False, "concurrency", 1.0, unspent, _tokens(state, c))
         if c.tpm:
             assert state.balance is not None
             reserved = reserve_for(estimate, c.tpm)
             if state.balance < reserved:
                 retry = (reserved - state.balance) * 60.0 / c.tpm
-                return Admission(False, "tokens", retry, requests, _tokens(state, c))
+                return Admission(False, "tokens", retry, unspent, _tokens(state, c))
             state.balance -= reserved
             tokens = _tokens(state, c)
         if c.rpm:
-            state.tat = tat
+            state.stamps.append(now)
         lease = None
         if c.concurrent:
             lease = uuid.uuid4().hex
@@ -207,7 +234,8 @@ class MemoryLimiter:
     @staticmethod
     def _idle(state: _Client, now: float, c: LimitConfig) -> bool:
         full = state.balance is None or refill(state.balance, state.updated, now, c.tpm) >= c.tpm
-        return not state.leases and state.tat <= now and full
+        stale = not state.stamps or state.stamps[-1] <= window_start(now)
+        return not state.leases and stale and full
 
     async def aclose(self) -> None:
         return None

@@ -60,6 +60,7 @@ class Result:
     error_code: str | None = None
     error_message: str | None = None
     upstream_error_kind: str | None = None
+    retry_after_s: float = 0.0  # when a retry may succeed (a token-budget cut)
 
     @property
     def completion_tokens(self) -> int:

@@ -166,11 +166,20 @@ class RedisServer:
             async with asyncio.timeout(WAIT):
                 await self.proc.wait()
 
+    async def restart(self) -> None:
+        """Kill the server (SIGKILL: no goodbye to its clients) and start an empty one on the
+        same port; returns once it answers."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            async with asyncio.timeout(WAIT):
+                await self.proc.wait()
+        self.proc = (await start_redis(self.port)).proc
 
-async def start_redis() -> RedisServer:
+
+async def start_redis(port: int | None = None) -> RedisServer:
     if shutil.which("redis-server") is None:
         tool_required("redis-server")
-    port = free_port()
+    port = port or free_port()
     proc = await asyncio.create_subprocess_exec(
         "redis-server",
         "--port",

@@ -407,7 +407,7 @@ async def test_long_histories_are_trimmed_by_whole_turns_from_the_oldest(
 async def test_a_refused_turn_saves_nothing_and_frees_the_conversation(
     make_gateway: MakeGateway,
 ) -> None:
-    gw = await make_gateway(rate_limit_rpm=6)  # a burst of one request
+    gw = await make_gateway(rate_limit_rpm=1)
     cid = (await (await gw.post(CHAT, {"message": "One"})).json())["conversationId"]
     refused = await gw.post(CHAT, {"message": "Two", "conversationId": cid})
     assert refused.status == 429

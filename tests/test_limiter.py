@@ -3,9 +3,11 @@ clock, plus the pure arithmetic and the access rules as tables."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from service.access import Access, key_id
 from service.ratelimit import (
@@ -15,8 +17,8 @@ from service.ratelimit import (
     MemoryLimiter,
     Quota,
     duration,
-    gcra,
     quota_headers,
+    sliding_log,
 )
 from service.redis_limits import RedisLimiter
 from tests.conftest import RedisServer, start_redis
@@ -54,25 +56,56 @@ async def make(backend: str) -> AsyncIterator[object]:
         await limiter.aclose()
 
 
-async def test_requests_burst_then_smooth(make) -> None:  # type: ignore[no-untyped-def]
-    limiter = make(rpm=60)  # one a second, bursts of ten
-    results = [await limiter.admit("c", 1, T0) for _ in range(11)]
-    assert [r.allowed for r in results] == [True] * 10 + [False]
-    assert [r.requests.remaining for r in results[:10]] == list(range(9, -1, -1))
+async def test_a_fresh_client_sends_its_n_at_once_then_waits_for_the_oldest(make) -> None:  # type: ignore[no-untyped-def]
+    limiter = make(rpm=3)
+    results = [await limiter.admit("c", 1, T0 + i) for i in range(4)]  # at T0, T0+1, T0+2, T0+3
+    assert [r.allowed for r in results] == [True, True, True, False]
+    # remaining counts down from the limit; reset is when the oldest request leaves the window
+    assert [(r.requests.remaining, r.requests.reset_s) for r in results] == [
+        (2, 60.0),
+        (1, 59.0),
+        (0, 58.0),
+        (0, 57.0),
+    ]
     refused = results[-1]
-    assert (refused.limit, round(refused.retry_after_s, 3)) == ("requests", 1.0)
-    assert not (await limiter.admit("c", 1, T0 + 0.9)).allowed
-    assert (await limiter.admit("c", 1, T0 + 1.0)).allowed
-    assert (await limiter.admit("other", 1, T0 + 1.0)).allowed  # clients are separate
+    assert (refused.limit, refused.retry_after_s) == ("requests", 57.0)
+    assert not (await limiter.admit("c", 1, T0 + 59.999)).allowed
+    again = await limiter.admit("c", 1, T0 + 60)  # the first request left the window
+    assert (again.allowed, again.requests.remaining, again.requests.reset_s) == (True, 0, 1.0)
+    assert not (await limiter.admit("c", 1, T0 + 60.5)).allowed
+    assert (await limiter.admit("other", 1, T0)).allowed  # clients are separate
 
 
-async def test_requests_never_double_burst_in_any_minute(make) -> None:  # type: ignore[no-untyped-def]
-    limiter = make(rpm=60)
-    allowed = [t for t in range(1200) if (await limiter.admit("c", 1, T0 + t / 10)).allowed]
-    # every 60 s window holds at most the burst plus one a second
-    times = [t / 10 for t in allowed]
-    worst = max(sum(1 for x in times if start <= x < start + 60) for start in times)
-    assert worst <= 10 + 60
+@pytest.mark.parametrize("rpm", [1, 3, 120])
+async def test_no_60_second_window_ever_holds_more_than_n(make, rpm: int) -> None:  # type: ignore[no-untyped-def]
+    limiter = make(rpm=rpm)
+    arrivals = random.Random(rpm)
+    now, allowed = T0, []
+    for _ in range(rpm * 8):
+        now += arrivals.expovariate(rpm / 20)  # three times the allowed rate, in bursts
+        if (await limiter.admit("c", 1, now)).allowed:
+            allowed.append(now)
+    worst = max(sum(1 for t in allowed if start <= t < start + 60) for start in allowed)
+    assert worst == rpm  # never more, and the whole allowance is usable
+    # a fresh client may send its N at once
+    burst = [await limiter.admit("fresh", 1, now) for _ in range(rpm + 1)]
+    assert [r.allowed for r in burst] == [True] * rpm + [False]
+    assert [r.requests.remaining for r in burst[:rpm]] == list(range(rpm - 1, -1, -1))
+
+
+async def test_the_redis_log_holds_at_most_n_entries_and_expires_when_idle(
+    redis_server: RedisServer,
+) -> None:
+    limiter = RedisLimiter(LimitConfig(rpm=5), redis_server.url)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for i in range(40):
+            await limiter.admit("c", 1, T0 + i * 5)
+            assert await raw.zcard("aistream:{c}:rpm") <= 5
+        assert 0 < await raw.pttl("aistream:{c}:rpm") <= 61_000  # gone a minute after the last
+    finally:
+        await raw.aclose()
+        await limiter.aclose()
 
 
 async def test_concurrency_leases(make) -> None:  # type: ignore[no-untyped-def]
@@ -89,7 +122,7 @@ async def test_concurrency_leases(make) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_a_refusal_consumes_nothing_from_the_other_limits(make) -> None:  # type: ignore[no-untyped-def]
-    limiter = make(rpm=6, concurrent=1, tpm=600, lease_s=60)  # a burst of one request
+    limiter = make(rpm=2, concurrent=1, tpm=600, lease_s=60)
     first = await limiter.admit("c", 100, T0)
     assert first.allowed
     assert first.tokens == Quota(600, 500, 10.0)
@@ -97,8 +130,10 @@ async def test_a_refusal_consumes_nothing_from_the_other_limits(make) -> None:  
     assert refused.limit == "concurrency"
     assert refused.tokens is not None
     assert refused.tokens.remaining == 600  # refilled, and nothing reserved for the refusal
+    assert refused.requests == Quota(2, 1, 50.0)  # nor a request spent
     await limiter.release("c", first.lease)
     assert (await limiter.admit("c", 100, T0 + 10)).allowed  # its request slot was not spent
+    assert not (await limiter.admit("c", 100, T0 + 10)).allowed
 
 
 async def test_tokens_reserve_charge_overdraw_and_refill(make) -> None:  # type: ignore[no-untyped-def]
@@ -143,22 +178,27 @@ async def test_memory_evicts_idle_clients() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tat", "now", "allowed", "new_tat", "remaining", "retry"),
+    ("stamps", "now", "allowed", "remaining", "reset", "retry"),
     [
-        (0.0, 100.0, True, 101.0, 9, 0.0),
-        (109.0, 100.0, True, 110.0, 0, 0.0),
-        (110.0, 100.0, False, 110.0, 0, 1.0),
-        (110.0, 100.5, False, 110.0, 0, 0.5),
+        ([], 100.0, True, 2, 60.0, 0.0),  # fresh: the first of three
+        ([100.0], 100.0, True, 1, 60.0, 0.0),
+        ([100.0, 100.0], 100.0, True, 0, 60.0, 0.0),  # the third at once is still admitted
+        ([100.0, 100.0, 100.0], 100.0, False, 0, 60.0, 60.0),
+        ([100.0, 130.0, 150.0], 159.5, False, 0, 0.5, 0.5),  # the oldest leaves at 160
+        ([100.0, 130.0], 159.5, True, 0, 0.5, 0.0),
+        ([130.0, 150.0], 160.0, True, 0, 30.0, 0.0),  # (100 left the window at 160 exactly)
+        ([100.0, 101.0, 102.0, 103.0], 120.0, False, 0, 41.0, 41.0),  # over (a lowered limit)
     ],
 )
-def test_gcra_table(
-    tat: float, now: float, allowed: bool, new_tat: float, remaining: int, retry: float
+def test_sliding_log_table(
+    stamps: list[float], now: float, allowed: bool, remaining: int, reset: float, retry: float
 ) -> None:
-    ok, tat_after, quota, retry_after = gcra(tat, now, 60, 10)
-    assert (ok, tat_after, quota.remaining, round(retry_after, 6)) == (
+    ok, quota, retry_after = sliding_log(stamps, now, 3)
+    assert (ok, quota.limit, quota.remaining, quota.reset_s, retry_after) == (
         allowed,
-        new_tat,
+        3,
         remaining,
+        reset,
         retry,
     )
 

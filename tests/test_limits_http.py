@@ -23,24 +23,44 @@ async def concurrent(gateway: Gateway, client: str = "ip:127.0.0.1") -> int:
     return await limits.limiter.concurrent(client, limits.clock())
 
 
-async def test_over_the_request_limit_is_429_with_retry_after_and_no_upstream_call(
-    make_gateway: MakeGateway,
+async def test_rpm_3_admits_3_in_a_row_then_429_with_retry_after_and_no_upstream_call(
+    make_gateway: MakeGateway, limit_store: str | None
 ) -> None:
-    gateway = await make_gateway(rate_limit_rpm=6)  # a burst of one
-    first = await gateway.post("/api/ai/generate", {"prompt": "x"})
-    assert first.status == 200
-    assert first.headers["x-ratelimit-limit-requests"] == "6"
-    assert first.headers["x-ratelimit-remaining-requests"] == "0"
-    assert first.headers["x-ratelimit-reset-requests"] == "10s"
+    gateway = await make_gateway(rate_limit_rpm=3, redis_url=limit_store)
+    answers = [await gateway.post("/api/ai/generate", {"prompt": "x"}) for _ in range(3)]
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert [a.headers["x-ratelimit-limit-requests"] for a in answers] == ["3"] * 3
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0"]
+    # the next slot frees when the first request leaves the minute
+    assert [a.headers["x-ratelimit-reset-requests"] for a in answers] == ["1m0s"] * 3
     refused = await gateway.post("/api/ai/generate-stream", {"prompt": "x"})
     assert refused.status == 429
-    assert 9 <= int(refused.headers["Retry-After"]) <= 10
+    assert 59 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     body = await refused.json()
     assert body["error"]["code"] == "rate_limited"
     assert "requests per minute" in body["error"]["message"]
-    assert len(gateway.fake.seen) == 1
+    assert len(gateway.fake.seen) == 3
     assert gateway.sample("ai_stream_rate_limited_total", limit="requests") == 1
+
+
+async def test_a_burst_of_2n_at_once_admits_exactly_n_across_instances(
+    make_gateway: MakeGateway, limit_store: str | None
+) -> None:
+    n = 10
+    # with Redis, three instances share the budget; in process, one instance has it all
+    count = 3 if limit_store else 1
+    gateways = [await make_gateway(rate_limit_rpm=n, redis_url=limit_store) for _ in range(count)]
+    answers = await asyncio.gather(
+        *(gateways[i % count].post("/api/ai/generate", {"prompt": "x"}) for i in range(2 * n))
+    )
+    statuses = sorted(a.status for a in answers)
+    assert statuses == [200] * n + [429] * n
+    remaining = sorted(
+        int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status == 200
+    )
+    assert remaining == list(range(n))  # each admission took its own slot
+    assert all(a.headers["Retry-After"] for a in answers if a.status == 429)
 
 
 async def test_streams_carry_the_token_quota_headers(make_gateway: MakeGateway) -> None:
@@ -142,7 +162,7 @@ async def test_api_keys_guard_the_api_and_never_reach_the_logs(make_gateway: Mak
 async def test_forwarded_addresses_are_believed_only_from_trusted_proxies(
     make_gateway: MakeGateway, trusted: tuple[str, ...], shared: bool
 ) -> None:
-    gateway = await make_gateway(rate_limit_rpm=6, trusted_proxies=trusted)
+    gateway = await make_gateway(rate_limit_rpm=1, trusted_proxies=trusted)
     first = await gateway.post(
         "/api/ai/generate", {"prompt": "x"}, headers={"X-Forwarded-For": "198.51.100.1"}
     )

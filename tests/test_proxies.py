@@ -318,8 +318,8 @@ async def test_the_client_address_is_forwarded(front: Front) -> None:
             assert resp.status == 200
             await resp.read()
             remaining.append(int(resp.headers["x-ratelimit-remaining-requests"]))
-    burst = 20  # RATE_LIMIT_RPM 120 (the default): bursts of a sixth
-    assert remaining == [burst - 1, burst - 2, burst - 1]
+    rpm = 120  # RATE_LIMIT_RPM (the default): remaining counts down from it
+    assert remaining == [rpm - 1, rpm - 2, rpm - 1]
 
 
 async def test_metrics_are_refused_from_outside(front: Front) -> None:

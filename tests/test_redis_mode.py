@@ -21,11 +21,11 @@ NEVER = asyncio.Event
 async def test_two_instances_share_one_budget(
     make_gateway: MakeGateway, redis_server: RedisServer
 ) -> None:
-    a = await make_gateway(redis_url=redis_server.url, rate_limit_rpm=6, rate_limit_concurrent=1)
-    b = await make_gateway(redis_url=redis_server.url, rate_limit_rpm=6, rate_limit_concurrent=1)
-    first = await a.post("/api/ai/generate", {"prompt": "x"})
-    assert first.status == 200
-    second = await b.post("/api/ai/generate", {"prompt": "x"})
+    a = await make_gateway(redis_url=redis_server.url, rate_limit_rpm=2, rate_limit_concurrent=1)
+    b = await make_gateway(redis_url=redis_server.url, rate_limit_rpm=2, rate_limit_concurrent=1)
+    assert (await a.post("/api/ai/generate", {"prompt": "x"})).status == 200
+    assert (await b.post("/api/ai/generate", {"prompt": "x"})).status == 200
+    second = await a.post("/api/ai/generate", {"prompt": "x"})
     assert second.status == 429
     assert (await second.json())["error"]["message"].startswith(
         "Rate limit reached for requests per minute"
