@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from service.access import Access, key_id
+from service.access import Access, canonical_address, key_id
 from service.ratelimit import (
     Admission,
     LimitConfig,
@@ -241,8 +241,57 @@ def test_api_keys() -> None:
         ("127.0.0.1", "1.2.3.4, garbage", "127.0.0.1"),
         ("::1", "2001:db8::5", "2001:db8::5"),
         ("127.0.0.1", "10.0.0.7", "10.0.0.7"),  # only proxies: the last one seen
+        ("127.0.0.1", " [::FFFF:1.2.3.4]:443 ", "1.2.3.4"),  # one spelling for one address
+        ("::ffff:127.0.0.1", "1.2.3.4", "1.2.3.4"),  # a dual-stack socket's peer is trusted too
+        ("::ffff:203.0.113.9", "1.2.3.4", "203.0.113.9"),
+        ("127.0.0.1", "1.2.3.4:http", "127.0.0.1"),  # unparsable: the peer
+        ("127.0.0.1", "1.2.3.4, ", "127.0.0.1"),
+        ("127.0.0.1", "garbage, 10.0.0.7", "10.0.0.7"),  # the nearest proxy that said it
     ],
 )
 def test_client_address(peer: str, xff: str | None, client: str) -> None:
     access = Access.build([], ["127.0.0.1", "::1", "10.0.0.0/8"])
     assert access.client_address(peer, xff) == client
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "1.2.3.4",
+        " 1.2.3.4 ",
+        "1.2.3.4:8080",
+        "::ffff:1.2.3.4",
+        "::FFFF:1.2.3.4",
+        "[::ffff:1.2.3.4]",
+        "[::ffff:1.2.3.4]:443",
+        "::ffff:102:304",
+        "0:0:0:0:0:ffff:0102:0304",
+        "\t1.2.3.4",
+    ],
+)
+def test_one_ipv4_address_has_one_spelling(spelling: str) -> None:
+    assert canonical_address(spelling) == "1.2.3.4"
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("2001:DB8::5", "2001:db8::5"),
+        ("2001:db8:0:0:0:0:0:5", "2001:db8::5"),
+        ("[2001:db8::5]:443", "2001:db8::5"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("::1", "::1"),
+        ("1.2.3.4:http", None),
+        ("1.2.3.4:", None),
+        ("1.2.3.4:123456", None),
+        ("1.2.3.4:\u0663", None),  # a Unicode digit is not a port
+        ("[1.2.3.4", None),
+        ("[::1]x", None),
+        ("01.2.3.4", None),
+        ("1.2.3", None),
+        ("", None),
+        ("unknown", None),
+    ],
+)
+def test_canonical_address_table(text: str, canonical: str | None) -> None:
+    assert canonical_address(text) == canonical

@@ -173,6 +173,22 @@ async def test_forwarded_addresses_are_believed_only_from_trusted_proxies(
     assert second.status == (429 if shared else 200)
 
 
+async def test_one_address_written_several_ways_gets_one_budget(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(rate_limit_rpm=2)
+    spellings = ["1.2.3.4", "::ffff:1.2.3.4", "[::FFFF:1.2.3.4]:443", " 1.2.3.4:80 "]
+    statuses = [
+        (
+            await gateway.post("/api/ai/generate", {"prompt": "x"}, headers={"X-Forwarded-For": s})
+        ).status
+        for s in spellings
+    ]
+    assert statuses == [200, 200, 429, 429]
+    other = await gateway.post(
+        "/api/ai/generate", {"prompt": "x"}, headers={"X-Forwarded-For": "1.2.3.5"}
+    )
+    assert other.status == 200
+
+
 async def test_cors_allows_listed_origins_only(make_gateway: MakeGateway) -> None:
     gateway = await make_gateway(rate_limit_rpm=60)
     preflight = {
