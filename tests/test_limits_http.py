@@ -137,6 +137,27 @@ async def test_running_out_of_tokens_mid_stream_ends_it_and_cancels_the_upstream
     assert (await refused.json())["error"]["code"] == "rate_limited"
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "route"),
+    [
+        ("/api/ai/generate", {"prompt": "x"}, "generate"),
+        ("/api/v1/ai/chat", {"message": "x"}, "chat"),
+    ],
+)
+async def test_a_token_budget_cut_on_a_json_route_is_429_with_retry_after(
+    make_gateway: MakeGateway, path: str, body: dict[str, str], route: str
+) -> None:
+    gateway = await make_gateway(rate_limit_tpm=600, rate_limit_charge_interval_s=0.05)
+    gateway.fake.queue([Repeat("tok", 0.002)])
+    cut = await gateway.post(path, body)
+    assert cut.status == 429
+    assert (await cut.json())["error"]["code"] == "rate_limited"
+    # when the budget is back above zero: the overdraft (a few tens of tokens) at 10 a second
+    assert 1 <= int(cut.headers["Retry-After"]) <= 30
+    await gateway.settled()
+    assert gateway.outcomes(route) == {Outcome.RATE_LIMITED.value: 1}
+
+
 async def test_api_keys_guard_the_api_and_never_reach_the_logs(make_gateway: MakeGateway) -> None:
     secret = "sk-gateway-key-123456"
     gateway = await make_gateway(api_keys=(secret, "another-key"), rate_limit_rpm=60)
