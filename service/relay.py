@@ -24,6 +24,10 @@ Design notes:
    `rate(ai_stream_completion_tokens_total)` shows a long answer while it streams rather than in
    one step at its end; when the upstream's usage reports more tokens than deltas, the rest is
    added at the end.
+7. A clock that runs out before the first token while the upstream has been failing (the SDK
+   backing off between retries) ends the stream as `upstream_error` with the failure's kind,
+   not as a timeout: the cause is what users and `ai_stream_upstream_errors_total` need to see
+   (upstream design note 5).
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ from . import sse
 from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, Outcome
 from .metrics import Metrics
-from .upstream import CompletionRequest, Upstream, UpstreamError
+from .upstream import ATTEMPTS, Attempts, CompletionRequest, Upstream, UpstreamError
 
 log = structlog.get_logger("service.relay")
+_CLOCKS = (Outcome.FIRST_TOKEN_TIMEOUT, Outcome.TOTAL_TIMEOUT)
 
 
 @dataclass(slots=True)
@@ -220,6 +225,7 @@ class Relay:
     result: Result = field(init=False)
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _attempts: Attempts = field(default_factory=Attempts, init=False)
     _pieces: list[str] = field(default_factory=list, init=False)
     _first_token: float = field(default=0.0, init=False)
     _last_token: float = field(default=0.0, init=False)
@@ -255,9 +261,9 @@ class Relay:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # Our own handler was cancelled: aiohttp saw the client go (or gave up on it).
-                outcome = self._forced or Outcome.CLIENT_DISCONNECT
+                outcome = self._blame(self._forced or Outcome.CLIENT_DISCONNECT)
                 raise
-            outcome = self._forced or Outcome.CANCELLED
+            outcome = self._blame(self._forced or Outcome.CANCELLED)
         except UpstreamError as err:
             outcome = Outcome.UPSTREAM_ERROR
             self.result.upstream_error_kind = err.kind
@@ -281,7 +287,17 @@ class Relay:
                     self.live.discard(self)
         return self.result
 
+    def _blame(self, outcome: Outcome) -> Outcome:
+        """A clock that ran out while the upstream kept failing names the failure (note 7)."""
+        failure = self._attempts.failure
+        if outcome not in _CLOCKS or failure is None or self.result.deltas:
+            return outcome
+        self.result.upstream_error_kind = failure.kind
+        self.result.error_message = failure.message
+        return Outcome.UPSTREAM_ERROR
+
     async def _pump(self) -> None:
+        ATTEMPTS.set(self._attempts)  # this task's upstream tries note what they meet
         loop_time = asyncio.get_running_loop().time
         metrics, model = self.metrics, self.metrics.model_label(self.request.model)
         gap = metrics.child(metrics.inter_token_latency, self.route, model).observe

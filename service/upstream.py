@@ -23,12 +23,17 @@ Design notes:
    transform of the parameters, which cost about half of the service's CPU to open a stream
    (README, Performance). The body is built here from an already validated request, and the raw
    response comes back unread.
+5. A clock can run out between the SDK's retries (its backoff outlasting the first-token
+   timeout). So that the stream then ends naming the upstream's failure rather than a timeout,
+   each try's result is noted in the calling task's `Attempts` (a context variable the relay
+   sets) by the HTTP client's `send`, which sees every try: its status, or its transport error.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,6 +60,16 @@ class UpstreamError(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+@dataclass(slots=True)
+class Attempts:
+    """The tries of one upstream call so far (design note 5)."""
+
+    failure: UpstreamError | None = None  # what the latest finished try met, if it failed
+
+
+ATTEMPTS: ContextVar[Attempts | None] = ContextVar("upstream_attempts", default=None)
 
 
 class UpstreamStream(Protocol):
@@ -147,6 +162,23 @@ class _SdkStream:
             raise UpstreamError("truncated", "The model server ended the answer early.")
 
 
+class _NotingClient(openai.DefaultAioHttpClient):
+    """The SDK's aiohttp-backed HTTP client, noting what each try met (design note 5)."""
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        attempts = ATTEMPTS.get()
+        try:
+            response = await super().send(request, **kwargs)
+        except Exception as err:
+            if attempts is not None:
+                attempts.failure = translate(err)
+            raise
+        if attempts is not None:
+            status = response.status_code
+            attempts.failure = _status_error(status) if status >= 400 else None
+        return response
+
+
 class OpenAIUpstream:
     """OpenAI, Azure OpenAI or any OpenAI-compatible server, through the official SDK."""
 
@@ -159,7 +191,7 @@ class OpenAIUpstream:
     ) -> None:
         self.on_retry: Callable[[], None] | None = None
         read_timeout = max(settings.first_token_timeout_s, settings.idle_timeout_s)
-        self._http = openai.DefaultAioHttpClient(
+        self._http = _NotingClient(
             limits=httpx2.Limits(
                 max_connections=settings.upstream_max_connections,
                 max_keepalive_connections=min(settings.upstream_max_connections, 1000),
