@@ -142,11 +142,11 @@ class Limits:
                         await self._charge(now)
                     if c.concurrent and now >= renew_at:
                         renew_at = now + c.renew_interval_s
-                        await self._renew(now)
+                        await self.renew(now)
             except (LimiterUnavailable, TimeoutError) as err:
                 self._unavailable("upkeep", err)
 
-    async def _renew(self, now: float) -> None:
+    async def renew(self, now: float) -> None:
         """Renew (or re-create) the leases of running streams. A stream that ended meanwhile had
         its lease released, perhaps before the renewal re-created it: release it again."""
         leases = [(r.client, r.lease) for r in self._live if r.lease]

@@ -166,14 +166,20 @@ class RedisServer:
             async with asyncio.timeout(WAIT):
                 await self.proc.wait()
 
-    async def restart(self) -> None:
-        """Kill the server (SIGKILL: no goodbye to its clients) and start an empty one on the
-        same port; returns once it answers."""
+    async def kill(self) -> None:
+        """SIGKILL: no goodbye to its clients, and its data is gone."""
         if self.proc.returncode is None:
             self.proc.kill()
             async with asyncio.timeout(WAIT):
                 await self.proc.wait()
+
+    async def start(self) -> None:
+        """An empty server on the same port; returns once it answers."""
         self.proc = (await start_redis(self.port)).proc
+
+    async def restart(self) -> None:
+        await self.kill()
+        await self.start()
 
 
 async def start_redis(port: int | None = None) -> RedisServer:

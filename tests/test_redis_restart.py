@@ -10,12 +10,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import ClientResponse
+from prometheus_client import CollectorRegistry
 
+from service import keys
+from service.limits import Limits
+from service.metrics import create_metrics
+from service.ratelimit import LimitConfig
+from service.redis_limits import LimiterRecovering, RedisLimiter
+from service.relay import LiveStreams
 from tests.conftest import WAIT, Frames, Gateway, MakeGateway, RedisServer
 from tests.fake_upstream import Gate, Text
 
 LIMIT = 3
+T0 = 1_800_000_000.0
 
 
 @dataclass
@@ -88,6 +97,8 @@ async def test_a_redis_restart_mid_stream_fails_nothing_and_keeps_the_concurrenc
 
     await redis_server.restart()  # healthy (and empty) from here on
 
+    ready = await b.client.get("/health/ready")
+    assert (ready.status, (await ready.json())["checks"]["redis"]) == (200, "ok")
     async with asyncio.timeout(WAIT):
         for _ in range(3):
             await asyncio.gather(
@@ -110,5 +121,114 @@ async def test_a_redis_restart_mid_stream_fails_nothing_and_keeps_the_concurrenc
     assert refused.status == 429
     assert tally.most == LIMIT
     again.set()
+    for _, frames in held:
+        await frames.rest()
+
+
+async def test_renewal_re_creates_a_lease_redis_lost(redis_server: RedisServer) -> None:
+    limiter = RedisLimiter(LimitConfig(concurrent=1, lease_s=10), redis_server.url)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        held = await limiter.admit("c", 1, T0)
+        assert held.lease
+        await raw.flushall()  # the data is gone, the server is the same
+        assert (await limiter.admit("c", 1, T0)).allowed  # (what went wrong before renewal)
+        await raw.flushall()
+        await limiter.renew([("c", held.lease)], T0 + 1)
+        assert await limiter.concurrent("c", T0 + 1) == 1
+        assert not (await limiter.admit("c", 1, T0 + 1)).allowed
+    finally:
+        await raw.aclose()
+        await limiter.aclose()
+
+
+async def test_a_restarted_redis_holds_admissions_until_the_leases_are_back(
+    redis_server: RedisServer,
+) -> None:
+    limiter = RedisLimiter(LimitConfig(rpm=100, concurrent=1, lease_s=10), redis_server.url)
+    limiter.hold_s = 0.3  # time is the subject: one renew interval, made short
+    try:
+        held = await limiter.admit("c", 1, T0)
+        assert held.lease
+        # every pooled connection will be stale, and all of them meet the new server at once
+        warm = await asyncio.gather(*(limiter.admit(f"w{i}", 1, T0) for i in range(12)))
+        assert all(a.allowed for a in warm)
+        await redis_server.restart()
+        assert not limiter.restarted.is_set()
+        tries = await asyncio.gather(
+            *(limiter.admit("d", 1, T0) for _ in range(12)), return_exceptions=True
+        )
+        assert all(isinstance(t, LimiterRecovering) for t in tries), tries
+        assert limiter.restarted.is_set()  # the app's upkeep re-registers at once
+        waits = [t.wait_s for t in tries if isinstance(t, LimiterRecovering)]
+        assert all(0 < w <= 0.3 for w in waits)
+        # nothing was counted for them, not even by a try that reached the new server
+        assert await limiter.concurrent("d", T0) == 0
+        raw = aioredis.Redis.from_url(redis_server.url)
+        assert not await raw.exists("aistream:{d}:rpm")
+        await raw.aclose()
+        # the renewal is not held: it re-creates the running stream's lease
+        await limiter.renew([("c", held.lease)], T0)
+        assert await limiter.concurrent("c", T0) == 1
+        await asyncio.sleep(max(waits))  # the hold is the subject
+        assert not (await limiter.admit("c", 1, T0)).allowed  # its lease is back: refused
+        assert (await limiter.admit("d", 1, T0)).allowed
+    finally:
+        await limiter.aclose()
+
+
+class EndsDuringRenewal(RedisLimiter):
+    """A stream ends, its lease given back, while the renewal of that lease is on its way."""
+
+    limits: Limits | None = None
+
+    async def renew(self, leases: list[tuple[str, str]], now: float) -> None:
+        if self.limits is not None:
+            for client, lease in leases:
+                await self.limits.give_back(client, lease, 0)
+        await super().renew(leases, now)  # lands after the release: re-creates the lease
+
+
+async def test_a_lease_released_during_its_renewal_stays_released(
+    redis_server: RedisServer,
+) -> None:
+    limiter = EndsDuringRenewal(LimitConfig(concurrent=1, lease_s=10), redis_server.url)
+    limits = Limits(limiter, metrics=create_metrics(CollectorRegistry(), ()), live=LiveStreams())
+    try:
+        admission = await limits.admit("c", 1)
+        limits.hold("c", admission.lease)
+        limiter.limits = limits
+        await limits.renew(limits.clock())
+        assert await limiter.concurrent("c", limits.clock()) == 0
+        assert (await limits.admit("c", 1)).allowed
+    finally:
+        await limiter.aclose()
+
+
+async def test_streams_admitted_open_while_redis_was_down_count_once_it_is_back(
+    make_gateway: MakeGateway, redis_server: RedisServer
+) -> None:
+    gateway = await make_gateway(
+        redis_url=redis_server.url,
+        rate_limit_concurrent=2,
+        rate_limit_lease_s=1.5,  # renewed every 0.5 s
+        rate_limit_redis_failure="open",
+    )
+    tally, gate = Tally(), asyncio.Event()
+    held = [await hold(gateway, gate, tally)]
+    await redis_server.kill()
+    held += [await hold(gateway, gate, tally) for _ in range(2)]  # unlimited, by the policy
+    await redis_server.start()
+    limits = gateway.client.app[keys.LIMITS]
+    counts = []
+    for _ in range(60):  # at most 3 s; the renew interval (0.5 s) is the subject
+        counts.append(await limits.limiter.concurrent("ip:127.0.0.1", limits.clock()))
+        if counts[-1] == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert counts[-1] == 3, counts
+    refused = await gateway.post("/api/ai/generate-stream", {"prompt": "x"})
+    assert refused.status == 429
+    gate.set()
     for _, frames in held:
         await frames.rest()
