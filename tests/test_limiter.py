@@ -168,6 +168,13 @@ async def test_a_lease_nobody_renews_expires_and_renewal_keeps_it(
         await limiter.aclose()
 
 
+async def test_memory_keeps_at_most_n_request_times_per_client() -> None:
+    limiter = MemoryLimiter(LimitConfig(rpm=5))
+    for i in range(40):
+        await limiter.admit("c", 1, T0 + i * 5)
+        assert len(limiter._clients["c"].stamps) <= 5  # the bound is the subject
+
+
 async def test_memory_evicts_idle_clients() -> None:
     limiter = MemoryLimiter(LimitConfig(rpm=60, tpm=600), sweep_every_s=10)
     for i in range(100):

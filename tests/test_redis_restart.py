@@ -145,7 +145,7 @@ async def test_renewal_re_creates_a_lease_redis_lost(redis_server: RedisServer) 
 async def test_a_restarted_redis_holds_admissions_until_the_leases_are_back(
     redis_server: RedisServer,
 ) -> None:
-    limiter = RedisLimiter(LimitConfig(rpm=100, concurrent=1, lease_s=10), redis_server.url)
+    limiter = RedisLimiter(LimitConfig(rpm=1, concurrent=1, lease_s=10), redis_server.url)
     limiter.hold_s = 0.3  # time is the subject: one renew interval, made short
     try:
         held = await limiter.admit("c", 1, T0)
@@ -171,8 +171,11 @@ async def test_a_restarted_redis_holds_admissions_until_the_leases_are_back(
         await limiter.renew([("c", held.lease)], T0)
         assert await limiter.concurrent("c", T0) == 1
         await asyncio.sleep(max(waits))  # the hold is the subject
-        assert not (await limiter.admit("c", 1, T0)).allowed  # its lease is back: refused
+        refused = await limiter.admit("c", 1, T0)
+        assert (refused.allowed, refused.limit) == (False, "concurrency")  # its lease is back
         assert (await limiter.admit("d", 1, T0)).allowed
+        # request logs were lost with the data: a client that spent its minute starts afresh
+        assert (await limiter.admit("w0", 1, T0)).allowed
     finally:
         await limiter.aclose()
 
