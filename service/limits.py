@@ -111,7 +111,7 @@ class Limits:
 
     async def _close(self, client: str, lease: str | None, debit: int, where: str) -> None:
         if lease and self._released is not None:
-            self._released.add(lease)  # a renewal in flight may re-create it: `_renew`
+            self._released.add(lease)  # a renewal in flight may re-create it: `renew`
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 if self.config.tpm and debit:

@@ -82,14 +82,18 @@ def window_start(now: float) -> float:
     return now - WINDOW_S
 
 
-def request_quota(stamps: Sequence[float], now: float, rpm: int) -> Quota:
-    """The request quota for a client whose requests in the window are `stamps` (oldest first):
-    what is left, and when the next slot frees (the oldest that matters leaves the window)."""
-    used = len(stamps)
+def request_quota(
+    stamps: Sequence[float], now: float, rpm: int, *, plus_now: bool = False
+) -> Quota:
+    """The request quota for a client whose requests in the window are `stamps` (oldest first),
+    and one more at `now` if `plus_now`: what is left, and when the next slot frees (the oldest
+    request that matters leaves the window)."""
+    used = len(stamps) + plus_now
     if not used:
         return Quota(rpm, rpm, 0.0)
-    frees = stamps[max(0, used - rpm)] + WINDOW_S - now
-    return Quota(rpm, max(0, rpm - used), max(0.0, frees))
+    at = max(0, used - rpm)
+    oldest = stamps[at] if at < len(stamps) else now
+    return Quota(rpm, max(0, rpm - used), max(0.0, oldest + WINDOW_S - now))
 
 
 def sliding_log(stamps: Sequence[float], now: float, rpm: int) -> tuple[bool, Quota, float]:
@@ -98,7 +102,7 @@ def sliding_log(stamps: Sequence[float], now: float, rpm: int) -> tuple[bool, Qu
     if len(stamps) >= rpm:
         quota = request_quota(stamps, now, rpm)
         return False, quota, quota.reset_s
-    return True, request_quota([*stamps, now], now, rpm), 0.0
+    return True, request_quota(stamps, now, rpm, plus_now=True), 0.0
 
 
 def refill(balance: float, updated: float, now: float, tpm: int) -> float:
@@ -164,8 +168,8 @@ class MemoryLimiter:
         state = self._clients.get(client)
         if state is None:
             state = self._clients[client] = _Client(updated=now)
-        stamps, start = state.stamps, window_start(now)
-        while stamps and stamps[0] <= start:
+        stamps, gone = state.stamps, window_start(now)
+        while stamps and stamps[0] <= gone:
             stamps.popleft()
         if self.config.tpm:
             start = state.balance if state.balance is not None else float(self.config.tpm)
