@@ -95,7 +95,8 @@ class Limits:
             else relay.reserved + result.deltas
         )
         debit = actual - relay.reserved - relay.charged
-        await self._close(relay.client, relay.lease, debit, "settle")
+        lease, relay.lease = relay.lease, None  # given back: renewals no longer see it
+        await self._close(relay.client, lease, debit, "settle")
 
     def hold(self, client: str, lease: str | None) -> None:
         """Keep a lease taken outside a relay alive (renewed by `upkeep`) until `give_back`."""

@@ -19,8 +19,9 @@ from service.limits import Limits
 from service.metrics import create_metrics
 from service.ratelimit import LimitConfig
 from service.redis_limits import LimiterRecovering, RedisLimiter
-from service.relay import LiveStreams
-from tests.conftest import WAIT, Frames, Gateway, MakeGateway, RedisServer
+from service.relay import LiveStreams, Relay
+from service.upstream import CompletionRequest, OpenAIUpstream
+from tests.conftest import WAIT, Frames, Gateway, MakeGateway, RedisServer, make_settings
 from tests.fake_upstream import Gate, Text
 
 LIMIT = 3
@@ -205,6 +206,47 @@ async def test_a_lease_released_during_its_renewal_stays_released(
         assert await limiter.concurrent("c", limits.clock()) == 0
         assert (await limits.admit("c", 1)).allowed
     finally:
+        await limiter.aclose()
+
+
+class RenewsDuringRelease(RedisLimiter):
+    """The upkeep's renewal starts while an ended stream's release is on its way."""
+
+    limits: Limits | None = None
+
+    async def release(self, client: str, lease: str) -> None:
+        await super().release(client, lease)
+        limits, self.limits = self.limits, None
+        if limits is not None:
+            await limits.renew(limits.clock())  # lands after the release
+
+
+async def test_a_stream_that_is_settling_is_not_renewed(redis_server: RedisServer) -> None:
+    limiter = RenewsDuringRelease(LimitConfig(concurrent=1, lease_s=10), redis_server.url)
+    live = LiveStreams()
+    limits = Limits(limiter, metrics=create_metrics(CollectorRegistry(), ()), live=live)
+    settings = make_settings()
+    upstream = OpenAIUpstream(settings)
+    try:
+        admission = await limits.admit("c", 1)
+        relay = Relay(
+            settings=settings,
+            upstream=upstream,
+            metrics=create_metrics(CollectorRegistry(), ()),
+            live=live,
+            route="generate",
+            request=CompletionRequest(model="m", messages=[], max_tokens=1),
+            request_id="r",
+            arrived=0.0,
+            client="c",
+            lease=admission.lease,
+        )
+        live.add(relay)  # a relay stays live until its settlement is done
+        limiter.limits = limits
+        await limits.settle(relay)
+        assert await limiter.concurrent("c", limits.clock()) == 0
+    finally:
+        await upstream.aclose()
         await limiter.aclose()
 
 
