@@ -196,7 +196,9 @@ class RedisLimiter:
             await conn.send_command("INFO", "server", check_health=False)
             seen = run_id(await conn.read_response())
         except ResponseError:
-            return  # INFO is disabled on this server: restarts go unnoticed (README)
+            # INFO is disabled here: a restart goes unnoticed, so admissions do not wait, but
+            # renewal still brings every running stream's lease back within one interval
+            return
         if seen is None or seen == self._run_id:
             return
         first, self._run_id = self._run_id is None, seen

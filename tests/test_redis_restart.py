@@ -1,7 +1,8 @@
 """A real redis-server killed and restarted empty on the same port while streams run, under both
 RATE_LIMIT_REDIS_FAILURE policies: once Redis is back no request fails, and the concurrency
 limit holds across the restart (the running streams' leases are re-created before anyone else
-is admitted)."""
+is admitted). Then the parts one by one: renewal re-creates a lost lease, a new run id holds
+admissions, and a renewal never brings back a lease that was given back."""
 
 from __future__ import annotations
 
@@ -146,8 +147,9 @@ async def test_renewal_re_creates_a_lease_redis_lost(redis_server: RedisServer) 
 async def test_a_restarted_redis_holds_admissions_until_the_leases_are_back(
     redis_server: RedisServer,
 ) -> None:
-    limiter = RedisLimiter(LimitConfig(rpm=1, concurrent=1, lease_s=10), redis_server.url)
-    limiter.hold_s = 0.3  # time is the subject: one renew interval, made short
+    # time is the subject: the hold (one renew interval and a half) made short
+    config = LimitConfig(rpm=1, concurrent=1, lease_s=10)
+    limiter = RedisLimiter(config, redis_server.url, hold_s=0.3)
     try:
         held = await limiter.admit("c", 1, T0)
         assert held.lease
