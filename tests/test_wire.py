@@ -314,3 +314,25 @@ async def test_the_upstream_s_text_never_reaches_a_client(
     detail = finished[0]["upstream_detail"]
     assert len(detail) <= 200  # the upstream's text, capped, in one structured field
     assert (CANARY if kind != "http-status" else "sk-live-ABC123") in detail
+
+
+async def test_browsers_may_read_the_stream_id_and_send_last_event_id(gateway: Gateway) -> None:
+    origin = {"Origin": "http://localhost:3300"}
+    preflight = await gateway.client.options(
+        GENERATE_STREAM,
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,last-event-id",
+        },
+    )
+    assert preflight.status == 200
+    allowed = preflight.headers["Access-Control-Allow-Headers"].lower().replace(" ", "")
+    assert set(allowed.split(",")) >= {"content-type", "last-event-id"}
+    gateway.fake.queue(answer("a"))
+    resp = await gateway.client.post(
+        GENERATE_STREAM, json={"prompt": "x"}, headers={**origin, **SSE}
+    )
+    await body_of(resp)
+    exposed = resp.headers["Access-Control-Expose-Headers"].lower().replace(" ", "")
+    assert "x-stream-id" in exposed.split(",")
