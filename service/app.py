@@ -60,9 +60,9 @@ def create_app(
 
 
 def _cors(app: web.Application, settings: Settings) -> None:
-    """The API answers browsers from the allowed origins only; they may read the request id and
-    the quota headers."""
-    exposed = ["X-Request-ID", "Retry-After"] + [
+    """The API answers browsers from the allowed origins only; they may read the request id, the
+    stream id and the quota headers, and send `Last-Event-ID` to resume a stream."""
+    exposed = ["X-Request-ID", "X-Stream-ID", "Retry-After"] + [
         f"x-ratelimit-{what}-{kind}"
         for kind in ("requests", "tokens")
         for what in ("limit", "remaining", "reset")
@@ -70,7 +70,7 @@ def _cors(app: web.Application, settings: Settings) -> None:
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=False,
         expose_headers=exposed,
-        allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+        allow_headers=["Content-Type", "Authorization", "X-Request-ID", "Last-Event-ID"],
         allow_methods=["GET", "POST", "DELETE"],
         max_age=600,
     )

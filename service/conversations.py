@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 
 from .errors import ApiError, Outcome
 from .prompts import estimate_tokens
+from .sse import new_stream_id
 
 Role = Literal["user", "assistant"]
 Status = Literal["complete", "partial", "error"]
@@ -35,7 +36,8 @@ def new_conversation_id() -> str:
 
 
 def new_message_id() -> str:
-    return "m_" + secrets.token_urlsafe(16)
+    """128 random bits, URL-safe: an answer's message id is also its stream id (`sse`)."""
+    return new_stream_id()
 
 
 def valid_conversation_id(value: str) -> bool:

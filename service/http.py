@@ -13,12 +13,12 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import keys
+from . import keys, sse
 from .errors import ApiError, Outcome
 from .limits import RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
-from .relay import Relay, Result, SseWriter
+from .relay import Relay, Result, SseWriter, Vocabulary
 from .upstream import CompletionRequest
 
 log = structlog.get_logger("service.http")
@@ -171,9 +171,14 @@ async def admit(request: web.Request, estimate: int) -> Ticket:
 
 
 def relay_for(
-    request: web.Request, route: str, upstream_request: CompletionRequest, ticket: Ticket
+    request: web.Request,
+    route: str,
+    upstream_request: CompletionRequest,
+    ticket: Ticket,
+    stream_id: str | None = None,
 ) -> Relay:
-    """The relay for an admitted request, wired to the app's upstream, metrics and limits."""
+    """The relay for an admitted request, wired to the app's upstream, metrics and limits; its
+    stream id is `stream_id` (chat: the answer's message id) or a fresh one."""
     app = request.app
     return Relay(
         settings=app[keys.SETTINGS],
@@ -188,7 +193,20 @@ def relay_for(
         client=ticket.client,
         lease=ticket.lease,
         reserved=ticket.reserved,
+        stream_id=stream_id or sse.new_stream_id(),
     )
+
+
+def sse_response(
+    request: web.Request, relay: Relay, vocabulary: Vocabulary
+) -> tuple[web.StreamResponse, SseWriter]:
+    """The streaming answer for `relay`: the SSE headers and `X-Stream-ID`, and a writer whose
+    frames have the shape the request's `Accept` asks for."""
+    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: relay.stream_id}
+    response = web.StreamResponse(headers=headers)
+    framing = sse.Framing.for_accept(request.headers.get("Accept"), relay.stream_id)
+    relay.writer = writer = SseWriter(response, vocabulary, framing)
+    return response, writer
 
 
 async def last_event(writer: SseWriter, result: Result, write_timeout_s: float) -> None:

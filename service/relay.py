@@ -51,11 +51,13 @@ class Result:
     """What one stream produced and how it ended; vocabularies turn it into frames or JSON."""
 
     request_id: str
+    stream_id: str
     model: str
     outcome: Outcome = Outcome.COMPLETED
     text: str = ""
     deltas: int = 0
     usage: dict[str, Any] | None = None
+    finish_reason: str | None = None  # the upstream's own word; "refusal" for a refusal
     elapsed_ms: int = 0
     error_code: str | None = None
     error_message: str | None = None
@@ -96,14 +98,18 @@ class Vocabulary(Protocol):
 
 
 class SseWriter:
-    """Frames onto one prepared response, with the stamps the watchdog reads."""
+    """Frames onto one prepared response, in the shape its client asked for, with the stamps the
+    watchdog reads."""
 
-    __slots__ = ("_loop", "_resp", "last_write", "seq", "vocabulary", "writing_since")
+    __slots__ = ("_loop", "_resp", "framing", "last_write", "seq", "vocabulary", "writing_since")
 
-    def __init__(self, resp: web.StreamResponse, vocabulary: Vocabulary) -> None:
+    def __init__(
+        self, resp: web.StreamResponse, vocabulary: Vocabulary, framing: sse.Framing
+    ) -> None:
         self._resp = resp
         self._loop = asyncio.get_running_loop()
         self.vocabulary = vocabulary
+        self.framing = framing
         self.seq = 0
         self.last_write = self._loop.time()
         self.writing_since = 0.0
@@ -116,16 +122,17 @@ class SseWriter:
 
     async def event(self, payload: dict[str, Any]) -> None:
         self.seq += 1
-        await self._write(sse.event(self.seq, payload))
+        await self._write(self.framing.event(self.seq, payload))
 
     async def text(self, text: str, deltas: int) -> None:
         self.seq += 1
         vocabulary = self.vocabulary
         tail = vocabulary.content_tail(deltas)
-        await self._write(sse.text_event(self.seq, vocabulary.content_head, text, tail))
+        frame = self.framing.text_event(self.seq, vocabulary.content_head, text, tail)
+        await self._write(frame)
 
     async def ping(self) -> None:
-        await self._write(sse.PING)
+        await self._write(self.framing.ping)
 
 
 class Ledger(Protocol):
@@ -209,6 +216,7 @@ class Relay:
     request: CompletionRequest
     request_id: str
     arrived: float
+    stream_id: str = field(default_factory=sse.new_stream_id)  # server-minted, never a client's
     writer: SseWriter | None = None
     ledger: Ledger | None = None
     client: str = ""  # whose limits this stream counts against ("" = none)
@@ -224,7 +232,9 @@ class Relay:
     _last_token: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        self.result = Result(request_id=self.request_id, model=self.request.model)
+        self.result = Result(
+            request_id=self.request_id, stream_id=self.stream_id, model=self.request.model
+        )
 
     def expire(self, outcome: Outcome) -> None:
         """End the stream from outside the pump (a clock, or shutdown)."""

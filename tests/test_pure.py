@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import orjson
 import pytest
 
@@ -11,36 +13,101 @@ from service.config import DEMO_MODEL, SettingsError, from_env
 from service.prompts import extract_placeholders, generate_messages
 from tests.fake_upstream import chunk
 
+SID = "AAAAAAAAAAAAAAAAAAAAAA"  # the form of a stream id: 22 URL-safe characters
+FULL = sse.Framing.full(SID)
+
 
 @pytest.mark.parametrize(
-    ("seq", "payload", "wire"),
+    ("seq", "payload", "full", "data_only"),
     [
         (
             1,
             {"type": "start", "requestId": "r1"},
-            b'id: 1\ndata: {"type":"start","requestId":"r1"}\n\n',
+            b'id: AAAAAAAAAAAAAAAAAAAAAA:1\ndata: {"type":"start","requestId":"r1"}\n\n',
+            b'data: {"type":"start","requestId":"r1"}\n\n',
         ),
-        (7, {"a": "\n\ndata: x"}, b'id: 7\ndata: {"a":"\\n\\ndata: x"}\n\n'),
-        (2, {"a": "\r\n\u2028é"}, 'id: 2\ndata: {"a":"\\r\\n\u2028é"}\n\n'.encode()),
-        (3, {"n": None, "l": [1, 2]}, b'id: 3\ndata: {"n":null,"l":[1,2]}\n\n'),
+        (
+            7,
+            {"a": "\n\ndata: x"},
+            b'id: AAAAAAAAAAAAAAAAAAAAAA:7\ndata: {"a":"\\n\\ndata: x"}\n\n',
+            b'data: {"a":"\\n\\ndata: x"}\n\n',
+        ),
+        (
+            2,
+            {"a": "\r\n\u2028\u2029\u0085é\u2027\u0084"},
+            'id: AAAAAAAAAAAAAAAAAAAAAA:2\ndata: {"a":"\\r\\n\\u2028\\u2029\\u0085é\u2027\u0084"}'
+            "\n\n".encode(),
+            'data: {"a":"\\r\\n\\u2028\\u2029\\u0085é\u2027\u0084"}\n\n'.encode(),
+        ),
+        (
+            12345,
+            {"n": None, "l": [1, 2]},
+            b'id: AAAAAAAAAAAAAAAAAAAAAA:12345\ndata: {"n":null,"l":[1,2]}\n\n',
+            b'data: {"n":null,"l":[1,2]}\n\n',
+        ),
     ],
 )
-def test_event_frames(seq: int, payload: dict[str, object], wire: bytes) -> None:
-    assert sse.event(seq, payload) == wire
+def test_event_frames_in_both_shapes(
+    seq: int, payload: dict[str, object], full: bytes, data_only: bytes
+) -> None:
+    assert FULL.event(seq, payload) == full
+    assert sse.DATA_ONLY.event(seq, payload) == data_only
 
 
-def test_text_event_is_one_line_of_json_whatever_the_text() -> None:
-    text = 'evil\n\ndata: {"type":"done"}\r\n\r\nid: 99\n'
-    frame = sse.text_event(5, b'{"type":"content","delta":', text, b',"tokenCount":3}')
-    head, data, end = frame.split(b"\n", 2)
-    assert head == b"id: 5"
-    assert end == b"\n"
-    assert orjson.loads(data.removeprefix(b"data: ")) == {
+@pytest.mark.parametrize("framing", [FULL, sse.DATA_ONLY], ids=["full", "data-only"])
+def test_text_event_is_one_line_of_json_whatever_the_text(framing: sse.Framing) -> None:
+    text = 'evil\n\ndata: {"type":"done"}\r\n\r\nid: 99\n\u2028\u2029\u0085 end'
+    frame = framing.text_event(5, b'{"type":"content","delta":', text, b',"tokenCount":3}')
+    lines = frame.decode().splitlines()  # splits on U+2028, U+2029 and U+0085 too
+    assert lines[:-2] == ([f"id: {SID}:5"] if framing is FULL else [])
+    assert lines[-1] == ""
+    assert orjson.loads(lines[-2].removeprefix("data: ")) == {
         "type": "content",
         "delta": text,
         "tokenCount": 3,
     }
-    assert sse.PING == b": ping\n\n"
+    assert frame == framing.event(5, {"type": "content", "delta": text, "tokenCount": 3})
+
+
+def test_heartbeats_suit_each_shape() -> None:
+    assert FULL.ping == b": ping\n"  # a blank line after it would be an empty message
+    assert sse.DATA_ONLY.ping == b": ping\n\n"  # a block of its own for blank-line readers
+
+
+@pytest.mark.parametrize(
+    ("accept", "full"),
+    [
+        (None, False),
+        ("", False),
+        ("*/*", False),
+        ("application/json", False),
+        ("text/event-stream", True),
+        ("Text/Event-Stream", True),
+        ("application/json, text/event-stream;q=0.5", True),
+        (" text/event-stream ; charset=utf-8", True),
+        ("text/event-stream;q=0", False),
+        ("text/event-stream; q=0.000", False),
+        ("text/event-streams", False),
+    ],
+)
+def test_accept_chooses_the_shape(accept: str | None, full: bool) -> None:
+    assert sse.wants_full(accept) is full
+    framing = sse.Framing.for_accept(accept, SID)
+    assert framing == (FULL if full else sse.DATA_ONLY)
+
+
+def test_stream_ids_are_128_random_url_safe_bits_and_cursors_name_them() -> None:
+    ids = {sse.new_stream_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for value in ids:
+        assert sse.valid_stream_id(value), value
+        assert len(value) == 22
+        assert len(base64.urlsafe_b64decode(value + "==")) == 16
+        assert sse.parse_cursor(f"{value}:17") == (value, 17)
+    for bad in ("", "x", SID + "A", SID[:-1] + "!", SID[:-1] + ":"):
+        assert not sse.valid_stream_id(bad)
+    for cursor in ("", "17", SID, SID + ":", SID + ":x", SID + ":-1", SID + ":\u0661", "a:1"):
+        assert sse.parse_cursor(cursor) is None, cursor
 
 
 def _stream(*texts: str) -> bytes:

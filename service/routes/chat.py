@@ -17,10 +17,9 @@ from .. import keys
 from ..chat import Chats, Turn, usage_of
 from ..conversations import sanitize
 from ..errors import ApiError, Outcome
-from ..http import admit, failed, json_response, last_event, read_json, relay_for
+from ..http import admit, failed, json_response, last_event, read_json, relay_for, sse_response
 from ..prompts import estimate_tokens
-from ..relay import Relay, Result, SseWriter
-from ..sse import HEADERS
+from ..relay import Relay, Result
 from ..upstream import CompletionRequest
 
 
@@ -97,15 +96,15 @@ async def _open_turn(request: web.Request, route: str) -> tuple[Turn, Relay, int
         max_tokens=settings.default_max_tokens,
         temperature=None,
     )
-    return turn, relay_for(request, route, upstream_request, ticket), estimate
+    relay = relay_for(request, route, upstream_request, ticket, stream_id=turn.answer_id)
+    return turn, relay, estimate
 
 
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     turn, relay, estimate = await _open_turn(request, "chat_stream")
     chats = request.app[keys.CHATS]
     vocabulary = ChatVocabulary(turn, estimate)
-    response = web.StreamResponse(headers=HEADERS)
-    relay.writer = writer = SseWriter(response, vocabulary)
+    response, writer = sse_response(request, relay, vocabulary)
 
     async def opening() -> None:
         await response.prepare(request)

@@ -14,10 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from .. import keys
 from ..errors import ApiError, Outcome
-from ..http import admit, failed, json_response, last_event, read_json, relay_for
+from ..http import admit, failed, json_response, last_event, read_json, relay_for, sse_response
 from ..prompts import estimate_tokens, extract_placeholders, generate_messages
-from ..relay import Result, SseWriter
-from ..sse import HEADERS
+from ..relay import Result
 from ..upstream import CompletionRequest
 
 _IMAGE_URL = re.compile(
@@ -103,12 +102,12 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
     ticket = await admit(request, estimate_tokens(upstream_request.messages))
     relay = relay_for(request, "generate_stream", upstream_request, ticket)
-    response = web.StreamResponse(headers=HEADERS)
-    relay.writer = writer = SseWriter(response, GenerateVocabulary)
+    response, writer = sse_response(request, relay, GenerateVocabulary)
+    start = {"type": "start", "requestId": relay.request_id, "streamId": relay.stream_id}
 
     async def opening() -> None:
         await response.prepare(request)
-        await writer.event({"type": "start", "requestId": relay.request_id})
+        await writer.event(start)
 
     result = await relay.run(opening)
     await last_event(writer, result, relay.settings.write_timeout_s)

@@ -15,6 +15,8 @@ Design notes:
    `give_back` returns its reserve and lease at the end.
 2. Shutdown ends a probe at its next tick (at most `interval_ms` later) with a `server_shutdown`
    error event instead of holding a drain for a diagnostic.
+3. Frames are the data-only shape whatever the request's `Accept`: a probe is not a stream that
+   can be resumed, so it has no stream id and hands out no `id:` cursors.
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ def parse_query(query: Mapping[str, str]) -> tuple[int, int]:
     return count, interval_ms
 
 
-def frame(seq: int, payload: dict[str, Any], size: int = 0) -> bytes:
-    """One SSE frame, padded with a `pad` field to at least `size` bytes."""
-    data = sse.event(seq, {**payload, "pad": ""})
+def frame(payload: dict[str, Any], size: int = 0) -> bytes:
+    """One SSE frame, padded with a `pad` field to at least `size` bytes. Data-only whatever the
+    `Accept`: the probe cannot be resumed, so it hands out no cursors (design note 3)."""
+    data = sse.DATA_ONLY.event(0, {**payload, "pad": ""})
     if len(data) < size:
-        data = sse.event(seq, {**payload, "pad": "." * (size - len(data))})
+        data = sse.DATA_ONLY.event(0, {**payload, "pad": "." * (size - len(data))})
     return data
 
 
@@ -73,13 +76,11 @@ class _Probe:
         self.request = request
         self.response = response
         self.settings = request.app[keys.SETTINGS]
-        self.seq = 0
 
     async def write(self, payload: dict[str, Any], size: int = 0) -> None:
-        self.seq += 1
         payload["sentAt"] = round(time.time(), 6)
         async with asyncio.timeout(self.settings.write_timeout_s or None):
-            await self.response.write(frame(self.seq, payload, size))
+            await self.response.write(frame(payload, size))
 
     async def run(self, count: int, interval_ms: int) -> str:
         request_id = self.request[keys.REQUEST_ID]
