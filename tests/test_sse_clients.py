@@ -412,16 +412,17 @@ class Client:
     runner: Literal["node", "python", "browser"]
     program: str  # the file in tests/clients/ (python: the client's name in python_clients.py)
     shape: Literal["sse", "data"]  # the frame shape its Accept header asks for
+    sees_comments: bool  # its report shows the heartbeats it passed, and where
 
 
 CLIENTS = [
-    Client("eventsource-parser", "node", "eventsource_parser.mjs", "sse"),
-    Client("fetch-event-source", "browser", "fetch_event_source.html", "sse"),
-    Client("httpx-sse", "python", "httpx-sse", "sse"),
-    Client("sseclient-py", "python", "sseclient-py", "sse"),
-    Client("httpx-iter-lines", "python", "httpx-iter-lines", "data"),
-    Client("requests-iter-lines", "python", "requests-iter-lines", "data"),
-    Client("design-note-reader", "node", "design_note_reader.mjs", "data"),
+    Client("eventsource-parser", "node", "eventsource_parser.mjs", "sse", True),
+    Client("fetch-event-source", "browser", "fetch_event_source.html", "sse", False),
+    Client("httpx-sse", "python", "httpx-sse", "sse", False),
+    Client("sseclient-py", "python", "sseclient-py", "sse", False),
+    Client("httpx-iter-lines", "python", "httpx-iter-lines", "data", True),
+    Client("requests-iter-lines", "python", "requests-iter-lines", "data", True),
+    Client("design-note-reader", "node", "design_note_reader.mjs", "data", True),
 ]
 
 
@@ -435,6 +436,7 @@ class Read:
     ids: list[str | None]
     events: list[dict[str, Any]]
     other: list[str]
+    other_at: list[int]  # how many events had been read when each `other` came
     error: str | None = None
     stderr: str = field(default="", repr=False)
 
@@ -442,7 +444,8 @@ class Read:
         lines = [f"status {self.status}, error: {self.error}", f"stderr: {self.stderr[-2000:]}"]
         ids = self.ids + [None] * (len(self.data) - len(self.ids))
         lines += [f"  id {i!r} data {d!r}" for i, d in zip(ids, self.data, strict=False)]
-        lines += [f"  other {o!r}" for o in self.other]
+        others = zip(self.other, self.other_at, strict=False)
+        lines += [f"  other {o!r} after {n} events" for o, n in others]
         return "\n".join(lines)
 
 
@@ -450,8 +453,9 @@ def _report(out: str, stderr: str = "") -> Read:
     try:
         parsed = json.loads(out)
     except ValueError:
-        return Read(None, {}, [], [], [], [], f"no report on stdout: {out[-2000:]!r}", stderr)
-    return Read(**parsed, stderr=stderr)
+        return Read(None, {}, [], [], [], [], [], f"no report on stdout: {out[-2000:]!r}", stderr)
+    other_at = parsed.pop("otherAt")
+    return Read(**parsed, other_at=other_at, stderr=stderr)
 
 
 def read(client: Client, job: dict[str, Any], request: pytest.FixtureRequest) -> Read:
@@ -553,5 +557,8 @@ def test_client_reads_every_stream_exactly(
     assert_exact(client, ROUTES[route], script, got, live)
     if script.name == "heartbeats":  # several pings fell before and between the tokens
         assert live.heartbeats() - heartbeats >= 4
+        if client.sees_comments:
+            pinged = {n for o, n in zip(got.other, got.other_at, strict=True) if o == ": ping"}
+            assert pinged >= {1, 2, 3}, got.report()
     if script.chopped:  # characters were cut in two across the client's reads
         assert live.chopper.splits - splits >= 2

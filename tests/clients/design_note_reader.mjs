@@ -4,7 +4,9 @@
 // silently, so this records what was skipped.
 // Usage: node design_note_reader.mjs '<job JSON>'; prints what it read as one JSON object.
 const job = JSON.parse(process.argv[2]);
-const out = { status: null, headers: {}, data: [], ids: [], events: [], other: [], error: null };
+const out = {
+  status: null, headers: {}, data: [], ids: [], events: [], other: [], otherAt: [], error: null,
+};
 try {
   const response = await fetch(job.url, {
     method: "POST",
@@ -33,13 +35,17 @@ try {
           out.events.push(JSON.parse(text));
         } else {
           out.other.push(message);
+          out.otherAt.push(out.events.length);
         }
       }
     }
   } finally {
     reader.releaseLock();
   }
-  if (buffer) out.other.push(buffer);
+  if (buffer) {
+    out.other.push(buffer);
+    out.otherAt.push(out.events.length);
+  }
 } catch (error) {
   out.error = String(error?.stack ?? error);
 }

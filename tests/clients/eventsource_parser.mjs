@@ -4,7 +4,9 @@
 import { createParser } from "eventsource-parser";
 
 const job = JSON.parse(process.argv[2]);
-const out = { status: null, headers: {}, data: [], ids: [], events: [], other: [], error: null };
+const out = {
+  status: null, headers: {}, data: [], ids: [], events: [], other: [], otherAt: [], error: null,
+};
 try {
   const response = await fetch(job.url, {
     method: "POST",
@@ -24,6 +26,7 @@ try {
     },
     onComment(comment) {
       out.other.push(`: ${comment}`); // the parser hands over the text after ": "
+      out.otherAt.push(out.events.length);
     },
   });
   const decoder = new TextDecoder();

@@ -3,7 +3,8 @@
 Usage: python python_clients.py CLIENT '<job JSON>'; prints what it read as one JSON object:
 `status`, `headers`, `data` (each event's raw data), `ids` (each event's id, where the client
 gives one), `events` (each data parsed with a plain `json.loads`), `other` (lines a line reader
-saw that were not `data: ` lines) and `error` (what stopped it, if anything).
+saw that were not `data: ` lines), `otherAt` (how many events had been read when each of them
+came) and `error` (what stopped it, if anything).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _lines(lines: Any, out: Out) -> None:
             out["events"].append(json.loads(line[6:]))
         else:
             out["other"].append(line)
+            out["otherAt"].append(len(out["events"]))
 
 
 def httpx_lines(job: dict[str, Any], out: Out) -> None:
@@ -96,8 +98,8 @@ CLIENTS: dict[str, Callable[[dict[str, Any], Out], None]] = {
 
 def main() -> None:
     client, job = CLIENTS[sys.argv[1]], json.loads(sys.argv[2])
-    out: Out = {"status": None, "headers": {}, "data": [], "ids": [], "events": [], "other": []}
-    out["error"] = None
+    out: Out = {"status": None, "headers": {}, "data": [], "ids": [], "events": [], "error": None}
+    out.update(other=[], otherAt=[])
     try:
         client(job, out)
     except Exception:
