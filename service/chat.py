@@ -181,6 +181,7 @@ class Chats:
             self._clock(),
             result.model,
             usage_of(result, prompt_estimate),
+            result.finish_reason,
         )
         task = asyncio.create_task(self._save(turn, answer))
         self._saving.add(task)

@@ -85,6 +85,7 @@ class Message:
     completed_at: float | None = None
     model: str | None = None
     usage: dict[str, Any] | None = None
+    finish_reason: str | None = None  # an answer's: the upstream's word (README, finishReason)
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -92,6 +93,7 @@ class Message:
             "role": self.role,
             "content": self.content,
             "status": self.status,
+            "finishReason": self.finish_reason,
             "createdAt": iso(self.created_at),
             "completedAt": iso(self.completed_at),
             "model": self.model,
@@ -99,12 +101,14 @@ class Message:
         }
 
     def record(self) -> dict[str, Any]:
-        """The stored form (short keys, epoch seconds), the same in SQLite and Redis."""
+        """The stored form (short keys, epoch seconds), the same in SQLite and Redis. A record
+        saved before `finish` existed reads back with None: a JSON record needs no migration."""
         return {
             "id": self.message_id,
             "role": self.role,
             "content": self.content,
             "status": self.status,
+            "finish": self.finish_reason,
             "created": self.created_at,
             "completed": self.completed_at,
             "model": self.model,
@@ -122,6 +126,7 @@ class Message:
             completed_at=record.get("completed"),
             model=record.get("model"),
             usage=record.get("usage"),
+            finish_reason=record.get("finish"),
         )
 
 

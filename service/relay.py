@@ -41,7 +41,7 @@ from . import sse
 from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, Outcome
 from .metrics import Metrics
-from .upstream import CompletionRequest, Upstream, UpstreamError
+from .upstream import CompletionRequest, Upstream, UpstreamError, client_message
 
 log = structlog.get_logger("service.relay")
 
@@ -62,6 +62,7 @@ class Result:
     error_code: str | None = None
     error_message: str | None = None
     upstream_error_kind: str | None = None
+    upstream_error_detail: str | None = None  # the upstream's own text, capped: the log's only
 
     @property
     def completion_tokens(self) -> int:
@@ -270,7 +271,8 @@ class Relay:
         except UpstreamError as err:
             outcome = Outcome.UPSTREAM_ERROR
             self.result.upstream_error_kind = err.kind
-            self.result.error_message = err.message
+            self.result.upstream_error_detail = err.detail
+            self.result.error_message = client_message(err.kind)  # never the upstream's text
         except Exception:
             # A failure nothing translated (a bug, or an exception a library let through): the
             # client still gets an error event and the stream is still counted.
@@ -318,9 +320,11 @@ class Relay:
                     metrics.child(metrics.time_to_first_token, self.route, model).observe(
                         loop_time() - self.arrived
                     )
-            result.usage = stream.parser.usage
-            if stream.parser.model:
-                result.model = stream.parser.model
+            parser = stream.parser
+            result.usage = parser.usage
+            result.finish_reason = parser.reason
+            if parser.model:
+                result.model = parser.model
 
     async def _watch(self) -> None:
         s, loop, writer = self.settings, asyncio.get_running_loop(), self.writer
@@ -398,4 +402,6 @@ class Relay:
             ttft_ms=round((self._first_token - self.arrived) * 1000) if result.deltas else None,
             duration_ms=result.elapsed_ms,
             upstream_error=result.upstream_error_kind,
+            upstream_detail=result.upstream_error_detail,
+            finish_reason=result.finish_reason,
         )

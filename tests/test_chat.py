@@ -79,7 +79,7 @@ async def test_a_stream_is_metadata_then_tokens_then_done_on_the_wire(gateway: G
     )
     done = (
         b'data: {"type":"done","conversationId":"%s","messageId":"%s","usage":'
-        b'{"prompt_tokens":21,"completion_tokens":3,"total_tokens":24}}\n\n'
+        b'{"prompt_tokens":21,"completion_tokens":3,"total_tokens":24},"finishReason":"stop"}\n\n'
     ) % (cid.encode(), mid.encode())
     # Deltas of one read may share a frame.
     joined = rest.replace(b'"}\n\ndata: {"type":"token","content":"', b"")
@@ -127,7 +127,15 @@ async def test_the_json_turn_is_the_same_turn(gateway: Gateway) -> None:
     resp = await gateway.post(CHAT, {"message": "Count"})
     assert resp.status == 200
     body = await resp.json()
-    assert set(body) == {"conversationId", "messageId", "model", "content", "usage"}
+    assert set(body) == {
+        "conversationId",
+        "messageId",
+        "model",
+        "content",
+        "usage",
+        "finishReason",
+    }
+    assert body["finishReason"] == "stop"
     assert body["content"] == "One two"
     assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
     cid = body["conversationId"]
@@ -154,12 +162,14 @@ async def test_a_conversation_reads_back_with_roles_statuses_times_and_usage(
     user, assistant = got["messages"]
     assert user["role"] == "user"
     assert user["status"] == "complete"
+    assert user["finishReason"] is None
     assert user["usage"] is None
     assert assistant == {
         "messageId": body["messageId"],
         "role": "assistant",
         "content": "Fine",
         "status": "complete",
+        "finishReason": "stop",
         "createdAt": assistant["createdAt"],
         "completedAt": assistant["completedAt"],
         "model": "test-model",

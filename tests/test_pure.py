@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from service import sse
-from service.chunks import ChunkParser, MalformedChunk, UpstreamReportedError
+from service.chunks import DETAIL_MAX, ChunkParser, MalformedChunk, UpstreamReportedError
 from service.config import DEMO_MODEL, SettingsError, from_env
 from service.prompts import extract_placeholders, generate_messages
 from tests.fake_upstream import chunk
@@ -165,6 +165,116 @@ def test_parser_rejects_what_is_not_a_chunk(wire: bytes, error: type[Exception])
     with pytest.raises(error) as caught:
         ChunkParser().feed(wire)
     assert "sk-secret" not in str(caught.value)
+
+
+def _literal(content: bytes, finish: bytes = b"null", model: bytes = b'"m"') -> bytes:
+    """A chunk whose delta content is the JSON string literal `content`, written as it is
+    (orjson cannot write lone surrogate escapes)."""
+    return (
+        b'data: {"model":%b,"choices":[{"index":0,"delta":{"content":%b},"finish_reason":%b}]}\n\n'
+        % (model, content, finish)
+    )
+
+
+SMILE = "\U0001f600"  # U+1F600, UTF-16 \ud83d\ude00
+
+
+@pytest.mark.parametrize(
+    ("chunks", "text"),
+    [
+        ([b'"a\\ud83d"', b'"\\ude00b"'], "a" + SMILE + "b"),
+        ([b'"\\ud83d"', b'"\\ude00"'], SMILE),
+        ([b'"\\ud83d\\ude00"'], SMILE),  # a whole pair in one string is plain JSON
+        ([b'"\\ud83d"', b'"x"'], "\ufffdx"),  # a high half with no low half after it
+        ([b'"x\\ude00"'], "x\ufffd"),  # a low half with no high half before it
+        ([b'"\\ude00\\ud83d"', b'"\\ude00"'], "\ufffd" + SMILE),
+        ([b'"\\ud83d"', b'"\\ud83d"', b'"\\ude00"'], "\ufffd" + SMILE),
+        ([b'"\\ud83d"'], "\ufffd"),  # the answer ended on a high half
+        ([b'"\\u2028 \\u00e9"', '"\u00e9\\n"'.encode()], "\u2028 \u00e9\u00e9\n"),
+    ],
+)
+def test_surrogate_halves_split_across_chunks_are_joined(chunks: list[bytes], text: str) -> None:
+    wire = b"".join(_literal(c) for c in chunks) + _literal(b'""', b'"stop"') + b"data: [DONE]\n\n"
+    for cut in range(len(wire) + 1):  # in one read, in two, split anywhere
+        parser = ChunkParser()
+        first, second = parser.feed(wire[:cut]), parser.feed(wire[cut:])
+        assert first[0] + second[0] == text, cut
+        assert first[1] + second[1] == len(chunks), cut
+        assert bool(first[0]) == bool(first[1]), cut  # no empty content event
+        assert bool(second[0]) == bool(second[1]), cut
+        assert parser.finish_reason == "stop"
+        assert parser.failure is None
+    orjson.dumps(text)  # every piece can be written to a client
+
+
+def test_a_held_half_is_counted_with_its_pair() -> None:
+    parser = ChunkParser()
+    assert parser.feed(_literal(b'"\\ud83d"')) == ("", 0)
+    assert parser.feed(_literal(b'"\\ude00"')) == (SMILE, 2)
+
+
+def test_lone_halves_and_bad_bytes_elsewhere_in_a_chunk_are_replaced() -> None:
+    parser = ChunkParser()
+    wire = _literal(b'"ok\xff"', b'"stop\\ud800"', model=b'"m\\udfff"') + b"data: [DONE]\n\n"
+    assert parser.feed(wire) == ("ok\ufffd", 1)
+    assert parser.model == "m\ufffd"
+    assert parser.finish_reason == "other"  # not a word: never the upstream's text
+    assert parser.done
+
+
+@pytest.mark.parametrize(
+    ("finish", "reason"),
+    [
+        (b'"stop"', "stop"),
+        (b'"length"', "length"),
+        (b'"content_filter"', "content_filter"),
+        (b'"tool_calls"', "tool_calls"),
+        (b'"a secret in a sentence"', "other"),
+        (b'"' + b"x" * 33 + b'"', "other"),
+        (b"5", "other"),
+    ],
+)
+def test_finish_reasons_are_the_upstream_s_words(finish: bytes, reason: str) -> None:
+    parser = ChunkParser()
+    parser.feed(_literal(b'"a"') + _literal(b"null", finish))
+    assert (parser.finish_reason, parser.reason) == (reason, reason)
+    assert parser.finished
+
+
+def test_a_refusal_is_relayed_as_text_and_ends_as_refusal() -> None:
+    parser = ChunkParser()
+    wire = (
+        chunk({"role": "assistant", "content": None, "refusal": ""})
+        + chunk({"refusal": "I can't"})
+        + chunk({"refusal": " help with that."})
+        + chunk({}, finish="stop")
+        + b"data: [DONE]\n\n"
+    )
+    assert parser.feed(wire) == ("I can't help with that.", 2)
+    assert parser.finish_reason == "stop"
+    assert parser.reason == "refusal"
+
+
+def test_a_malformed_chunk_keeps_the_text_before_it_in_the_same_read() -> None:
+    parser = ChunkParser()
+    wire = chunk({"content": "kept"}) + chunk({"content": " too"}) + b"data: {broken\n\n"
+    assert parser.feed(wire + chunk({"content": "after"})) == ("kept too", 2)
+    assert isinstance(parser.failure, MalformedChunk)
+    reported = ChunkParser()
+    wire = chunk({"content": "kept"}) + b'data: {"error":{"message":"sk-secret"}}\n\n'
+    assert reported.feed(wire) == ("kept", 1)
+    assert isinstance(reported.failure, UpstreamReportedError)
+    assert "sk-secret" not in str(reported.failure)
+    assert reported.failure.detail == "sk-secret"
+
+
+def test_the_upstream_s_error_text_is_capped_for_the_log() -> None:
+    long = "sk-secret " + "x" * 1000
+    with pytest.raises(UpstreamReportedError) as caught:
+        ChunkParser().feed(b'data: {"error":{"type":"t","message":"%b"}}\n\n' % long.encode())
+    assert "sk-secret" not in str(caught.value)
+    assert len(caught.value.detail) == DETAIL_MAX
+    assert caught.value.detail.startswith("t sk-secret xxx")
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ async def test_golden_stream_bytes(gateway: Gateway, accept: str | None) -> None
         b'%bdata: {"type":"content","delta":" [[image:1]]","tokenCount":3}\n\n'
         b'%bdata: {"type":"done","content":"Hello world [[image:1]]",'
         b'"imagePlaceholders":["[[image:1]]"],"tokenCount":3,"model":"test-model",'
-        b'"requestId":"golden-1","elapsedMs":0}\n\n'
+        b'"requestId":"golden-1","elapsedMs":0,"finishReason":"stop"}\n\n'
     ) % (ids[0], sid.encode(), *ids[1:])
     sent = gateway.fake.seen[0].body
     assert sent["stream"] is True
@@ -297,6 +297,7 @@ async def test_json_endpoint_returns_the_whole_answer(gateway: Gateway) -> None:
         "model": "test-model",
         "requestId": "j-1",
         "elapsedMs": body["elapsedMs"],
+        "finishReason": "stop",
         "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
     }
 

@@ -59,6 +59,7 @@ class ChatVocabulary:
             "conversationId": self.turn.conversation_id,
             "messageId": self.turn.answer_id,
             "usage": usage_of(result, self.prompt_estimate),
+            "finishReason": result.finish_reason,
         }
 
     @staticmethod
@@ -133,6 +134,7 @@ async def chat(request: web.Request) -> web.Response:
             "model": answer.model,
             "content": answer.content,
             "usage": answer.usage,
+            "finishReason": answer.finish_reason,
         }
     )
 

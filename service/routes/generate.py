@@ -95,6 +95,7 @@ def _answer(result: Result) -> dict[str, Any]:
         "model": result.model,
         "requestId": result.request_id,
         "elapsedMs": result.elapsed_ms,
+        "finishReason": result.finish_reason,
     }
 
 
