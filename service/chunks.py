@@ -139,21 +139,23 @@ class ChunkParser:
                         raise
                     self.failure = err
                     break
+                if text and (self._held or (self._lenient and _SURROGATE.search(text))):
+                    released, self._held_deltas = self._held_deltas, 0
+                    text = self._join(text)
+                    if not text:  # only a high half: held, and counted with what ends it
+                        self._held_deltas = released + 1
+                        continue
+                    count += released
                 if text:
                     count += 1
-                    if self._held or (self._lenient and _SURROGATE.search(text)):
-                        text = self._join(text)
-                    if text:
-                        pieces.append(text)
+                    pieces.append(text)
             # other fields (event:, id:, retry:) and comments carry nothing for a chat completion
         if self._held and self.finished:
             pieces.append("\ufffd")  # a high half the answer ended on
-            self._held = ""
-        if not pieces:  # deltas that were only a held half are counted with their pair
-            self._held_deltas += count
+            count += self._held_deltas
+            self._held, self._held_deltas = "", 0
+        if not pieces:
             return "", 0
-        if self._held_deltas:
-            count, self._held_deltas = count + self._held_deltas, 0
         if len(pieces) == 1:
             return pieces[0], count
         return "".join(pieces), count

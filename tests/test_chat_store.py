@@ -61,6 +61,30 @@ async def test_a_conversation_keeps_its_messages_in_order(store: ConversationSto
     assert await store.owner(cid) == "key-a"
 
 
+async def test_an_answer_keeps_its_finish_reason_beside_its_status(
+    store: ConversationStore,
+) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 10.0)
+    sent = [
+        message("user", "question"),
+        message("assistant", "cut short", finish_reason="length"),
+        message("assistant", "filtered", finish_reason="content_filter"),
+        message("assistant", "no word from the upstream"),
+    ]
+    for m in sent:
+        assert await store.append(cid, m, 11.0)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert loaded.messages == sent
+    assert [m.wire()["finishReason"] for m in loaded.messages] == [
+        None,
+        "length",
+        "content_filter",
+        None,
+    ]
+
+
 async def test_last_reads_only_the_newest_messages(store: ConversationStore) -> None:
     cid = new_conversation_id()
     await store.create(cid, "", 1.0)
