@@ -202,7 +202,7 @@ class Chats:
         try:
             if turn.relay is not None and turn.relay.ran:
                 await self._save_answer(turn, turn.relay.result)
-            elif turn.user_saved:
+            elif turn.user_saved or turn.created:
                 await self._take_back(turn)
         finally:
             if turn.held:
