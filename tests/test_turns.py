@@ -7,6 +7,7 @@ SIGKILL, a restarted instance frees the killed process's turns at once."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sqlite3
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service import keys
+from service import holders, keys
 from service.config import CHAT_SYSTEM_PROMPT
 from service.conversations import Message, build_context
 from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway, RedisServer
@@ -325,3 +326,21 @@ async def test_a_turn_held_by_a_live_process_is_not_freed_by_a_restart(
             )
             assert busy.status == 409
         resp.close()
+
+
+def test_a_holder_names_its_process_and_only_a_gone_one_on_this_host_is_gone() -> None:
+    me = holders.this_process()
+    mine = holders.new_holder()
+    assert holders.parse(mine) == me
+    assert me.known  # Linux: /proc gives the boot id, the pid namespace and the start time
+    assert not holders.gone(mine)  # alive
+    dead = holders.SEP.join(["t", me.host, me.boot, me.pidns, str(me.pid), str(me.start + 1)])
+    assert holders.gone(dead)  # same pid, another start time: the pid was reused
+    for elsewhere in (
+        dataclasses.replace(me, host="other-host"),
+        dataclasses.replace(me, boot="another-boot"),
+        dataclasses.replace(me, pidns="pid:[1]"),  # another container with our hostname
+    ):
+        assert not holders.gone(dead, elsewhere)
+    assert not holders.gone("0123456789abcdef")  # a bare token (no process recorded)
+    assert holders.parse("a|b|c|d|x|1") is None
