@@ -52,6 +52,8 @@ class Limits:
         """Admit one request or raise 429 (with Retry-After) or, Redis being down and the policy
         closed, 503. A cancellation (the client left) waits for the store's answer, at most
         `STORE_TIMEOUT_S`, and gives back what it granted: a lease is never left behind."""
+        if not self.config.enabled:
+            return Admission(True)
         task = asyncio.create_task(self._admit(client, estimate))
         try:
             return await outlive_cancel(task)
@@ -62,8 +64,6 @@ class Limits:
             raise
 
     async def _admit(self, client: str, estimate: int) -> Admission:
-        if not self.config.enabled:
-            return Admission(True)
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 admission = await self.limiter.admit(client, estimate, self.clock())
