@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import socket
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from service import holders, keys
@@ -188,6 +191,53 @@ async def test_leaving_at_any_await_frees_the_conversation_and_leaves_no_danglin
     ]
     limits = gw.client.app[keys.LIMITS]
     assert await limits.limiter.concurrent("ip:127.0.0.1", limits.clock()) == 0
+    assert await gw.client.app[keys.CHATS].store.held_turns() == []
+
+
+async def reset_after(gw: Gateway, path: str, body: dict[str, Any], delay_s: float) -> None:
+    """Send a request on a raw socket and reset it (RST, not FIN) `delay_s` after."""
+    payload = orjson.dumps(body)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    _reader, writer = await asyncio.open_connection(gw.client.host, gw.client.port)
+    writer.write(head + payload)
+    await writer.drain()
+    await asyncio.sleep(delay_s)  # the attack's timing, not a synchronisation
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def test_clients_resetting_right_after_sending_leave_no_conversation_locked(
+    make_gateway: MakeGateway,
+) -> None:
+    """The reproduction: 20 conversations, each sent a turn whose client resets its socket 1 to
+    2 ms after the request left; every conversation takes its next turn at once."""
+    gw = await make_gateway(rate_limit_concurrent=50)
+    cids = []
+    for _ in range(20):
+        gw.fake.queue(answer("First answer"))
+        cids.append((await (await gw.post(CHAT, {"message": "Start"})).json())["conversationId"])
+    gw.fake.default = [Gate(NEVER())]  # an abandoned turn that reaches the model gets no text
+    await asyncio.gather(
+        *(
+            reset_after(gw, STREAM, {"message": "Abandoned", "conversationId": cid}, delay)
+            for cid, delay in zip(cids, [0.001 + n * 0.00005 for n in range(20)], strict=True)
+        )
+    )
+    async with asyncio.timeout(1):
+        await gw.settled()
+        for cid in cids:
+            gw.fake.queue([Echo(), Finish()])
+            again = await gw.post(CHAT, {"message": "Next", "conversationId": cid})
+            assert again.status == 200, await again.text()
+            assert gw.fake.seen[-1].body["messages"][1:] == [
+                {"role": "user", "content": "Start"},
+                {"role": "assistant", "content": "First answer"},
+                {"role": "user", "content": "Next"},
+            ]
     assert await gw.client.app[keys.CHATS].store.held_turns() == []
 
 
