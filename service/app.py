@@ -130,6 +130,7 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
         await sqlite.open()
         store = sqlite
     chats = app[keys.CHATS] = Chats(store, settings)
+    await chats.recover()  # turns held by a killed process of this host are free at once
     try:
         yield
     finally:

@@ -7,7 +7,7 @@ history that fit `CHAT_CONTEXT_TOKENS`, then the new message. A turn is a user m
 assistant answers that follow it; history is trimmed from the oldest turn and never inside a
 message, so the model never sees half a sentence or an answer without its question. Sizes are
 `prompts.estimate_tokens` (4 characters a token, 4 a message), the same estimate the token limit
-reserves with.
+reserves with. A user message with no answer that has text is not a turn, and is left out.
 """
 
 from __future__ import annotations
@@ -151,17 +151,22 @@ def build_context(
     system_prompt: str, history: Sequence[Message], message: str, budget: int
 ) -> list[dict[str, Any]]:
     """The messages sent upstream: system prompt, the newest whole turns within `budget`
-    tokens (estimated), then `message`. Empty answers (a failure before any text) are left out."""
+    tokens (estimated), then `message`. Empty answers (a failure before any text) are left out,
+    and so is a user message that no answer with text followed (its turn was cut before the
+    model said anything, or its process was killed): the model never sees a question twice."""
     system = {"role": "system", "content": system_prompt}
     new = {"role": "user", "content": message}
     left = budget - estimate_tokens([system, new])
     kept: list[list[dict[str, Any]]] = []
     turn: list[dict[str, Any]] = []
     for item in reversed(history):
-        if item.content:
-            turn.insert(0, {"role": item.role, "content": item.content})
         if item.role != "user":
+            if item.content:
+                turn.insert(0, {"role": item.role, "content": item.content})
             continue
+        if not turn:  # unanswered
+            continue
+        turn.insert(0, {"role": item.role, "content": item.content})
         cost = estimate_tokens(turn)
         if cost > left:
             break

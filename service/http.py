@@ -1,10 +1,18 @@
 """What every API handler does before a stream starts: read and validate the body, admit the
 stream, and turn any error into the contract's JSON shape with a precise status.
+
+Admission is contexts, entered in this order and left in the reverse: `take_slot` (one of
+`MAX_STREAMS`, counted synchronously, before the first await, so a burst cannot walk past the
+cap while earlier requests wait on SQLite or Redis), then `limited` (the client's limits), or
+both as `admitted`. Whatever ends the request (a 4xx, a store error, a cancellation at any await,
+the stream's end) gives back what was taken.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,7 +26,7 @@ from .errors import ApiError, Outcome
 from .limits import RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
-from .relay import Relay, Result, SseWriter, Vocabulary
+from .relay import Relay, Result, Slot, SseWriter, Vocabulary, outlive_cancel
 from .upstream import CompletionRequest
 
 log = structlog.get_logger("service.http")
@@ -136,13 +144,15 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ticket:
-    """An admitted request: whose limits it counts against and what it holds."""
+    """An admitted request: whose limits it counts against and what it holds. Once `relay` has
+    run, its ledger settles the account; until then the admission gives it back."""
 
     client: str
     lease: str | None
     reserved: int
+    relay: Relay | None = None
 
 
 def client_of(request: web.Request) -> str:
@@ -154,20 +164,41 @@ def client_of(request: web.Request) -> str:
     return "ip:" + access.client_address(request.remote, request.headers.get("X-Forwarded-For"))
 
 
-async def admit(request: web.Request, estimate: int) -> Ticket:
-    """Refuse a new stream when this instance is draining or full (503), or the client is over
-    a limit (429); otherwise take its request, lease and token reserve."""
+def take_slot(request: web.Request) -> Slot:
+    """One of this instance's `MAX_STREAMS`, taken before any await (503 when draining or full).
+    Use it as `with take_slot(request):` around everything the stream does."""
     live = request.app[keys.LIVE]
     if live.draining:
         raise ApiError("server_shutdown", "The server is shutting down.", retry_after_s=1)
-    max_streams = request.app[keys.SETTINGS].max_streams
-    if max_streams and len(live) >= max_streams:
+    slot = live.take(request.app[keys.SETTINGS].max_streams)
+    if slot is None:
         raise ApiError("overloaded", "Too many open streams; retry shortly.", retry_after_s=1)
+    return slot
+
+
+@contextlib.asynccontextmanager
+async def limited(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
+    """The client's limits: its request, lease and token reserve (429 when over one). On exit,
+    cancellation included, they are given back unless a relay ran (its ledger settled them)."""
     limits = request.app[keys.LIMITS]
     client = client_of(request)
     admission = await limits.admit(client, estimate)
     request[keys.ADMISSION] = admission
-    return Ticket(client, admission.lease, admission.reserved)
+    ticket = Ticket(client, admission.lease, admission.reserved)
+    try:
+        yield ticket
+    finally:
+        if ticket.relay is None or not ticket.relay.ran:
+            await outlive_cancel(limits.give_back(client, ticket.lease, ticket.reserved))
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
+    """A new stream's admission as one context: a `MAX_STREAMS` slot taken synchronously, then
+    the client's limits; everything taken is given back when the context exits."""
+    with take_slot(request):
+        async with limited(request, estimate) as ticket:
+            yield ticket
 
 
 def relay_for(
@@ -180,7 +211,7 @@ def relay_for(
     """The relay for an admitted request, wired to the app's upstream, metrics and limits; its
     stream id is `stream_id` (chat: the answer's message id) or a fresh one."""
     app = request.app
-    return Relay(
+    ticket.relay = relay = Relay(
         settings=app[keys.SETTINGS],
         upstream=app[keys.UPSTREAM],
         metrics=app[keys.METRICS],
@@ -195,6 +226,7 @@ def relay_for(
         reserved=ticket.reserved,
         stream_id=stream_id or sse.new_stream_id(),
     )
+    return relay
 
 
 def sse_response(

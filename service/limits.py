@@ -22,7 +22,7 @@ from .errors import ApiError, Outcome
 from .metrics import Metrics
 from .ratelimit import Admission, LimitConfig, Limiter
 from .redis_limits import LimiterUnavailable
-from .relay import LiveStreams, Relay
+from .relay import LiveStreams, Relay, outlive_cancel
 
 log = structlog.get_logger("service.limits")
 STORE_TIMEOUT_S = 2.0  # the longest a request waits on the limit store before the policy applies
@@ -50,9 +50,20 @@ class Limits:
 
     async def admit(self, client: str, estimate: int) -> Admission:
         """Admit one request or raise 429 (with Retry-After) or, Redis being down and the policy
-        closed, 503."""
+        closed, 503. A cancellation (the client left) waits for the store's answer, at most
+        `STORE_TIMEOUT_S`, and gives back what it granted: a lease is never left behind."""
         if not self.config.enabled:
             return Admission(True)
+        task = asyncio.create_task(self._admit(client, estimate))
+        try:
+            return await outlive_cancel(task)
+        except asyncio.CancelledError:
+            if not task.cancelled() and task.exception() is None:
+                granted = task.result()
+                await outlive_cancel(self.give_back(client, granted.lease, granted.reserved))
+            raise
+
+    async def _admit(self, client: str, estimate: int) -> Admission:
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 admission = await self.limiter.admit(client, estimate, self.clock())

@@ -32,7 +32,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -44,6 +44,7 @@ from .metrics import Metrics
 from .upstream import CompletionRequest, Upstream, UpstreamError, client_message
 
 log = structlog.get_logger("service.relay")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -142,21 +143,59 @@ class Ledger(Protocol):
     async def settle(self, relay: Relay) -> None: ...
 
 
+class Slot:
+    """One of this instance's `MAX_STREAMS`, taken at admission and held until the stream's
+    answer has ended; giving it back twice is harmless. A context manager that gives it back."""
+
+    __slots__ = ("_live", "held")
+
+    def __init__(self, live: LiveStreams) -> None:
+        self._live = live
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._live._given_back()
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class LiveStreams:
-    """Streams in flight on this instance: the MAX_STREAMS count, the limits' upkeep and the
-    shutdown drain."""
+    """Streams on this instance: the `MAX_STREAMS` slots (taken synchronously at admission, so a
+    burst cannot walk past the cap while earlier requests await the stores), the relays in flight
+    (the limits' upkeep), and the shutdown drain."""
 
     def __init__(self) -> None:
         self._relays: set[Relay] = set()
+        self._slots = 0
         self._empty = asyncio.Event()
         self._empty.set()
         self.draining = False
 
     def __len__(self) -> int:
-        return len(self._relays)
+        """Slots taken: streams admitted and not yet ended."""
+        return self._slots
 
     def __iter__(self) -> Iterator[Relay]:
         return iter(list(self._relays))
+
+    def take(self, cap: int) -> Slot | None:
+        """A slot, or None when `cap` (0 = no cap) are taken. No await: the count and the take
+        are one step of the event loop."""
+        if cap and self._slots >= cap:
+            return None
+        self._slots += 1
+        self._empty.clear()
+        return Slot(self)
+
+    def _given_back(self) -> None:
+        self._slots -= 1
+        self._settle_empty()
 
     def add(self, relay: Relay) -> None:
         self._relays.add(relay)
@@ -164,11 +203,15 @@ class LiveStreams:
 
     def discard(self, relay: Relay) -> None:
         self._relays.discard(relay)
-        if not self._relays:
+        self._settle_empty()
+
+    def _settle_empty(self) -> None:
+        if not self._relays and not self._slots:
             self._empty.set()
 
     async def idle(self) -> None:
-        """Return once no stream is in flight (every outcome so far is accounted)."""
+        """Return once no stream is in flight or admitted (every outcome so far is accounted and
+        every slot given back)."""
         await self._empty.wait()
 
     async def drain(self, drain_s: float, grace_s: float = 5.0) -> None:
@@ -184,7 +227,24 @@ class LiveStreams:
                 async with asyncio.timeout(grace_s):
                     await self._empty.wait()
             except TimeoutError:
-                log.warning("shutdown.streams_left", count=len(self._relays))
+                log.warning("shutdown.streams_left", count=len(self._relays), slots=self._slots)
+
+
+async def outlive_cancel(work: Awaitable[T]) -> T:
+    """Run `work` (a release, a save) to its end even if the caller is cancelled meanwhile, then
+    re-raise that cancellation: what a stream took is given back on every path (design note 5)."""
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        if not task.cancelled():
+            task.exception()  # retrieved; the caller's cancellation is what it sees
+        raise asyncio.CancelledError
+    return task.result()
 
 
 async def _settle(*tasks: asyncio.Task[None]) -> None:
@@ -226,6 +286,7 @@ class Relay:
     uncharged: int = 0  # deltas relayed since the ledger last charged them
     charged: int = 0
     result: Result = field(init=False)
+    ran: bool = field(default=False, init=False)  # run() began: the ledger settles, not admission
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
     _pieces: list[str] = field(default_factory=list, init=False)
@@ -247,6 +308,7 @@ class Relay:
     async def run(self, opening: Callable[[], Awaitable[None]] | None = None) -> Result:
         """Relay the answer; `opening` (headers, first event) runs first, inside the accounting,
         so a client that leaves even then is counted and its limits released."""
+        self.ran = True
         loop = asyncio.get_running_loop()
         labels = self.metrics.child(self.metrics.streams_active, self.route)
         labels.inc()
