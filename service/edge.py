@@ -144,8 +144,9 @@ class Protocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # Head bytes: anything before the first request, or sent while waiting for the next one.
         waiting = self._waiter is not None and not self._waiter.done()
-        if data and waiting:
+        if data and (waiting or self._request_count == 0):
             if self._head_timer is None:
                 self._arm_head()
             self._head_bytes = True
