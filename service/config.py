@@ -192,8 +192,9 @@ def _origins(raw: str) -> tuple[str, ...]:
     for origin in values:
         if origin == "*":
             continue
-        if not origin.startswith(("http://", "https://")) or "@" in origin:
+        if not origin.startswith(("http://", "https://")):
             raise ValueError("must be origins like https://example.com")
+        _no_credentials(origin)
     return tuple(o.rstrip("/") for o in values)
 
 
