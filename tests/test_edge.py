@@ -216,10 +216,14 @@ if not HAS_BROTLI:
 
 
 def assert_json_lines(served: Process) -> None:
+    """Every line is one JSON object; none carries a traceback or a byte of the requests."""
     lines = served.log_lines()
     assert lines
     for line in lines:
-        assert isinstance(orjson.loads(line), dict), line
+        record = orjson.loads(line)
+        assert isinstance(record, dict), line
+        assert "exception" not in record, line
+        assert CANARY.lower() not in line.lower()
 
 
 def assert_error(answer: Answer, status: int, code: str) -> None:
