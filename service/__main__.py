@@ -11,6 +11,7 @@ import asyncio
 import os
 import resource
 import sys
+from datetime import UTC, datetime
 
 import orjson
 import structlog
@@ -46,10 +47,11 @@ def _refuse(err: SettingsError, as_json: bool) -> None:
     """Bad settings: one JSON line (the log format the process would have used), else text.
     The problems name variables and never repeat a value that could be a secret."""
     if as_json:
-        line = {"event": "settings.invalid", "level": "error", "problems": err.problems}
-        sys.stderr.write(orjson.dumps(line).decode() + "\n")
-    else:
-        print(err, file=sys.stderr)
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        line = {"event": "settings.invalid", "level": "error", "timestamp": now}
+        sys.stderr.write(orjson.dumps({**line, "problems": err.problems}).decode() + "\n")
+        return
+    print(err, file=sys.stderr)
 
 
 def _raise_fd_limit() -> None:

@@ -20,7 +20,11 @@ Design notes:
    an idle connection, as in its keep-alive timer): a timer still running when a request has
    started is a no-op. A partial head that arrives while a handler runs (pipelining) is bounded
    by the keep-alive timeout instead.
-3. `run` stops on SIGINT/SIGTERM through an event rather than `run_app`'s exception from the
+3. aiohttp's parser reports a body whose encoding breaks at its very end (a deflate stream that
+   never finishes) as a new, separate error message, and leaves the body being read waiting for
+   an end that never comes (until `BODY_TIMEOUT_S`). `Protocol` hands that error to the body's
+   reader instead, so the request is answered 400 at once.
+4. `run` stops on SIGINT/SIGTERM through an event rather than `run_app`'s exception from the
    signal handler, so the drain runs in a task that is not being cancelled.
 """
 
@@ -43,7 +47,8 @@ from aiohttp.http_exceptions import (
     HttpProcessingError,
     LineTooLong,
 )
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .errors import ApiError
 
@@ -63,10 +68,13 @@ def protocol_error(status: int, exc: BaseException | None = None) -> ApiError:
         if status == 504:
             return ApiError("timeout", "The request timed out.")
         return ApiError("internal", "Internal error.")
-    if isinstance(exc, ContentEncodingError):
+    if isinstance(exc, ContentEncodingError) and "install" in exc.message:
+        # aiohttp names the library it lacks for this coding (br, zstd)
         return ApiError(
             "unsupported_media_type", "The request's Content-Encoding is not supported."
         )
+    if isinstance(exc, ContentEncodingError):
+        return ApiError("bad_request", "The body does not decode as its Content-Encoding says.")
     if isinstance(exc, BadHttpMethod):
         message = "The request method is not valid."
     elif isinstance(exc, BadStatusLine):
@@ -127,13 +135,14 @@ def _json_http_errors(handler: RawHandler) -> RawHandler:
 class Protocol(RequestHandler):
     """aiohttp's connection handler with a head deadline and JSON protocol errors."""
 
-    __slots__ = ("_head_bytes", "_head_timer", "_header_timeout_s")
+    __slots__ = ("_body", "_head_bytes", "_head_timer", "_header_timeout_s")
 
     def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout_s = header_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = False
+        self._body: StreamReader | None = None  # the latest request's body
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -152,8 +161,18 @@ class Protocol(RequestHandler):
             self._head_bytes = True
         parsed = self._request_count
         super().data_received(data)
-        if self._request_count != parsed:
+        if added := self._request_count - parsed:
             self._disarm_head()
+            self._follow_bodies(added)
+
+    def _follow_bodies(self, added: int) -> None:
+        """Design note 3: a parse error after a request's head goes to that request's body."""
+        for message, body in list(self._messages)[-added:]:
+            if not isinstance(message, _ErrInfo):
+                self._body = body
+            elif self._body is not None and not self._body.is_eof():
+                self._body.set_exception(web.RequestPayloadError(message.message))
+                self._body = None
 
     def _arm_head(self) -> None:
         if self._header_timeout_s:
@@ -258,7 +277,7 @@ async def serve(
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=backlog).start()
-        await stop.wait()  # design note 3
+        await stop.wait()  # design note 4
         log.info("server.stopping")
     finally:
         await runner.cleanup()

@@ -179,6 +179,12 @@ CASES: list[tuple[str, bytes, int, str]] = [
         "bad_request",
     ),
     (
+        "unfinished-deflate",
+        post(b"/api/ai/generate", JSON + b"Content-Encoding: deflate\r\n", b"{}"),
+        400,
+        "bad_request",
+    ),
+    (
         "unknown-coding",
         post(b"/api/ai/generate", JSON + b"Content-Encoding: " + CANARY + b"\r\n", GOOD),
         415,
@@ -245,6 +251,29 @@ def test_every_error_is_json_and_echoes_nothing(
     served: Process, data: bytes, status: int, code: str
 ) -> None:
     assert_error(parse(exchange(served.port, data)), status, code)
+    assert_json_lines(served)
+
+
+@pytest.mark.parametrize("body", [b"{}", b"3", CANARY])
+def test_a_body_whose_coding_breaks_at_its_end_is_a_400_at_once(
+    served: Process, body: bytes
+) -> None:
+    """The head and the body in two packets: the request is being handled when the body's
+    coding turns out broken at its end (a deflate stream that never finishes)."""
+    data = post(b"/api/ai/generate", JSON + b"Content-Encoding: deflate\r\n", body)
+    head, body = data[: -len(body)], data[-len(body) :]
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(head)
+        time.sleep(0.05)  # shapes the wire (two packets); nothing waits on it
+        started = time.monotonic()
+        sock.sendall(body)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+        waited = time.monotonic() - started
+    assert_error(parse(raw), 400, "bad_request")
+    assert waited < 0.5  # not the body deadline's 1 s
     assert_json_lines(served)
 
 

@@ -70,6 +70,7 @@ async def slow_client(port: int, kind: str, until: float, tally: Tally) -> None:
                     break
                 writer.write(b"x")
             read.cancel()
+            await asyncio.gather(read, return_exceptions=True)
         except OSError:
             pass  # reset after the answer: it ended all the same
         finally:
