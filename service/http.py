@@ -5,7 +5,7 @@ Design notes:
 1. A body that cannot be read to its end (it did not arrive within `BODY_TIMEOUT_S`, or its
    content or chunked encoding is broken) is answered, and then nothing more is read from the
    connection, which closes after the answer: aiohttp would otherwise linger up to 10 s more
-   reading what is left of it, which is what a slow-body client wants.
+   reading what is left of it, the very hold on a descriptor a slow-body client is after.
 """
 
 from __future__ import annotations
