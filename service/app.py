@@ -56,6 +56,7 @@ def create_app(
     probe.setup(app)
     health.setup(app)
     _cors(app, settings)
+    app.on_response_prepare.append(http.vary_on_origin)  # after aiohttp-cors's hook
     return app
 
 

@@ -6,6 +6,12 @@ Admission is contexts, entered in this order and left in the reverse: `take_slot
 cap while earlier requests wait on SQLite or Redis), then `limited` (the client's limits), or
 both as `admitted`. Whatever ends the request (a 4xx, a store error, a cancellation at any await,
 the stream's end) gives back what was taken.
+
+Design notes:
+1. A body that cannot be read to its end (it did not arrive within `BODY_TIMEOUT_S`, or its
+   content or chunked encoding is broken) is answered, and then nothing more is read from the
+   connection, which closes after the answer: aiohttp would otherwise linger up to 10 s more
+   reading what is left of it, the very hold on a descriptor a slow-body client is after.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from pydantic import BaseModel, ValidationError
 
 from . import keys, sse
+from .edge import SERVER
 from .errors import ApiError, Outcome
 from .limits import RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
@@ -33,6 +41,20 @@ log = structlog.get_logger("service.http")
 Body = TypeVar("Body", bound=BaseModel)
 
 _CODE_BY_STATUS = {404: "not_found", 413: "payload_too_large", 415: "unsupported_media_type"}
+# Content codings aiohttp decodes here (br and zstd only where their libraries are installed).
+CONTENT_CODINGS = frozenset(
+    [
+        "identity",
+        "gzip",
+        "deflate",
+        *(["br"] if HAS_BROTLI else []),
+        *(["zstd"] if HAS_ZSTD else []),
+    ]
+)
+
+
+class BodyUnread(ApiError):
+    """The body could not be read to its end: answered, then the connection closes (note 1)."""
 
 
 def json_response(
@@ -57,6 +79,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if isinstance(err, RateLimited):
             request[keys.ADMISSION] = err.admission
         response = error_response(err)
+        if isinstance(err, BodyUnread):
+            _read_no_more(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -66,6 +90,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("request.failed")
         response = error_response(ApiError("internal", "Internal error."))
     return response
+
+
+def _read_no_more(request: web.Request, response: web.StreamResponse) -> None:
+    """Design note 1: ignore the rest of the body and close the connection after the answer."""
+    response.force_close()
+    request.protocol.close()  # the connection stops reading; it closes after this answer
+    request.content.feed_eof()  # so aiohttp does not wait for the rest of the body
 
 
 def _route(request: web.Request) -> str:
@@ -90,6 +121,7 @@ async def require_key(request: web.Request, handler: Handler) -> web.StreamRespo
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer names its request, carries the quota headers of the limits that were
     consulted, and is counted once, when its status is final."""
+    response.headers["Server"] = SERVER  # the product, never its versions
     request_id = request.get(keys.REQUEST_ID)
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
@@ -110,17 +142,48 @@ async def read_json(request: web.Request, model: type[Body]) -> Body:
             "unsupported_media_type",
             "Content-Type must be application/json." if media else "Content-Type is missing.",
         )
+    coding = request.headers.get("Content-Encoding", "").strip().lower() or "identity"
+    if coding not in CONTENT_CODINGS:
+        codings = ", ".join(sorted(CONTENT_CODINGS - {"identity"}))
+        raise ApiError(
+            "unsupported_media_type", f"Content-Encoding must be one of {codings}, or none."
+        )
     limit = request.app[keys.SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as err:
-        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.") from err
+    raw = await _read_body(request, limit)
     try:
         return model.model_validate_json(raw)
     except ValidationError as err:
         raise ApiError("bad_request", describe(err)) from err
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, decoded, within BODY_TIMEOUT_S of the request's arrival."""
+    timeout_s = request.app[keys.SETTINGS].body_timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = request.get(keys.ARRIVED, loop.time()) + timeout_s if timeout_s else None
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.") from err
+    except TimeoutError as err:
+        message = f"The body did not arrive within {timeout_s:g} s."
+        raise BodyUnread("request_timeout", message) from err
+    except web.RequestPayloadError as err:
+        message = "The body could not be read: its content or chunked encoding is not valid."
+        raise BodyUnread("bad_request", message) from err
+
+
+async def vary_on_origin(request: web.Request, response: web.StreamResponse) -> None:
+    """An answer that names the allowed origin differs by Origin: caches must key on it. Runs
+    after aiohttp-cors's own hook has set the header."""
+    origin = response.headers.get("Access-Control-Allow-Origin")
+    if origin and origin != "*":
+        vary = response.headers.get("Vary", "")
+        if "origin" not in vary.lower():
+            response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
 def media_type(header: str) -> str:

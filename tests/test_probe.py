@@ -76,6 +76,11 @@ async def test_the_probe_writes_timed_events_shaped_to_trip_buffers(
         ("interval_ms=2001", "interval_ms: must be an integer from 50 to 2000"),
         ("interval_ms=1.5", "interval_ms: must be an integer from 50 to 2000"),
         ("count=100&interval_ms=1000", "count x interval_ms: must be at most 60000 ms"),
+        # digits of other scripts, which str.isdigit and int() accept
+        ("count=%C2%B2", "count: must be an integer from 1 to 100"),
+        ("count=%D9%A3", "count: must be an integer from 1 to 100"),
+        ("interval_ms=%EF%BC%95%EF%BC%90", "interval_ms: must be an integer from 50 to 2000"),
+        ("count=0000000000000000000000001", "count: must be an integer from 1 to 100"),
     ],
 )
 async def test_bad_parameters_get_400(make_gateway: MakeGateway, query: str, message: str) -> None:

@@ -342,6 +342,26 @@ def test_settings_name_every_bad_variable_at_once() -> None:
         assert name in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "name", ["OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "ADMIN_API_BASE", "CORS_ORIGINS"]
+)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:Secret-Canary@127.0.0.1:9/v1",
+        "https://Secret-Canary@example.com",
+        "https://:Secret-Canary@example.com/v1",
+        "http://example.com:Secret-Canary/v1",
+    ],
+)
+def test_url_settings_refuse_credentials_without_repeating_them(name: str, url: str) -> None:
+    env = {name: url, "AZURE_OPENAI_API_KEY": "k"}
+    with pytest.raises(SettingsError) as caught:
+        from_env(env)
+    assert set(caught.value.problems) == {name}
+    assert "Secret-Canary" not in str(caught.value)
+
+
 def test_settings_parse_the_contract_names() -> None:
     settings = from_env(
         {
@@ -354,8 +374,11 @@ def test_settings_parse_the_contract_names() -> None:
             "SHUTDOWN_DRAIN_S": "3",
             "ALLOWED_MODELS": "a, b,",
             "LOG_FORMAT": "console",
+            "BODY_TIMEOUT_S": "2.5",
+            "HEADER_TIMEOUT_S": "0",
         }
     )
+    assert (settings.body_timeout_s, settings.header_timeout_s) == (2.5, 0)
     assert (settings.host, settings.port, settings.openai_model) == ("0.0.0.0", 8080, "m")
     assert (settings.idle_timeout_s, settings.max_stream_s, settings.shutdown_drain_s) == (
         0,

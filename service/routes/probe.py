@@ -49,7 +49,8 @@ def _bounded(query: Mapping[str, str], name: str, bounds: tuple[int, int, int]) 
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit and int() also take other scripts' digits ("²", "٣").
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not low <= int(raw) <= high:
         raise ApiError("bad_request", f"{name}: must be an integer from {low} to {high}")
     return int(raw)
 
