@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import demo_upstream, http, keys, logs
+from . import demo_upstream, http, keys, logs, tcp
 from .access import Access
 from .chat import Chats
 from .chat_store import ConversationStore, RedisStore, SqliteStore
@@ -50,6 +50,7 @@ def create_app(
     app.cleanup_ctx.append(_limits)
     app.cleanup_ctx.append(_conversations)
     app.on_response_prepare.append(http.on_prepare)
+    tcp.setup(app, settings.write_timeout_s, settings.heartbeat_interval_s)
     app.on_shutdown.append(_drain)
     generate.setup(app)
     chat.setup(app)

@@ -24,6 +24,11 @@ Design notes:
    `rate(ai_stream_completion_tokens_total)` shows a long answer while it streams rather than in
    one step at its end; when the upstream's usage reports more tokens than deltas, the rest is
    added at the end.
+7. A frame's write returns once the transport has drained below its high-water mark (a flag
+   check, no system call), so for a reader that stops reading the write blocks once a bounded
+   amount is queued (`tcp.STREAM_QUEUE_BOUND`) and the write deadline can fire; aiohttp alone
+   waits only every 64 KiB written. A write that misses its deadline aborts the connection: the
+   client is treated as gone (as when it disconnects), and nothing waits on it any more.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
-from . import sse
+from . import sse, tcp
 from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, Outcome
 from .metrics import Metrics
@@ -103,12 +109,22 @@ class SseWriter:
     """Frames onto one prepared response, in the shape its client asked for, with the stamps the
     watchdog reads."""
 
-    __slots__ = ("_loop", "_resp", "framing", "last_write", "seq", "vocabulary", "writing_since")
+    __slots__ = (
+        "_loop",
+        "_out",
+        "_resp",
+        "framing",
+        "last_write",
+        "seq",
+        "vocabulary",
+        "writing_since",
+    )
 
     def __init__(
         self, resp: web.StreamResponse, vocabulary: Vocabulary, framing: sse.Framing
     ) -> None:
         self._resp = resp
+        self._out: AbstractStreamWriter | None = None  # bound at the first write (note 7)
         self._loop = asyncio.get_running_loop()
         self.vocabulary = vocabulary
         self.framing = framing
@@ -119,8 +135,19 @@ class SseWriter:
     async def _write(self, data: bytes) -> None:
         self.writing_since = now = self._loop.time()
         await self._resp.write(data)
+        out = self._out
+        if out is None:  # the first write, or a response with no bounds (not on a TCP socket)
+            out = self._out = self._resp.get(tcp.STREAM_OUT)
+        if out is not None:
+            await out.drain()  # design note 7
         self.writing_since = 0.0
         self.last_write = now
+
+    def abort(self) -> None:
+        """Drop the connection of a client that did not take a write in time (design note 7)."""
+        transport = self._out.transport if self._out is not None else None
+        if transport is not None:
+            transport.abort()
 
     async def event(self, payload: dict[str, Any]) -> None:
         self.seq += 1
@@ -414,6 +441,7 @@ class Relay:
                 if writer.writing_since:
                     if s.write_timeout_s:
                         if now - writer.writing_since >= s.write_timeout_s:
+                            writer.abort()
                             return self.expire(Outcome.CLIENT_DISCONNECT)
                         wake = min(wake, writer.writing_since + s.write_timeout_s)
                 elif s.heartbeat_interval_s:
@@ -423,6 +451,7 @@ class Relay:
                             async with asyncio.timeout(s.write_timeout_s or None):
                                 await writer.ping()
                         except (TimeoutError, ConnectionError):
+                            writer.abort()
                             return self.expire(Outcome.CLIENT_DISCONNECT)
                         self.metrics.heartbeats.inc()
                         ping_at = writer.last_write + s.heartbeat_interval_s
