@@ -10,8 +10,10 @@ import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -20,9 +22,10 @@ from prometheus_client import CollectorRegistry
 from service import keys, tcp
 from service.app import create_app
 from service.upstream import OpenAIUpstream
-from tests.conftest import MakeGateway, make_settings
+from tests.conftest import API_KEY, MakeGateway, make_settings
 from tests.fake_upstream import FakeUpstream, Gate, Repeat, Step, Text
 from tests.netns import SERVER_ADDRESS, VethPair, veth_pair
+from tests.process import service
 
 MARGIN_S = 1.0  # scheduling slack on a shared machine, on top of every bound below
 
@@ -176,48 +179,94 @@ async def test_a_vanished_peer_is_found_within_the_write_deadline_plus_a_heartbe
     assert gateway.outcomes(route) == 1
 
 
-async def test_a_frozen_reader_is_cut_once_a_bounded_amount_is_queued(
-    make_gateway: MakeGateway,
-) -> None:
-    write_timeout_s = 2.0
-    interval_s = 0.01
-    gateway = await make_gateway(write_timeout_s=write_timeout_s, heartbeat_interval_s=1.0)
-    gateway.fake.queue([Repeat("x" * 200, interval_s)])  # ~25 KB/s of frames, one every 10 ms
-    server = gateway.client.server
+FROZEN_WRITE_TIMEOUT_S = 2.0
+FROZEN_INTERVAL_S = 0.01  # a 200-character delta every 10 ms: frames of ~270 bytes, ~25 KB/s
+
+
+@dataclass
+class Frozen:
+    detected_s: float
+    received: bytes  # what the client's kernel took for it (it never read)
+
+
+async def freeze_reader(fake: FakeUpstream, host: str, port: int) -> Frozen:
+    """Start a stream from a real socket that never reads; return once the upstream request is
+    cancelled (bounded by the fill time at the stream's pace plus the write deadline)."""
+    fake.queue([Repeat("x" * 200, FROZEN_INTERVAL_S)])
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window
     sock.setblocking(False)
     try:
         async with asyncio.timeout(5):
-            await loop.sock_connect(sock, (server.host, server.port))
+            await loop.sock_connect(sock, (host, port))
             await loop.sock_sendall(sock, request_bytes("/api/ai/generate-stream", {"prompt": "x"}))
-            await gateway.fake.arrived.wait()
+            await fake.arrived.wait()
         started = loop.time()
-        # ... and never read: wait for the upstream request to be cancelled
         window = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        frame_s = interval_s * 1.5  # the fake's pace, with its scheduling slack
-        fill_s = (window + tcp.STREAM_QUEUE_BOUND) / (220 / frame_s)
-        async with asyncio.timeout(fill_s + write_timeout_s + MARGIN_S):
-            await gateway.fake.seen[0].ended.wait()
+        rate = 270 / (FROZEN_INTERVAL_S * 1.5)  # bytes/s, with the fake's scheduling slack
+        fill_s = (window + tcp.STREAM_QUEUE_BOUND) / rate
+        async with asyncio.timeout(fill_s + FROZEN_WRITE_TIMEOUT_S + MARGIN_S):
+            await fake.seen[0].ended.wait()
         detected_s = loop.time() - started
-        await gateway.settled()
-        received = await drain(sock)
+        return Frozen(detected_s, await drain(sock))
     finally:
         sock.close()
-    assert gateway.fake.seen[0].cancelled
-    assert gateway.outcomes() == {"client_disconnect": 1}
-    # What the server had queued: frames relayed but not received, at the frames' own size.
-    counts = [(m.start(), int(m[1])) for m in re.finditer(rb'"tokenCount":(\d+)', received)]
+
+
+def assert_bounded(frozen: Frozen, relayed: float) -> None:
+    """What the server had queued (frames relayed but not received, at the frames' own size) is
+    within `STREAM_QUEUE_BOUND` plus the frame being written."""
+    counts = [(m.start(), int(m[1])) for m in re.finditer(rb'"tokenCount":(\d+)', frozen.received)]
     (first_at, first), (last_at, last) = counts[0], counts[-1]
     per_delta = (last_at - first_at) / (last - first)
-    relayed = gateway.sample("ai_stream_completion_tokens_total", model="test-model")
     queued = (relayed - last) * per_delta
     print(
-        f"\nfrozen reader: cut after {detected_s:.2f} s, {len(received)} bytes in the client's "
-        f"buffer, about {queued:.0f} bytes queued on the server ({relayed:.0f} deltas relayed)"
+        f"\nfrozen reader: cut after {frozen.detected_s:.2f} s, {len(frozen.received)} bytes in "
+        f"the client's buffer, about {queued:.0f} bytes queued on the server "
+        f"({relayed:.0f} deltas relayed)"
     )
     assert queued <= tcp.STREAM_QUEUE_BOUND + 2 * per_delta
+
+
+async def test_a_frozen_reader_is_cut_once_a_bounded_amount_is_queued(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(write_timeout_s=FROZEN_WRITE_TIMEOUT_S, heartbeat_interval_s=1.0)
+    server = gateway.client.server
+    assert server.port is not None
+    frozen = await freeze_reader(gateway.fake, server.host, server.port)
+    await gateway.settled()
+    assert gateway.fake.seen[0].cancelled
+    assert gateway.outcomes() == {"client_disconnect": 1}
+    assert_bounded(frozen, gateway.sample("ai_stream_completion_tokens_total", model="test-model"))
+
+
+async def test_the_real_process_cuts_a_frozen_reader(fake: FakeUpstream, tmp_path: Path) -> None:
+    """The same under `python -m service` (uvloop, `run_app`)."""
+    env = {
+        "OPENAI_BASE_URL": fake.url,
+        "OPENAI_API_KEY": API_KEY,
+        "OPENAI_MODEL": "test-model",
+        "WRITE_TIMEOUT_S": str(FROZEN_WRITE_TIMEOUT_S),
+        "HEARTBEAT_INTERVAL_S": "1",
+        "RATE_LIMIT_RPM": "0",
+    }
+    async with service(env, tmp_path) as svc:
+        frozen = await freeze_reader(fake, "127.0.0.1", svc.port)
+        async with aiohttp.ClientSession() as session, asyncio.timeout(5):
+            while True:  # the outcome is counted once the handler has finished its teardown
+                metrics = await (await session.get(f"{svc.url}/metrics")).text()
+                if OUTCOME in metrics:
+                    break
+                await asyncio.sleep(0.05)  # bounded polling of another process's state
+    assert fake.seen[0].cancelled
+    relayed = re.search(r'ai_stream_completion_tokens_total\{model="test-model"\} (\S+)', metrics)
+    assert relayed is not None
+    assert_bounded(frozen, float(relayed[1]))
+
+
+OUTCOME = 'ai_stream_outcomes_total{outcome="client_disconnect",route="generate_stream"} 1.0'
 
 
 async def drain(sock: socket.socket) -> bytes:
