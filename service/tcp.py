@@ -10,13 +10,15 @@ reading"):
   nothing in flight (a JSON answer still generating). aiohttp then sees the connection lost and
   cancels the handler: outcome `client_disconnect`, upstream request cancelled.
 - A **frozen** reader acknowledges but never reads. Its window closes, and the bytes meant for it
-  pile up on the server: by default megabytes of kernel buffer, written at token pace for minutes
-  before a write blocks. A stream's socket gets a small send buffer and its transport a small
-  high-water mark, and `SseWriter` waits for the transport to drain after each frame, so a write
-  blocks once `STREAM_QUEUE_BOUND` bytes are queued; `WRITE_TIMEOUT_S` later it is cut.
+  pile up on the server: by default megabytes of kernel buffer, filled at token pace for longer
+  than `MAX_STREAM_S` before a write blocks. A stream's socket gets a small send buffer and its
+  transport a small high-water mark, and a frame's write in `SseWriter` returns only once the
+  transport is below that mark, so a write blocks once `STREAM_QUEUE_BOUND` bytes are queued and
+  `WRITE_TIMEOUT_S` later the stream is cut. (Linux also applies the user timeout to a window
+  that stays closed, which often cuts it first.)
 
 Design notes:
-1. Options are set per request, in a middleware, on the accepted socket (four `setsockopt` calls
+1. Options are set per request, in a middleware, on the accepted socket (five `setsockopt` calls
    per request, none per write). Set on a listening socket they would be inherited by accepted
    ones on Linux, but the app does not own its listeners (`run_app`, the test servers), and this
    way every server the app runs behind gets the same behaviour.
@@ -63,18 +65,24 @@ def peer_options(write_timeout_s: float, heartbeat_interval_s: float) -> tuple[S
       plus the idle time. Without it (old kernels) `KEEPALIVE_PROBES` unanswered probes take at
       most the deadline after the idle time.
 
-    `write_timeout_s == 0` turns write deadlines off: the system's defaults stay.
+    `write_timeout_s == 0` turns write deadlines off: the system's defaults stay. Options this
+    platform lacks are left out (macOS has no `TCP_USER_TIMEOUT`; the deploy target is Linux).
     """
     if not write_timeout_s:
         return ()
     idle = max(1, math.ceil(heartbeat_interval_s or write_timeout_s))
     interval = max(1, math.ceil(min(idle, write_timeout_s) / KEEPALIVE_PROBES))
-    return (
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval),
-        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
-        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, math.ceil(write_timeout_s * 1000)),
+    wanted = (
+        (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+        (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
+        (socket.IPPROTO_TCP, "TCP_KEEPINTVL", interval),
+        (socket.IPPROTO_TCP, "TCP_KEEPCNT", KEEPALIVE_PROBES),
+        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", math.ceil(write_timeout_s * 1000)),
+    )
+    return tuple(
+        (level, getattr(socket, name), value)
+        for level, name, value in wanted
+        if hasattr(socket, name)
     )
 
 
@@ -121,6 +129,7 @@ async def bound_stream(request: web.Request, response: web.StreamResponse) -> No
 
 
 def setup(app: web.Application, write_timeout_s: float, heartbeat_interval_s: float) -> None:
+    """Watch every request's peer, and bound every event stream's buffers."""
     options = peer_options(write_timeout_s, heartbeat_interval_s)
     if options:
         app.middlewares.append(watch_peer(options))
