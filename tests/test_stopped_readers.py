@@ -1,6 +1,7 @@
 """Readers that stop reading are found long before `MAX_STREAM_S`, and their upstream request is
 cancelled: a vanished peer (acknowledges nothing) within `WRITE_TIMEOUT_S` plus one heartbeat
-interval, a frozen one (acknowledges, never reads) once a bounded amount is queued for it."""
+interval (plus the kernel's first retransmission timeout), a frozen one (acknowledges, never reads)
+once a bounded amount is queued for it. Run with `-s` to see the measured figures."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from tests.fake_upstream import FakeUpstream, Gate, Repeat, Step, Text
 from tests.netns import SERVER_ADDRESS, VethPair, veth_pair
 from tests.process import service
 
-MARGIN_S = 1.0  # scheduling slack on a shared machine, on top of every bound below
+# On top of every bound below: the kernel's first retransmission timeout (the user timeout counts
+# from it; 0.4 s on these veth links) and scheduling slack on a shared machine.
+MARGIN_S = 1.0
 
 
 def request_bytes(path: str, body: dict[str, Any]) -> bytes:
