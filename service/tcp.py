@@ -20,8 +20,8 @@ reading"):
 Design notes:
 1. Options are set per request, in a middleware, on the accepted socket (five `setsockopt` calls
    per request, none per write). Set on a listening socket they would be inherited by accepted
-   ones on Linux, but the app does not own its listeners (`run_app`, the test servers), and this
-   way every server the app runs behind gets the same behaviour.
+   ones on Linux, but the app does not own its listeners (the process's runner, the test
+   servers), and this way every server the app runs behind gets the same behaviour.
 2. Keep-alive seconds are whole numbers (the kernel's unit), at least 1.
 """
 

@@ -80,8 +80,8 @@ def test_no_write_deadline_leaves_the_system_defaults() -> None:
 
 @dataclass
 class NamespacedGateway:
-    """The gateway listening on the server end of a veth pair (a real AppRunner, handler
-    cancellation on, as `run_app` runs it), its upstream the scripted fake on loopback."""
+    """The gateway listening on the server end of a veth pair (a real AppRunner with handler
+    cancellation on, as the process runs it), its upstream the scripted fake on loopback."""
 
     pair: VethPair
     app: web.Application
@@ -246,7 +246,7 @@ async def test_a_frozen_reader_is_cut_once_a_bounded_amount_is_queued(
 
 
 async def test_the_real_process_cuts_a_frozen_reader(fake: FakeUpstream, tmp_path: Path) -> None:
-    """The same under `python -m service` (uvloop, `run_app`)."""
+    """The same under `python -m service` (uvloop, the process's own HTTP layer)."""
     env = {
         "OPENAI_BASE_URL": fake.url,
         "OPENAI_API_KEY": API_KEY,
