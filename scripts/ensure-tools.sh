@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system tools the test suite runs for real, when they are missing and we are root:
-# redis-server, prometheus and promtool, nginx, caddy and chromium with apt-get, and PM2 with npm.
+# redis-server, prometheus and promtool, nginx, caddy, chromium, and iproute2 and nftables (the
+# network namespaces of the vanished-peer tests) with apt-get, and PM2 with npm.
 # Without root (or apt-get / npm) it installs nothing; those tests then skip locally and fail on
 # CI (CI=true), where every tool is required. Daemons the packages would start are kept stopped:
 # the tests start their own on loopback ports.
@@ -14,6 +15,8 @@ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || 
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v caddy >/dev/null 2>&1 || need+=(caddy)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 need_pm2=0
 command -v pm2-runtime >/dev/null 2>&1 || need_pm2=1
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import sys
+from datetime import UTC, datetime
 
-from aiohttp import web
+import orjson
+import structlog
 
-from . import logs
+from . import edge, logs
 from .config import Settings, SettingsError, from_env
 
 
@@ -30,13 +33,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = from_env(os.environ)
     except SettingsError as err:
-        print(err, file=sys.stderr)
+        _refuse(err, os.environ.get("LOG_FORMAT") in (None, "", "json"))
         return 2
     logs.configure(settings)
+    _raise_fd_limit()
     _use_uvloop()
     if command == "admin":
         return _serve_admin(settings)
     return _serve_api(settings)
+
+
+def _refuse(err: SettingsError, as_json: bool) -> None:
+    """Bad settings: one JSON line (the log format the process would have used), else text.
+    The problems name variables and never repeat a value that could be a secret."""
+    if as_json:
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        line = {"event": "settings.invalid", "level": "error", "timestamp": now}
+        sys.stderr.write(orjson.dumps({**line, "problems": err.problems}).decode() + "\n")
+        return
+    print(err, file=sys.stderr)
+
+
+def _raise_fd_limit() -> None:
+    """Every connection is a descriptor: take the whole hard limit, not the soft default (often
+    1024, which a few hundred slow clients and the streams' upstream sockets exhaust)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = soft
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            raised = hard
+        except (ValueError, OSError):  # an unlimited hard limit the kernel will not grant
+            raised = soft
+    structlog.get_logger("service.main").info(
+        "process.fd_limit", soft_was=soft, soft=raised, hard=hard
+    )
 
 
 def _use_uvloop() -> None:
@@ -51,17 +82,14 @@ def _use_uvloop() -> None:
 def _serve_api(settings: Settings) -> int:
     from .app import create_app
 
-    web.run_app(
+    edge.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        # Without this, aiohttp lets a handler run on after its client left (STYLE.md).
-        handler_cancellation=True,
         # _drain (on_shutdown) bounds the wait for streams; this only has to outlast it.
         shutdown_timeout=settings.shutdown_drain_s + 10,
         backlog=settings.listen_backlog,
-        access_log=None,
-        print=None,
+        header_timeout_s=settings.header_timeout_s,
     )
     return 0
 
@@ -69,14 +97,13 @@ def _serve_api(settings: Settings) -> int:
 def _serve_admin(settings: Settings) -> int:
     from .admin import create_admin_app
 
-    web.run_app(
+    edge.run(
         create_admin_app(settings),
         host=settings.host,
         port=settings.admin_port,
-        handler_cancellation=True,
         shutdown_timeout=5,
-        access_log=None,
-        print=None,
+        backlog=settings.listen_backlog,
+        header_timeout_s=settings.header_timeout_s,
     )
     return 0
 

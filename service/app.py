@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import demo_upstream, http, keys, logs
+from . import demo_upstream, http, keys, logs, tcp
 from .access import Access
 from .chat import Chats
 from .chat_store import ConversationStore, RedisStore, SqliteStore
@@ -50,19 +50,21 @@ def create_app(
     app.cleanup_ctx.append(_limits)
     app.cleanup_ctx.append(_conversations)
     app.on_response_prepare.append(http.on_prepare)
+    tcp.setup(app, settings.write_timeout_s, settings.heartbeat_interval_s)
     app.on_shutdown.append(_drain)
     generate.setup(app)
     chat.setup(app)
     probe.setup(app)
     health.setup(app)
     _cors(app, settings)
+    app.on_response_prepare.append(http.vary_on_origin)  # after aiohttp-cors's hook
     return app
 
 
 def _cors(app: web.Application, settings: Settings) -> None:
-    """The API answers browsers from the allowed origins only; they may read the request id and
-    the quota headers."""
-    exposed = ["X-Request-ID", "Retry-After"] + [
+    """The API answers browsers from the allowed origins only; they may read the request id, the
+    stream id and the quota headers, and send `Last-Event-ID` to resume a stream."""
+    exposed = ["X-Request-ID", "X-Stream-ID", "Retry-After"] + [
         f"x-ratelimit-{what}-{kind}"
         for kind in ("requests", "tokens")
         for what in ("limit", "remaining", "reset")
@@ -70,7 +72,7 @@ def _cors(app: web.Application, settings: Settings) -> None:
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=False,
         expose_headers=exposed,
-        allow_headers=["Content-Type", "Authorization", "X-Request-ID"],
+        allow_headers=["Content-Type", "Authorization", "X-Request-ID", "Last-Event-ID"],
         allow_methods=["GET", "POST", "DELETE"],
         max_age=600,
     )
@@ -130,6 +132,7 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
         await sqlite.open()
         store = sqlite
     chats = app[keys.CHATS] = Chats(store, settings)
+    await chats.recover()  # turns held by a killed process of this host are free at once
     try:
         yield
     finally:

@@ -1,20 +1,20 @@
-"""One chat turn's life around the relay: check the conversation and take its turn, save the
-user's message before the upstream is called, and save the answer exactly once when the stream
-ends, whatever ended it.
+"""One chat turn's life around the relay, as one async context (`Chats.turn`): check the
+conversation and take its turn, save the user's message before the upstream is called, and save
+the answer exactly once when the stream ends, whatever ended it; then release the turn.
 
-The answer is saved by a task of its own that the handler waits for but a cancellation cannot
-stop (a client that leaves mid-answer cancels the handler; its `partial` answer must still be
-written). `aclose()` waits for saves still in flight, so shutdown loses none. A save that fails is
-retried a few times with backoff, then logged with the conversation id.
+The context's exit runs as a task of its own that the handler waits for but a cancellation cannot
+stop (a client that leaves, even before the relay, cancels the handler at whatever await it is
+in; its turn must still be released and its `partial` answer written, or its unanswered message
+taken back). `aclose()` waits for exits still in flight, so shutdown loses none. A save that fails
+is retried a few times with backoff, then logged with the conversation id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -32,7 +32,9 @@ from .conversations import (
     valid_conversation_id,
 )
 from .errors import ApiError
-from .relay import Result
+from .holders import gone, new_holder
+from .prompts import estimate_tokens
+from .relay import Relay, Result, outlive_cancel
 
 log = structlog.get_logger("service.chat")
 
@@ -53,15 +55,24 @@ def unavailable(err: StoreUnavailable) -> ApiError:
 
 @dataclass(slots=True, eq=False)
 class Turn:
+    """What one turn took, so that its exit gives back exactly that. The flags are set before the
+    store is asked, so a cancellation while the call is in flight still undoes it (releasing a
+    turn that is not ours, or removing a message that was not saved, changes nothing)."""
+
     conversation_id: str
     owner: str
     is_new: bool
     user: Message
     answer_id: str
-    context: list[dict[str, Any]]
-    holder: str = field(default_factory=lambda: secrets.token_hex(8))
+    context: list[dict[str, Any]] = field(default_factory=list)
+    prompt_estimate: int = 0
+    holder: str = field(default_factory=new_holder)
     started: float = 0.0
-    held: bool = False
+    held: bool = False  # the conversation's turn may be ours
+    created: bool = False  # the (new) conversation may have been created
+    user_saved: bool = False  # the user's message may have been saved
+    relay: Relay | None = None  # once it has run, its result is saved as the answer
+    answer: Message | None = None
     renewer: asyncio.Task[None] | None = None
 
 
@@ -89,7 +100,7 @@ class Chats:
         self.store = store
         self._settings = settings
         self._clock = clock
-        self._saving: set[asyncio.Task[None]] = set()
+        self._saving: set[asyncio.Task[Any]] = set()
 
     async def visible(self, conversation_id: str, owner: str) -> bool:
         """Whether `owner` may see the conversation (unknown and someone else's look alike)."""
@@ -100,54 +111,73 @@ class Chats:
         except StoreUnavailable as err:
             raise unavailable(err) from err
 
-    async def begin(self, conversation_id: str | None, owner: str, text: str) -> Turn:
-        """Check the conversation, hold its turn and build the model's context.
-        404 for an unknown conversation (or another key's), 409 while another turn runs."""
-        settings, now = self._settings, self._clock()
-        user = Message(new_message_id(), "user", text, "complete", now, now)
-        if conversation_id is None:
-            context = build_context(settings.chat_system_prompt, [], text, 0)
-            return Turn(new_conversation_id(), owner, True, user, new_message_id(), context)
-        if not await self.visible(conversation_id, owner):
-            raise ApiError("not_found", "No such conversation.")
-        turn = Turn(conversation_id, owner, False, user, new_message_id(), [])
+    @contextlib.asynccontextmanager
+    async def turn(self, conversation_id: str | None, owner: str, text: str) -> AsyncIterator[Turn]:
+        """One turn as a context: the conversation checked (404), its turn held (409) and the
+        model's context built from its history. On exit, whatever ended it (an error, a
+        cancellation at any await, the answer's end): the answer is saved if a relay ran,
+        otherwise the user's message is taken back; then the turn is released. That work
+        outlives a cancellation, and `aclose()` waits for it."""
+        now = self._clock()
+        turn = Turn(
+            conversation_id or new_conversation_id(),
+            owner,
+            conversation_id is None,
+            Message(new_message_id(), "user", text, "complete", now, now),
+            new_message_id(),
+        )
         try:
-            turn.held = await self.store.take_turn(conversation_id, turn.holder, TURN_LEASE_S)
-            if not turn.held:
+            await self._begin(turn)
+            yield turn
+        finally:
+            await self._outlive(self._end(turn))
+
+    async def _begin(self, turn: Turn) -> None:
+        settings, cid = self._settings, turn.conversation_id
+        if turn.is_new:
+            turn.context = build_context(settings.chat_system_prompt, [], turn.user.content, 0)
+            turn.prompt_estimate = estimate_tokens(turn.context)
+            return
+        if not await self.visible(cid, turn.owner):
+            raise ApiError("not_found", "No such conversation.")
+        try:
+            turn.held = True
+            if not await self.store.take_turn(cid, turn.holder, TURN_LEASE_S):
+                turn.held = False
                 raise ApiError(
                     "conflict",
                     "Another message in this conversation is still being answered; "
                     "send this one when it has finished.",
                 )
             # Read after taking the turn: the previous turn saved its answer before releasing.
-            conversation = await self.store.load(conversation_id, HISTORY_WINDOW)
+            conversation = await self.store.load(cid, HISTORY_WINDOW)
         except StoreUnavailable as err:
-            await self.abandon(turn)
             raise unavailable(err) from err
         if conversation is None:  # deleted in between
-            await self.abandon(turn)
             raise ApiError("not_found", "No such conversation.")
         turn.context = build_context(
             settings.chat_system_prompt,
             conversation.messages,
-            text,
+            turn.user.content,
             settings.chat_context_tokens,
         )
-        return turn
+        turn.prompt_estimate = estimate_tokens(turn.context)
 
     async def start(self, turn: Turn) -> None:
         """Save the user's message (creating a new conversation) before the upstream is called,
         and keep the turn held while the answer streams."""
-        store = self.store
+        store, cid = self.store, turn.conversation_id
         turn.started = self._clock()
         try:
             if turn.is_new:
-                await store.create(turn.conversation_id, turn.owner, turn.user.created_at)
-                turn.held = await store.take_turn(turn.conversation_id, turn.holder, TURN_LEASE_S)
-            if not await store.append(turn.conversation_id, turn.user, self._clock()):
+                turn.created = True
+                await store.create(cid, turn.owner, turn.user.created_at)
+                turn.held = True
+                await store.take_turn(cid, turn.holder, TURN_LEASE_S)
+            turn.user_saved = True
+            if not await store.append(cid, turn.user, self._clock()):
                 raise ApiError("not_found", "No such conversation.")
         except StoreUnavailable as err:
-            await self.abandon(turn)
             raise unavailable(err) from err
         turn.renewer = asyncio.create_task(self._renew(turn))
 
@@ -160,19 +190,43 @@ class Chats:
             except StoreUnavailable as err:
                 log.warning("chat.turn_renew_failed", error=str(err))
 
-    async def abandon(self, turn: Turn) -> None:
-        """The turn will not run: let the conversation take another."""
+    async def _outlive(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
+        await outlive_cancel(task)
+
+    async def _end(self, turn: Turn) -> None:
         if turn.renewer is not None:
             turn.renewer.cancel()
-        if turn.held:
-            turn.held = False
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.release_turn(turn.conversation_id, turn.holder)
+        try:
+            if turn.relay is not None and turn.relay.ran:
+                await self._save_answer(turn, turn.relay.result)
+            elif turn.user_saved or turn.created:
+                await self._take_back(turn)
+        finally:
+            if turn.held:
+                turn.held = False
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.release_turn(turn.conversation_id, turn.holder)
 
-    async def finish(self, turn: Turn, result: Result, prompt_estimate: int) -> Message:
-        """Save the answer once, then free the turn. The save is a task of its own: cancelling
-        the caller does not stop it, and `aclose()` waits for it."""
-        answer = Message(
+    async def _take_back(self, turn: Turn) -> None:
+        """The model was never called: the turn did not happen. A new conversation goes (its id
+        was never sent), an existing one loses the user's message; should that fail,
+        `build_context` still leaves an unanswered message out."""
+        try:
+            if turn.created:
+                await self.store.delete(turn.conversation_id)
+            else:
+                await self.store.remove(turn.conversation_id, turn.user)
+        except StoreUnavailable as err:
+            log.warning(
+                "chat.take_back_failed", conversation_id=turn.conversation_id, error=str(err)
+            )
+
+    async def _save_answer(self, turn: Turn, result: Result) -> None:
+        """Save the answer once, retried with backoff; the turn is released after it."""
+        turn.answer = answer = Message(
             turn.answer_id,
             "assistant",
             result.text,
@@ -180,35 +234,42 @@ class Chats:
             turn.started,
             self._clock(),
             result.model,
-            usage_of(result, prompt_estimate),
+            usage_of(result, turn.prompt_estimate),
+            result.finish_reason,
         )
-        task = asyncio.create_task(self._save(turn, answer))
-        self._saving.add(task)
-        task.add_done_callback(self._saving.discard)
-        await asyncio.shield(task)
-        return answer
+        for attempt in range(SAVE_ATTEMPTS):
+            try:
+                saved = await self.store.append(turn.conversation_id, answer, self._clock())
+            except StoreUnavailable as err:
+                if attempt + 1 == SAVE_ATTEMPTS:
+                    log.error(
+                        "chat.answer_lost",
+                        conversation_id=turn.conversation_id,
+                        message_id=answer.message_id,
+                        error=str(err),
+                    )
+                    return
+                await asyncio.sleep(0.25 * 2**attempt)
+                continue
+            if not saved:
+                log.info("chat.answer_dropped", conversation_id=turn.conversation_id)
+            return
 
-    async def _save(self, turn: Turn, answer: Message) -> None:
+    async def recover(self) -> int:
+        """At start-up: free at once the turns whose holder process is gone from this host (a
+        SIGKILL, an OOM kill) instead of after their lease. How many were freed."""
         try:
-            for attempt in range(SAVE_ATTEMPTS):
-                try:
-                    saved = await self.store.append(turn.conversation_id, answer, self._clock())
-                except StoreUnavailable as err:
-                    if attempt + 1 == SAVE_ATTEMPTS:
-                        log.error(
-                            "chat.answer_lost",
-                            conversation_id=turn.conversation_id,
-                            message_id=answer.message_id,
-                            error=str(err),
-                        )
-                        return
-                    await asyncio.sleep(0.25 * 2**attempt)
-                    continue
-                if not saved:
-                    log.info("chat.answer_dropped", conversation_id=turn.conversation_id)
-                return
-        finally:
-            await self.abandon(turn)
+            held = await self.store.held_turns()
+            freed = 0
+            for conversation_id, holder in held:
+                if gone(holder):
+                    await self.store.release_turn(conversation_id, holder)
+                    freed += 1
+        except StoreUnavailable as err:
+            log.warning("chat.recover_failed", error=str(err))
+            return 0
+        log.info("chat.turns_recovered", freed=freed, held=len(held))
+        return freed
 
     async def load(self, conversation_id: str) -> Conversation | None:
         try:

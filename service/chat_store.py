@@ -9,8 +9,9 @@ SQLite: the stdlib `sqlite3` on one dedicated thread (one connection, calls queu
 so readers never wait for the writer, `synchronous=FULL` so a saved message survives a power cut,
 not only a crash. Redis: a hash per conversation, a list of JSON messages, a lease key, and Lua
 where a step must be atomic (append only to a conversation that still exists; renew or release a
-lease only by its holder). Forgetting wins: an answer finishing after its conversation was deleted
-is not saved.
+lease only by its holder). A turn's holder names its process (`holders`), so a process starting
+on the same host frees at once the turns of one that was killed. Forgetting wins: an answer
+finishing after its conversation was deleted is not saved.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class ConversationStore(Protocol):
     async def append(self, conversation_id: str, message: Message, now: float) -> bool:
         """Add a message; False when the conversation no longer exists."""
 
+    async def remove(self, conversation_id: str, message: Message) -> None:
+        """Take back a message that was appended (the same value), if it is there."""
+
     async def delete(self, conversation_id: str) -> bool: ...
 
     async def take_turn(self, conversation_id: str, turn: str, lease_s: float) -> bool:
@@ -57,6 +61,9 @@ class ConversationStore(Protocol):
     async def renew_turn(self, conversation_id: str, turn: str, lease_s: float) -> bool: ...
 
     async def release_turn(self, conversation_id: str, turn: str) -> None: ...
+
+    async def held_turns(self) -> list[tuple[str, str]]:
+        """(conversation id, holder) of every turn held now."""
 
     async def aclose(self) -> None: ...
 
@@ -172,6 +179,13 @@ class SqliteStore:
             )
         return True
 
+    async def remove(self, conversation_id: str, message: Message) -> None:
+        await self._call(
+            self._execute,
+            "DELETE FROM messages WHERE conversation_id = ? AND record = ?",
+            (conversation_id, orjson.dumps(message.record()).decode()),
+        )
+
     async def delete(self, conversation_id: str) -> bool:
         changed = await self._call(
             self._execute, "DELETE FROM conversations WHERE id = ?", (conversation_id,)
@@ -202,6 +216,13 @@ class SqliteStore:
             "UPDATE conversations SET turn = NULL, turn_until = NULL WHERE id = ? AND turn = ?",
             (conversation_id, turn),
         )
+
+    async def held_turns(self) -> list[tuple[str, str]]:
+        return await self._call(self._held_turns)
+
+    def _held_turns(self) -> list[tuple[str, str]]:
+        rows = self.db.execute("SELECT id, turn FROM conversations WHERE turn IS NOT NULL")
+        return [(str(cid), str(turn)) for cid, turn in rows.fetchall()]
 
     async def aclose(self) -> None:
         if self._db is not None:
@@ -295,6 +316,13 @@ class RedisStore:
         except RedisError as err:
             raise StoreUnavailable(f"redis: {err}") from err
 
+    async def remove(self, conversation_id: str, message: Message) -> None:
+        _, messages, _ = self._keys(conversation_id)
+        try:
+            await self._redis.lrem(messages, -1, orjson.dumps(message.record()).decode())
+        except RedisError as err:
+            raise StoreUnavailable(f"redis: {err}") from err
+
     async def delete(self, conversation_id: str) -> bool:
         try:
             return bool(await self._redis.delete(*self._keys(conversation_id)))
@@ -321,6 +349,21 @@ class RedisStore:
             await self._release(keys=[key], args=[turn])
         except RedisError as err:
             raise StoreUnavailable(f"redis: {err}") from err
+
+    async def held_turns(self) -> list[tuple[str, str]]:
+        """Every turn key, found with SCAN (start-up only: one pass over the keyspace)."""
+        head = f"{self._prefix}:t:"
+        held: list[tuple[str, str]] = []
+        try:
+            async for key in self._redis.scan_iter(match=head + "*", count=1000):
+                value = await self._redis.get(key)
+                if value is not None:
+                    name = key.decode() if isinstance(key, bytes) else str(key)
+                    holder = value.decode() if isinstance(value, bytes) else str(value)
+                    held.append((name[len(head) :], holder))
+        except RedisError as err:
+            raise StoreUnavailable(f"redis: {err}") from err
+        return held
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -5,13 +5,34 @@ the relay does per token; this parser reads the raw body the SDK hands back (aut
 Azure stay the SDK's) and keeps only what the relay needs: the text deltas, the usage, the model,
 the finish reason. Deltas that arrive in one network read come back joined, with their count, so
 the relay writes one event for them (the README's `tokenCount` note).
+
+Design notes:
+1. orjson reads every chunk first. What it refuses but JSON allows (a lone UTF-16 surrogate
+   escape such as `"\\ud83d"`; invalid UTF-8, read as U+FFFD the way a browser would) is read
+   again by the stdlib's `json`, so nothing a standard JSON parser reads as text ends a stream.
+2. Some servers send an emoji's two UTF-16 halves as escapes in two consecutive chunks. A high
+   half that ends a delta is held back (with its delta count) and joined with the low half that
+   starts the next one; any half left alone becomes U+FFFD, so the text relayed is always valid.
+3. A chunk that fails does not drop the text that arrived before it in the same read: `feed`
+   returns that text and keeps the failure in `failure`, for the caller to raise once the text is
+   relayed. With no text before it, `feed` raises at once.
+4. A `refusal` delta is text for the user: it is relayed as content, and the answer's finish
+   reason becomes `refusal`.
+5. The upstream's words never reach a client through an exception: `UpstreamReportedError`
+   carries the upstream's error object only as `detail`, for a length-capped log field.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+from typing import Any, Final
 
 import orjson
+
+DETAIL_MAX: Final = 200  # characters of the upstream's own text kept for the log
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_REASON: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
 
 class MalformedChunk(ValueError):
@@ -19,18 +40,70 @@ class MalformedChunk(ValueError):
 
 
 class UpstreamReportedError(ValueError):
-    """The upstream sent an `{"error": ...}` object inside its stream."""
+    """The upstream sent an `{"error": ...}` object inside its stream. `detail` is the upstream's
+    own text (capped), for the log only."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("The model server reported an error in its stream.")
+        self.detail = detail
+
+
+def capped(text: str) -> str:
+    """The upstream's text as a log field: at most DETAIL_MAX characters, always valid."""
+    text = _SURROGATE.sub("\ufffd", text)
+    return text if len(text) <= DETAIL_MAX else text[: DETAIL_MAX - 1] + "\u2026"
+
+
+def _read_leniently(payload: bytes) -> Any:
+    """Design note 1: what orjson refuses, read by the stdlib (surrogates kept as they are)."""
+    try:
+        return json.loads(payload.decode("utf-8", "replace"))
+    except ValueError as err:
+        raise MalformedChunk(f"malformed chunk: {payload[:80]!r}") from err
+
+
+def _scrub(value: Any) -> Any:
+    """Every string in a leniently read value with lone surrogates replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _pairs(text: str) -> str:
+    """Surrogate pairs joined into their character; halves left alone become U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 class ChunkParser:
-    __slots__ = ("_data", "_tail", "done", "finish_reason", "model", "usage")
+    __slots__ = (
+        "_data",
+        "_held",
+        "_held_deltas",
+        "_lenient",
+        "_tail",
+        "done",
+        "failure",
+        "finish_reason",
+        "model",
+        "refused",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self._tail = b""
         self._data: list[bytes] = []
+        self._held = ""  # a high surrogate half waiting for its low half (design note 2)
+        self._held_deltas = 0
+        self._lenient = False  # the last chunk was read by the stdlib (design note 1)
         self.done = False
-        self.finish_reason: str | None = None
+        self.failure: MalformedChunk | UpstreamReportedError | None = None
+        self.finish_reason: str | None = None  # the upstream's own word
         self.model: str | None = None
+        self.refused = False
         self.usage: dict[str, Any] | None = None
 
     @property
@@ -38,28 +111,62 @@ class ChunkParser:
         """The upstream said it was done (`[DONE]` or a finish reason)."""
         return self.done or self.finish_reason is not None
 
+    @property
+    def reason(self) -> str | None:
+        """Why the answer ended, as its `finishReason`: the upstream's word, or `refusal`."""
+        return "refusal" if self.refused else self.finish_reason
+
     def feed(self, data: bytes) -> tuple[str, int]:
-        """Consume bytes; return the text of the complete events in them and how many deltas."""
+        """Consume bytes; return the text of the complete events in them and how many deltas.
+        A chunk that fails is raised at once, or kept in `failure` when text came before it in
+        this read (design note 3)."""
         if self._tail:
             data = self._tail + data
         lines = data.split(b"\n")
         self._tail = lines.pop()
         pieces: list[str] = []
+        count = 0
         for line in lines:
             if line.startswith(b"data:"):
                 self._data.append(line[5:].strip())
             elif (not line or line == b"\r") and self._data:
                 payload = b"\n".join(self._data)
                 self._data.clear()
-                text = self._dispatch(payload)
+                try:
+                    text = self._dispatch(payload)
+                except (MalformedChunk, UpstreamReportedError) as err:
+                    if not pieces:
+                        raise
+                    self.failure = err
+                    break
+                if text and (self._held or (self._lenient and _SURROGATE.search(text))):
+                    released, self._held_deltas = self._held_deltas, 0
+                    text = self._join(text)
+                    if not text:  # only a high half: held, and counted with what ends it
+                        self._held_deltas = released + 1
+                        continue
+                    count += released
                 if text:
+                    count += 1
                     pieces.append(text)
             # other fields (event:, id:, retry:) and comments carry nothing for a chat completion
+        if self._held and self.finished:
+            pieces.append("\ufffd")  # a high half the answer ended on
+            count += self._held_deltas
+            self._held, self._held_deltas = "", 0
         if not pieces:
             return "", 0
         if len(pieces) == 1:
-            return pieces[0], 1
-        return "".join(pieces), len(pieces)
+            return pieces[0], count
+        return "".join(pieces), count
+
+    def _join(self, text: str) -> str:
+        """Design note 2: the held half before `text`, a high half at its end held back."""
+        text = self._held + text
+        self._held = ""
+        if "\ud800" <= text[-1:] <= "\udbff":
+            text, self._held = text[:-1], text[-1]
+        return _pairs(text)
 
     def _dispatch(self, payload: bytes) -> str | None:
         if payload == b"[DONE]":
@@ -67,29 +174,49 @@ class ChunkParser:
             return None
         try:
             obj = orjson.loads(payload)
+            lenient = self._lenient = False
+        except orjson.JSONDecodeError:
+            obj = _read_leniently(payload)
+            lenient = self._lenient = True
+        try:
             if obj.get("error"):
-                raise UpstreamReportedError(_error_text(obj["error"]))
+                raise UpstreamReportedError(capped(_error_text(obj["error"])))
+            choices = obj.get("choices")
+            choice = choices[0] if choices else None
+            delta = choice.get("delta") if choice else None
+            content = delta.get("content") if delta else None
+            refusal = delta.get("refusal") if delta else None
+            if lenient:  # strings other than the text: lone halves replaced (design note 2)
+                obj, choice = _scrub(obj), _scrub(choice)
             if self.model is None:
-                self.model = obj.get("model")
+                model = obj.get("model")
+                self.model = model if isinstance(model, str) else None
             usage = obj.get("usage")
             if usage:
                 self.usage = usage
-            choices = obj.get("choices")
-            if not choices:
-                return None
-            choice = choices[0]
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            delta = choice.get("delta")
-            content = delta.get("content") if delta else None
-        except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError, IndexError) as err:
+            if choice and choice.get("finish_reason"):
+                self.finish_reason = _reason(choice["finish_reason"])
+        except (AttributeError, TypeError, KeyError, IndexError) as err:
             raise MalformedChunk(f"malformed chunk: {payload[:80]!r}") from err
         if content is not None and not isinstance(content, str):
             raise MalformedChunk("delta content is not a string")
+        if refusal is not None:
+            if not isinstance(refusal, str):
+                raise MalformedChunk("delta refusal is not a string")
+            self.refused = True  # design note 4
+            content = refusal if content is None else content + refusal
         return content
+
+
+def _reason(value: object) -> str:
+    """A finish reason as the upstream said it, if it is a word; `other` for anything else."""
+    if isinstance(value, str) and _REASON.fullmatch(value):
+        return value
+    return "other"
 
 
 def _error_text(error: object) -> str:
     if isinstance(error, dict):
-        return str(error.get("type") or error.get("code") or "error")
-    return "error"
+        parts = (error.get(k) for k in ("type", "code", "message"))
+        return " ".join(str(p) for p in parts if p) or "error"
+    return str(error)

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from .access import parse_networks
 
@@ -52,6 +53,8 @@ class Settings:
     max_streams: int = 10_000
 
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 10.0  # head received -> whole body read, else 408 (0 = off)
+    header_timeout_s: float = 10.0  # first byte (or connection open) -> whole head (0 = off)
     prompt_max_chars: int = 32_000
     max_images: int = 16
     default_max_tokens: int = 2048
@@ -146,7 +149,22 @@ def _url(raw: str) -> str:
     raw = raw.strip()
     if not raw.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
+    _no_credentials(raw)
     return raw.rstrip("/")
+
+
+def _no_credentials(url: str) -> None:
+    """Refuse `user:password@` in an HTTP URL (the SDK would send it nowhere useful, and the URL
+    ends up in logs and errors). The messages never repeat the URL."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError:
+        raise ValueError("must be a valid http:// or https:// URL") from None
+    if "@" in parts.netloc:
+        raise ValueError("must not contain credentials (user:password@); use the API key setting")
+    if not parts.hostname:
+        raise ValueError("must name a host")
 
 
 def _api_base(raw: str) -> str:
@@ -155,6 +173,7 @@ def _api_base(raw: str) -> str:
         return ""  # same origin
     if not raw.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL, or / for the page's own origin")
+    _no_credentials(raw)
     return raw.rstrip("/")
 
 
@@ -171,8 +190,11 @@ def _networks(raw: str) -> tuple[str, ...]:
 def _origins(raw: str) -> tuple[str, ...]:
     values = _csv(raw)
     for origin in values:
-        if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise ValueError(f"must be origins like https://example.com, not {origin!r}")
+        if origin == "*":
+            continue
+        if not origin.startswith(("http://", "https://")):
+            raise ValueError("must be origins like https://example.com")
+        _no_credentials(origin)
     return tuple(o.rstrip("/") for o in values)
 
 
@@ -238,6 +260,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SHUTDOWN_DRAIN_S": ("shutdown_drain_s", _seconds),
     "MAX_STREAMS": ("max_streams", _positive_int),
     "MAX_BODY_BYTES": ("max_body_bytes", _ranged(int, 1024, 1 << 30)),
+    "BODY_TIMEOUT_S": ("body_timeout_s", _seconds),
+    "HEADER_TIMEOUT_S": ("header_timeout_s", _seconds),
     "PROMPT_MAX_CHARS": ("prompt_max_chars", _ranged(int, 1, 10_000_000)),
     "MAX_IMAGES": ("max_images", _ranged(int, 0, 1000)),
     "DEFAULT_MAX_TOKENS": ("default_max_tokens", _ranged(int, 1, 1_000_000)),

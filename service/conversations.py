@@ -7,7 +7,7 @@ history that fit `CHAT_CONTEXT_TOKENS`, then the new message. A turn is a user m
 assistant answers that follow it; history is trimmed from the oldest turn and never inside a
 message, so the model never sees half a sentence or an answer without its question. Sizes are
 `prompts.estimate_tokens` (4 characters a token, 4 a message), the same estimate the token limit
-reserves with.
+reserves with. A user message with no answer that has text is not a turn, and is left out.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 
 from .errors import ApiError, Outcome
 from .prompts import estimate_tokens
+from .sse import new_stream_id
 
 Role = Literal["user", "assistant"]
 Status = Literal["complete", "partial", "error"]
@@ -35,7 +36,8 @@ def new_conversation_id() -> str:
 
 
 def new_message_id() -> str:
-    return "m_" + secrets.token_urlsafe(16)
+    """128 random bits, URL-safe: an answer's message id is also its stream id (`sse`)."""
+    return new_stream_id()
 
 
 def valid_conversation_id(value: str) -> bool:
@@ -83,6 +85,7 @@ class Message:
     completed_at: float | None = None
     model: str | None = None
     usage: dict[str, Any] | None = None
+    finish_reason: str | None = None  # an answer's: the upstream's word (README, finishReason)
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,7 @@ class Message:
             "role": self.role,
             "content": self.content,
             "status": self.status,
+            "finishReason": self.finish_reason,
             "createdAt": iso(self.created_at),
             "completedAt": iso(self.completed_at),
             "model": self.model,
@@ -97,12 +101,14 @@ class Message:
         }
 
     def record(self) -> dict[str, Any]:
-        """The stored form (short keys, epoch seconds), the same in SQLite and Redis."""
+        """The stored form (short keys, epoch seconds), the same in SQLite and Redis. A record
+        saved before `finish` existed reads back with None: a JSON record needs no migration."""
         return {
             "id": self.message_id,
             "role": self.role,
             "content": self.content,
             "status": self.status,
+            "finish": self.finish_reason,
             "created": self.created_at,
             "completed": self.completed_at,
             "model": self.model,
@@ -120,6 +126,7 @@ class Message:
             completed_at=record.get("completed"),
             model=record.get("model"),
             usage=record.get("usage"),
+            finish_reason=record.get("finish"),
         )
 
 
@@ -144,17 +151,22 @@ def build_context(
     system_prompt: str, history: Sequence[Message], message: str, budget: int
 ) -> list[dict[str, Any]]:
     """The messages sent upstream: system prompt, the newest whole turns within `budget`
-    tokens (estimated), then `message`. Empty answers (a failure before any text) are left out."""
+    tokens (estimated), then `message`. Empty answers (a failure before any text) are left out,
+    and so is a user message that no answer with text followed (its turn was cut before the
+    model said anything, or its process was killed): the model never sees a question twice."""
     system = {"role": "system", "content": system_prompt}
     new = {"role": "user", "content": message}
     left = budget - estimate_tokens([system, new])
     kept: list[list[dict[str, Any]]] = []
     turn: list[dict[str, Any]] = []
     for item in reversed(history):
-        if item.content:
-            turn.insert(0, {"role": item.role, "content": item.content})
         if item.role != "user":
+            if item.content:
+                turn.insert(0, {"role": item.role, "content": item.content})
             continue
+        if not turn:  # unanswered
+            continue
+        turn.insert(0, {"role": item.role, "content": item.content})
         cost = estimate_tokens(turn)
         if cost > left:
             break

@@ -30,6 +30,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "conflict": 409,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
+    "request_timeout": 408,
     "rate_limited": 429,
     "internal": 500,
     "upstream_error": 502,

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+import structlog
 
 from .redis_limits import LimiterUnavailable, RedisLimiter
 from .upstream import Upstream, UpstreamError
+
+log = structlog.get_logger("service.health")
+FAILED = "The check failed unexpectedly."
+
+
+async def _guarded(name: str, check: Callable[[], Awaitable[str]]) -> str:
+    """A check's word, or FAILED when it raised something it does not expect: readiness is then
+    a 503 naming the check, never a 500."""
+    try:
+        return await check()
+    except Exception:
+        log.exception("ready.check_failed", check=name)
+        return FAILED
 
 
 class ReadinessProbe:
@@ -31,14 +46,19 @@ class ReadinessProbe:
 
     async def checks(self) -> dict[str, str]:
         """Each named check: "ok" or what is wrong."""
-        results = {"upstream": await self.upstream()}
-        if self.redis is not None:
-            try:
-                async with asyncio.timeout(1.0):
-                    await self.redis.ping()
-                results["redis"] = "ok"
-            except (LimiterUnavailable, TimeoutError):
-                results["redis"] = "Redis does not answer."
+        results = {"upstream": await _guarded("upstream", self.upstream)}
+        redis = self.redis
+        if redis is not None:
+
+            async def ping() -> str:
+                try:
+                    async with asyncio.timeout(1.0):
+                        await redis.ping()
+                except (LimiterUnavailable, TimeoutError):
+                    return "Redis does not answer."
+                return "ok"
+
+            results["redis"] = await _guarded("redis", ping)
         return results
 
     async def upstream(self) -> str:
@@ -51,6 +71,9 @@ class ReadinessProbe:
                 await self._upstream.check()
             except UpstreamError as err:
                 self._cached = (now + self._fail_ttl_s, err.message)
+            except Exception:
+                self._cached = (now + self._fail_ttl_s, FAILED)
+                raise
             else:
                 self._cached = (now + self._ok_ttl_s, "ok")
             return self._cached[1]

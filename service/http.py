@@ -1,31 +1,61 @@
 """What every API handler does before a stream starts: read and validate the body, admit the
 stream, and turn any error into the contract's JSON shape with a precise status.
+
+Admission is contexts, entered in this order and left in the reverse: `take_slot` (one of
+`MAX_STREAMS`, counted synchronously, before the first await, so a burst cannot walk past the
+cap while earlier requests wait on SQLite or Redis), then `limited` (the client's limits), or
+both as `admitted`. Whatever ends the request (a 4xx, a store error, a cancellation at any await,
+the stream's end) gives back what was taken.
+
+Design notes:
+1. A body that cannot be read to its end (it did not arrive within `BODY_TIMEOUT_S`, or its
+   content or chunked encoding is broken) is answered, and then nothing more is read from the
+   connection, which closes after the answer: aiohttp would otherwise linger up to 10 s more
+   reading what is left of it, the very hold on a descriptor a slow-body client is after.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from pydantic import BaseModel, ValidationError
 
-from . import keys
+from . import keys, sse
+from .edge import SERVER
 from .errors import ApiError, Outcome
 from .limits import RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
-from .relay import Relay, Result, SseWriter
+from .relay import Relay, Result, Slot, SseWriter, Vocabulary, outlive_cancel
 from .upstream import CompletionRequest
 
 log = structlog.get_logger("service.http")
 Body = TypeVar("Body", bound=BaseModel)
 
 _CODE_BY_STATUS = {404: "not_found", 413: "payload_too_large", 415: "unsupported_media_type"}
+# Content codings aiohttp decodes here (br and zstd only where their libraries are installed).
+CONTENT_CODINGS = frozenset(
+    [
+        "identity",
+        "gzip",
+        "deflate",
+        *(["br"] if HAS_BROTLI else []),
+        *(["zstd"] if HAS_ZSTD else []),
+    ]
+)
+
+
+class BodyUnread(ApiError):
+    """The body could not be read to its end: answered, then the connection closes (note 1)."""
 
 
 def json_response(
@@ -50,6 +80,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if isinstance(err, RateLimited):
             request[keys.ADMISSION] = err.admission
         response = error_response(err)
+        if isinstance(err, BodyUnread):
+            _read_no_more(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -59,6 +91,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("request.failed")
         response = error_response(ApiError("internal", "Internal error."))
     return response
+
+
+def _read_no_more(request: web.Request, response: web.StreamResponse) -> None:
+    """Design note 1: ignore the rest of the body and close the connection after the answer."""
+    response.force_close()
+    request.protocol.close()  # the connection stops reading; it closes after this answer
+    request.content.feed_eof()  # so aiohttp does not wait for the rest of the body
 
 
 def _route(request: web.Request) -> str:
@@ -83,6 +122,7 @@ async def require_key(request: web.Request, handler: Handler) -> web.StreamRespo
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer names its request, carries the quota headers of the limits that were
     consulted, and is counted once, when its status is final."""
+    response.headers["Server"] = SERVER  # the product, never its versions
     request_id = request.get(keys.REQUEST_ID)
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
@@ -103,17 +143,48 @@ async def read_json(request: web.Request, model: type[Body]) -> Body:
             "unsupported_media_type",
             "Content-Type must be application/json." if media else "Content-Type is missing.",
         )
+    coding = request.headers.get("Content-Encoding", "").strip().lower() or "identity"
+    if coding not in CONTENT_CODINGS:
+        codings = ", ".join(sorted(CONTENT_CODINGS - {"identity"}))
+        raise ApiError(
+            "unsupported_media_type", f"Content-Encoding must be one of {codings}, or none."
+        )
     limit = request.app[keys.SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as err:
-        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.") from err
+    raw = await _read_body(request, limit)
     try:
         return model.model_validate_json(raw)
     except ValidationError as err:
         raise ApiError("bad_request", describe(err)) from err
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, decoded, within BODY_TIMEOUT_S of the request's arrival."""
+    timeout_s = request.app[keys.SETTINGS].body_timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = request.get(keys.ARRIVED, loop.time()) + timeout_s if timeout_s else None
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.") from err
+    except TimeoutError as err:
+        message = f"The body did not arrive within {timeout_s:g} s."
+        raise BodyUnread("request_timeout", message) from err
+    except web.RequestPayloadError as err:
+        message = "The body could not be read: its content or chunked encoding is not valid."
+        raise BodyUnread("bad_request", message) from err
+
+
+async def vary_on_origin(request: web.Request, response: web.StreamResponse) -> None:
+    """An answer that names the allowed origin differs by Origin: caches must key on it. Runs
+    after aiohttp-cors's own hook has set the header."""
+    origin = response.headers.get("Access-Control-Allow-Origin")
+    if origin and origin != "*":
+        vary = response.headers.get("Vary", "")
+        if "origin" not in vary.lower():
+            response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
 def media_type(header: str) -> str:
@@ -137,13 +208,15 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ticket:
-    """An admitted request: whose limits it counts against and what it holds."""
+    """An admitted request: whose limits it counts against and what it holds. Once `relay` has
+    run, its ledger settles the account; until then the admission gives it back."""
 
     client: str
     lease: str | None
     reserved: int
+    relay: Relay | None = None
 
 
 def client_of(request: web.Request) -> str:
@@ -155,28 +228,54 @@ def client_of(request: web.Request) -> str:
     return "ip:" + access.client_address(request.remote, request.headers.get("X-Forwarded-For"))
 
 
-async def admit(request: web.Request, estimate: int) -> Ticket:
-    """Refuse a new stream when this instance is draining or full (503), or the client is over
-    a limit (429); otherwise take its request, lease and token reserve."""
+def take_slot(request: web.Request) -> Slot:
+    """One of this instance's `MAX_STREAMS`, taken before any await (503 when draining or full).
+    Use it as `with take_slot(request):` around everything the stream does."""
     live = request.app[keys.LIVE]
     if live.draining:
         raise ApiError("server_shutdown", "The server is shutting down.", retry_after_s=1)
-    max_streams = request.app[keys.SETTINGS].max_streams
-    if max_streams and len(live) >= max_streams:
+    slot = live.take(request.app[keys.SETTINGS].max_streams)
+    if slot is None:
         raise ApiError("overloaded", "Too many open streams; retry shortly.", retry_after_s=1)
+    return slot
+
+
+@contextlib.asynccontextmanager
+async def limited(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
+    """The client's limits: its request, lease and token reserve (429 when over one). On exit,
+    cancellation included, they are given back unless a relay ran (its ledger settled them)."""
     limits = request.app[keys.LIMITS]
     client = client_of(request)
     admission = await limits.admit(client, estimate)
     request[keys.ADMISSION] = admission
-    return Ticket(client, admission.lease, admission.reserved)
+    ticket = Ticket(client, admission.lease, admission.reserved)
+    try:
+        yield ticket
+    finally:
+        if ticket.relay is None or not ticket.relay.ran:
+            await outlive_cancel(limits.give_back(client, ticket.lease, ticket.reserved))
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
+    """A new stream's admission as one context: a `MAX_STREAMS` slot taken synchronously, then
+    the client's limits; everything taken is given back when the context exits."""
+    with take_slot(request):
+        async with limited(request, estimate) as ticket:
+            yield ticket
 
 
 def relay_for(
-    request: web.Request, route: str, upstream_request: CompletionRequest, ticket: Ticket
+    request: web.Request,
+    route: str,
+    upstream_request: CompletionRequest,
+    ticket: Ticket,
+    stream_id: str | None = None,
 ) -> Relay:
-    """The relay for an admitted request, wired to the app's upstream, metrics and limits."""
+    """The relay for an admitted request, wired to the app's upstream, metrics and limits; its
+    stream id is `stream_id` (chat: the answer's message id) or a fresh one."""
     app = request.app
-    return Relay(
+    ticket.relay = relay = Relay(
         settings=app[keys.SETTINGS],
         upstream=app[keys.UPSTREAM],
         metrics=app[keys.METRICS],
@@ -189,7 +288,21 @@ def relay_for(
         client=ticket.client,
         lease=ticket.lease,
         reserved=ticket.reserved,
+        stream_id=stream_id or sse.new_stream_id(),
     )
+    return relay
+
+
+def sse_response(
+    request: web.Request, relay: Relay, vocabulary: Vocabulary
+) -> tuple[web.StreamResponse, SseWriter]:
+    """The streaming answer for `relay`: the SSE headers and `X-Stream-ID`, and a writer whose
+    frames have the shape the request's `Accept` asks for."""
+    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: relay.stream_id}
+    response = web.StreamResponse(headers=headers)
+    framing = sse.Framing.for_accept(request.headers.get("Accept"), relay.stream_id)
+    relay.writer = writer = SseWriter(response, vocabulary, framing)
+    return response, writer
 
 
 async def last_event(writer: SseWriter, result: Result, write_timeout_s: float) -> None:

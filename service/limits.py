@@ -24,7 +24,7 @@ from .errors import ApiError, Outcome
 from .metrics import Metrics
 from .ratelimit import Admission, LimitConfig, Limiter
 from .redis_limits import LimiterRecovering, LimiterUnavailable
-from .relay import LiveStreams, Relay
+from .relay import LiveStreams, Relay, outlive_cancel
 
 log = structlog.get_logger("service.limits")
 STORE_TIMEOUT_S = 2.0  # the longest a request waits on the limit store before the policy applies
@@ -54,30 +54,39 @@ class Limits:
 
     async def admit(self, client: str, estimate: int) -> Admission:
         """Admit one request or raise 429 (with Retry-After) or, Redis being down and the policy
-        closed, 503. While a restarted Redis gets its leases back, the request waits."""
+        closed, 503. While a restarted Redis gets its leases back, the request waits. A
+        cancellation (the client left) waits for the store's answer, at most `STORE_TIMEOUT_S`,
+        and gives back what it granted: a lease is never left behind."""
         if not self.config.enabled:
             return Admission(True)
         for _ in range(RECOVERY_TRIES):
+            task = asyncio.create_task(self._admit(client, estimate))
             try:
-                async with asyncio.timeout(STORE_TIMEOUT_S):
-                    admission = await self.limiter.admit(client, estimate, self.clock())
-                break
+                return await outlive_cancel(task)
             except LimiterRecovering as err:
                 await asyncio.sleep(err.wait_s)  # redis_limits design note 2
-            except (LimiterUnavailable, TimeoutError) as err:
-                self._unavailable("admit", err)
-                if self._fail_open:
-                    # Unlimited, but with a lease that renewal registers once Redis answers, so
-                    # the stream counts against its client from then on.
-                    lease = uuid.uuid4().hex if self.config.concurrent else None
-                    return Admission(True, lease=lease)
-                raise ApiError(
-                    "overloaded", "Rate limiting is unavailable; retry shortly.", retry_after_s=1
-                ) from err
-        else:
+            except asyncio.CancelledError:
+                if not task.cancelled() and task.exception() is None:
+                    granted = task.result()
+                    await outlive_cancel(self.give_back(client, granted.lease, granted.reserved))
+                raise
+        raise ApiError("overloaded", "Rate limiting is recovering; retry shortly.", retry_after_s=1)
+
+    async def _admit(self, client: str, estimate: int) -> Admission:
+        """One try at the store (a restarted one's LimiterRecovering goes to `admit`)."""
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                admission = await self.limiter.admit(client, estimate, self.clock())
+        except (LimiterUnavailable, TimeoutError) as err:
+            self._unavailable("admit", err)
+            if self._fail_open:
+                # Unlimited, but with a lease that renewal registers once Redis answers, so the
+                # stream counts against its client from then on.
+                lease = uuid.uuid4().hex if self.config.concurrent else None
+                return Admission(True, lease=lease)
             raise ApiError(
-                "overloaded", "Rate limiting is recovering; retry shortly.", retry_after_s=1
-            )
+                "overloaded", "Rate limiting is unavailable; retry shortly.", retry_after_s=1
+            ) from err
         if not admission.allowed:
             assert admission.limit is not None
             self._metrics.child(self._metrics.rate_limited, admission.limit).inc()

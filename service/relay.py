@@ -24,7 +24,12 @@ Design notes:
    `rate(ai_stream_completion_tokens_total)` shows a long answer while it streams rather than in
    one step at its end; when the upstream's usage reports more tokens than deltas, the rest is
    added at the end.
-7. A clock that runs out before the first token while the upstream has been failing (the SDK
+7. A frame's write returns once the transport has drained below its high-water mark (a flag
+   check, no system call), so for a reader that stops reading the write blocks once a bounded
+   amount is queued (`tcp.STREAM_QUEUE_BOUND`) and the write deadline can fire; aiohttp alone
+   waits only every 64 KiB written. A write that misses its deadline aborts the connection: the
+   client is treated as gone (as when it disconnects), and nothing waits on it any more.
+8. A clock that runs out before the first token while the upstream has been failing (the SDK
    backing off between retries) ends the stream as `upstream_error` with the failure's kind,
    not as a timeout: the cause is what users and `ai_stream_upstream_errors_total` need to see
    (upstream design note 5).
@@ -36,18 +41,27 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
-from . import sse
+from . import sse, tcp
 from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, Outcome
 from .metrics import Metrics
-from .upstream import ATTEMPTS, Attempts, CompletionRequest, Upstream, UpstreamError
+from .upstream import (
+    ATTEMPTS,
+    Attempts,
+    CompletionRequest,
+    Upstream,
+    UpstreamError,
+    client_message,
+)
 
 log = structlog.get_logger("service.relay")
+T = TypeVar("T")
 _CLOCKS = (Outcome.FIRST_TOKEN_TIMEOUT, Outcome.TOTAL_TIMEOUT)
 
 
@@ -56,15 +70,18 @@ class Result:
     """What one stream produced and how it ended; vocabularies turn it into frames or JSON."""
 
     request_id: str
+    stream_id: str
     model: str
     outcome: Outcome = Outcome.COMPLETED
     text: str = ""
     deltas: int = 0
     usage: dict[str, Any] | None = None
+    finish_reason: str | None = None  # the upstream's own word; "refusal" for a refusal
     elapsed_ms: int = 0
     error_code: str | None = None
     error_message: str | None = None
     upstream_error_kind: str | None = None
+    upstream_error_detail: str | None = None  # the upstream's own text, capped: the log's only
     retry_after_s: float = 0.0  # when a retry may succeed (a token-budget cut)
 
     @property
@@ -102,14 +119,28 @@ class Vocabulary(Protocol):
 
 
 class SseWriter:
-    """Frames onto one prepared response, with the stamps the watchdog reads."""
+    """Frames onto one prepared response, in the shape its client asked for, with the stamps the
+    watchdog reads."""
 
-    __slots__ = ("_loop", "_resp", "last_write", "seq", "vocabulary", "writing_since")
+    __slots__ = (
+        "_loop",
+        "_out",
+        "_resp",
+        "framing",
+        "last_write",
+        "seq",
+        "vocabulary",
+        "writing_since",
+    )
 
-    def __init__(self, resp: web.StreamResponse, vocabulary: Vocabulary) -> None:
+    def __init__(
+        self, resp: web.StreamResponse, vocabulary: Vocabulary, framing: sse.Framing
+    ) -> None:
         self._resp = resp
+        self._out: AbstractStreamWriter | None = None  # bound at the first write (note 7)
         self._loop = asyncio.get_running_loop()
         self.vocabulary = vocabulary
+        self.framing = framing
         self.seq = 0
         self.last_write = self._loop.time()
         self.writing_since = 0.0
@@ -117,21 +148,33 @@ class SseWriter:
     async def _write(self, data: bytes) -> None:
         self.writing_since = now = self._loop.time()
         await self._resp.write(data)
+        out = self._out
+        if out is None:  # the first write, or a response with no bounds (not on a TCP socket)
+            out = self._out = self._resp.get(tcp.STREAM_OUT)
+        if out is not None:
+            await out.drain()  # design note 7
         self.writing_since = 0.0
         self.last_write = now
 
+    def abort(self) -> None:
+        """Drop the connection of a client that did not take a write in time (design note 7)."""
+        transport = self._out.transport if self._out is not None else None
+        if transport is not None:
+            transport.abort()
+
     async def event(self, payload: dict[str, Any]) -> None:
         self.seq += 1
-        await self._write(sse.event(self.seq, payload))
+        await self._write(self.framing.event(self.seq, payload))
 
     async def text(self, text: str, deltas: int) -> None:
         self.seq += 1
         vocabulary = self.vocabulary
         tail = vocabulary.content_tail(deltas)
-        await self._write(sse.text_event(self.seq, vocabulary.content_head, text, tail))
+        frame = self.framing.text_event(self.seq, vocabulary.content_head, text, tail)
+        await self._write(frame)
 
     async def ping(self) -> None:
-        await self._write(sse.PING)
+        await self._write(self.framing.ping)
 
 
 class Ledger(Protocol):
@@ -140,21 +183,59 @@ class Ledger(Protocol):
     async def settle(self, relay: Relay) -> None: ...
 
 
+class Slot:
+    """One of this instance's `MAX_STREAMS`, taken at admission and held until the stream's
+    answer has ended; giving it back twice is harmless. A context manager that gives it back."""
+
+    __slots__ = ("_live", "held")
+
+    def __init__(self, live: LiveStreams) -> None:
+        self._live = live
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._live._given_back()
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class LiveStreams:
-    """Streams in flight on this instance: the MAX_STREAMS count, the limits' upkeep and the
-    shutdown drain."""
+    """Streams on this instance: the `MAX_STREAMS` slots (taken synchronously at admission, so a
+    burst cannot walk past the cap while earlier requests await the stores), the relays in flight
+    (the limits' upkeep), and the shutdown drain."""
 
     def __init__(self) -> None:
         self._relays: set[Relay] = set()
+        self._slots = 0
         self._empty = asyncio.Event()
         self._empty.set()
         self.draining = False
 
     def __len__(self) -> int:
-        return len(self._relays)
+        """Slots taken: streams admitted and not yet ended."""
+        return self._slots
 
     def __iter__(self) -> Iterator[Relay]:
         return iter(list(self._relays))
+
+    def take(self, cap: int) -> Slot | None:
+        """A slot, or None when `cap` (0 = no cap) are taken. No await: the count and the take
+        are one step of the event loop."""
+        if cap and self._slots >= cap:
+            return None
+        self._slots += 1
+        self._empty.clear()
+        return Slot(self)
+
+    def _given_back(self) -> None:
+        self._slots -= 1
+        self._settle_empty()
 
     def add(self, relay: Relay) -> None:
         self._relays.add(relay)
@@ -162,11 +243,15 @@ class LiveStreams:
 
     def discard(self, relay: Relay) -> None:
         self._relays.discard(relay)
-        if not self._relays:
+        self._settle_empty()
+
+    def _settle_empty(self) -> None:
+        if not self._relays and not self._slots:
             self._empty.set()
 
     async def idle(self) -> None:
-        """Return once no stream is in flight (every outcome so far is accounted)."""
+        """Return once no stream is in flight or admitted (every outcome so far is accounted and
+        every slot given back)."""
         await self._empty.wait()
 
     async def drain(self, drain_s: float, grace_s: float = 5.0) -> None:
@@ -182,7 +267,24 @@ class LiveStreams:
                 async with asyncio.timeout(grace_s):
                     await self._empty.wait()
             except TimeoutError:
-                log.warning("shutdown.streams_left", count=len(self._relays))
+                log.warning("shutdown.streams_left", count=len(self._relays), slots=self._slots)
+
+
+async def outlive_cancel(work: Awaitable[T]) -> T:
+    """Run `work` (a release, a save) to its end even if the caller is cancelled meanwhile, then
+    re-raise that cancellation: what a stream took is given back on every path (design note 5)."""
+    task = asyncio.ensure_future(work)
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        if not task.cancelled():
+            task.exception()  # retrieved; the caller's cancellation is what it sees
+        raise asyncio.CancelledError
+    return task.result()
 
 
 async def _settle(*tasks: asyncio.Task[None]) -> None:
@@ -215,6 +317,7 @@ class Relay:
     request: CompletionRequest
     request_id: str
     arrived: float
+    stream_id: str = field(default_factory=sse.new_stream_id)  # server-minted, never a client's
     writer: SseWriter | None = None
     ledger: Ledger | None = None
     client: str = ""  # whose limits this stream counts against ("" = none)
@@ -223,6 +326,7 @@ class Relay:
     uncharged: int = 0  # deltas relayed since the ledger last charged them
     charged: int = 0
     result: Result = field(init=False)
+    ran: bool = field(default=False, init=False)  # run() began: the ledger settles, not admission
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
     _attempts: Attempts = field(default_factory=Attempts, init=False)
@@ -231,7 +335,9 @@ class Relay:
     _last_token: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        self.result = Result(request_id=self.request_id, model=self.request.model)
+        self.result = Result(
+            request_id=self.request_id, stream_id=self.stream_id, model=self.request.model
+        )
 
     def expire(self, outcome: Outcome) -> None:
         """End the stream from outside the pump (a clock, or shutdown)."""
@@ -243,6 +349,7 @@ class Relay:
     async def run(self, opening: Callable[[], Awaitable[None]] | None = None) -> Result:
         """Relay the answer; `opening` (headers, first event) runs first, inside the accounting,
         so a client that leaves even then is counted and its limits released."""
+        self.ran = True
         loop = asyncio.get_running_loop()
         labels = self.metrics.child(self.metrics.streams_active, self.route)
         labels.inc()
@@ -267,7 +374,8 @@ class Relay:
         except UpstreamError as err:
             outcome = Outcome.UPSTREAM_ERROR
             self.result.upstream_error_kind = err.kind
-            self.result.error_message = err.message
+            self.result.upstream_error_detail = err.detail
+            self.result.error_message = client_message(err.kind)  # never the upstream's text
         except Exception:
             # A failure nothing translated (a bug, or an exception a library let through): the
             # client still gets an error event and the stream is still counted.
@@ -288,12 +396,13 @@ class Relay:
         return self.result
 
     def _blame(self, outcome: Outcome) -> Outcome:
-        """A clock that ran out while the upstream kept failing names the failure (note 7)."""
+        """A clock that ran out while the upstream kept failing names the failure (note 8)."""
         failure = self._attempts.failure
         if outcome not in _CLOCKS or failure is None or self.result.deltas:
             return outcome
         self.result.upstream_error_kind = failure.kind
-        self.result.error_message = failure.message
+        self.result.upstream_error_detail = failure.detail
+        self.result.error_message = client_message(failure.kind)  # never the upstream's text
         return Outcome.UPSTREAM_ERROR
 
     async def _pump(self) -> None:
@@ -325,9 +434,11 @@ class Relay:
                     metrics.child(metrics.time_to_first_token, self.route, model).observe(
                         loop_time() - self.arrived
                     )
-            result.usage = stream.parser.usage
-            if stream.parser.model:
-                result.model = stream.parser.model
+            parser = stream.parser
+            result.usage = parser.usage
+            result.finish_reason = parser.reason
+            if parser.model:
+                result.model = parser.model
 
     async def _watch(self) -> None:
         s, loop, writer = self.settings, asyncio.get_running_loop(), self.writer
@@ -355,6 +466,7 @@ class Relay:
                 if writer.writing_since:
                     if s.write_timeout_s:
                         if now - writer.writing_since >= s.write_timeout_s:
+                            writer.abort()
                             return self.expire(Outcome.CLIENT_DISCONNECT)
                         wake = min(wake, writer.writing_since + s.write_timeout_s)
                 elif s.heartbeat_interval_s:
@@ -364,6 +476,7 @@ class Relay:
                             async with asyncio.timeout(s.write_timeout_s or None):
                                 await writer.ping()
                         except (TimeoutError, ConnectionError):
+                            writer.abort()
                             return self.expire(Outcome.CLIENT_DISCONNECT)
                         self.metrics.heartbeats.inc()
                         ping_at = writer.last_write + s.heartbeat_interval_s
@@ -405,4 +518,6 @@ class Relay:
             ttft_ms=round((self._first_token - self.arrived) * 1000) if result.deltas else None,
             duration_ms=result.elapsed_ms,
             upstream_error=result.upstream_error_kind,
+            upstream_detail=result.upstream_error_detail,
+            finish_reason=result.finish_reason,
         )

@@ -3,8 +3,9 @@
 `OpenAIUpstream` calls `chat.completions` through the SDK's streaming-response API, so the SDK
 keeps what it is good at (auth, Azure, retries with jittered backoff that honour `Retry-After`,
 all before the first byte of the answer), and `chunks.ChunkParser` reads the body once. SDK and
-transport failures become `UpstreamError` with a bounded `kind` and a message that never carries
-the upstream's own text (which can echo key fragments) or a URL.
+transport failures become `UpstreamError` with a bounded `kind` and a message from a fixed table
+(`MESSAGE_BY_KIND`) that never carries the upstream's own text (which can echo key fragments) or a
+URL; that text is kept, capped, as `detail` for the log.
 
 Design notes:
 1. Retries are the SDK's and happen only before the response headers, so no text is ever sent
@@ -35,13 +36,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
 import httpx2
 import openai
 
-from .chunks import ChunkParser, MalformedChunk, UpstreamReportedError
+from .chunks import ChunkParser, MalformedChunk, UpstreamReportedError, capped
 from .config import Settings
 
 
@@ -53,13 +54,37 @@ class CompletionRequest:
     temperature: float | None = None
 
 
-class UpstreamError(Exception):
-    """A failure of the model server. `kind` is a bounded label; `message` is safe to show."""
+# What a client is told for each kind of failure: the gateway's own words, never the upstream's.
+MESSAGE_BY_KIND: Final[dict[str, str]] = {
+    "auth": "The model server refused the gateway's credentials.",
+    "rate_limit": "The model server is rate limiting this service.",
+    "not_found": "The model server does not know this model.",
+    "server": "The model server failed.",
+    "rejected": "The model server rejected the request.",
+    "timeout": "The model server timed out.",
+    "connection": "The connection to the model server failed.",
+    "malformed": "The model server sent a malformed answer.",
+    "stream_error": "The model server reported an error in its answer.",
+    "truncated": "The model server ended the answer early.",
+    "other": "The model server call failed.",
+}
 
-    def __init__(self, kind: str, message: str) -> None:
+
+def client_message(kind: str | None) -> str:
+    """The message a client sees for an upstream failure of `kind` (a bounded vocabulary)."""
+    return MESSAGE_BY_KIND.get(kind or "other", MESSAGE_BY_KIND["other"])
+
+
+class UpstreamError(Exception):
+    """A failure of the model server. `kind` is a bounded label; `message` is safe to show;
+    `detail` is the upstream's own text (capped), for a structured log field only."""
+
+    def __init__(self, kind: str, message: str | None = None, detail: str | None = None) -> None:
+        message = message or client_message(kind)
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.detail = detail
 
 
 @dataclass(slots=True)
@@ -94,18 +119,21 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _status_error(status: int) -> UpstreamError:
+def _status_kind(status: int) -> str:
     if status in (401, 403):
-        kind, what = "auth", "refused the credentials"
-    elif status == 429:
-        kind, what = "rate_limit", "is rate limiting this service"
-    elif status == 404:
-        kind, what = "not_found", "does not know this model"
-    elif status >= 500:
-        kind, what = "server", "failed"
-    else:
-        kind, what = "rejected", "rejected the request"
-    return UpstreamError(kind, f"The model server {what} ({status}).")
+        return "auth"
+    if status == 429:
+        return "rate_limit"
+    if status == 404:
+        return "not_found"
+    if status >= 500:
+        return "server"
+    return "rejected"
+
+
+def _status_error(err: openai.APIStatusError) -> UpstreamError:
+    status = err.status_code
+    return UpstreamError(_status_kind(status), detail=capped(f"{status} {err.message}"))
 
 
 def _transport_cause(err: BaseException) -> aiohttp.ClientError | None:
@@ -123,21 +151,21 @@ def translate(err: BaseException) -> UpstreamError:
     if isinstance(err, UpstreamError):
         return err
     if isinstance(err, openai.APIStatusError):
-        return _status_error(err.status_code)
+        return _status_error(err)
     cause = _transport_cause(err)
     if cause is not None:
         if isinstance(cause, aiohttp.ServerTimeoutError):
-            return UpstreamError("timeout", "The model server timed out.")
-        return UpstreamError("connection", "The connection to the model server failed.")
+            return UpstreamError("timeout")
+        return UpstreamError("connection")
     if isinstance(err, openai.APITimeoutError | httpx2.TimeoutException):
-        return UpstreamError("timeout", "The model server timed out.")
+        return UpstreamError("timeout")
     if isinstance(err, openai.APIConnectionError | httpx2.TransportError):
-        return UpstreamError("connection", "The connection to the model server failed.")
+        return UpstreamError("connection")
     if isinstance(err, MalformedChunk):
-        return UpstreamError("malformed", "The model server sent a malformed answer.")
+        return UpstreamError("malformed", detail=capped(str(err)))
     if isinstance(err, UpstreamReportedError):
-        return UpstreamError("stream_error", f"The model server reported an error ({err}).")
-    return UpstreamError("other", "The model server call failed.")
+        return UpstreamError("stream_error", detail=err.detail)
+    return UpstreamError("other")
 
 
 class _SdkStream:
@@ -150,16 +178,19 @@ class _SdkStream:
         self.parser = ChunkParser()
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, int]]:
-        feed = self.parser.feed
+        parser = self.parser
+        feed = parser.feed
         try:
             async for data in self._body.aiter_bytes():
                 text, count = feed(data)
                 if count:
                     yield text, count
+                if parser.failure is not None:  # after the text that came before it
+                    raise parser.failure
         except (httpx2.HTTPError, MalformedChunk, UpstreamReportedError) as err:
             raise translate(err) from err
-        if not self.parser.finished:
-            raise UpstreamError("truncated", "The model server ended the answer early.")
+        if not parser.finished:
+            raise UpstreamError("truncated")
 
 
 class _NotingClient(openai.DefaultAioHttpClient):
@@ -175,7 +206,10 @@ class _NotingClient(openai.DefaultAioHttpClient):
             raise
         if attempts is not None:
             status = response.status_code
-            attempts.failure = _status_error(status) if status >= 400 else None
+            failed = status >= 400
+            attempts.failure = (
+                UpstreamError(_status_kind(status), detail=str(status)) if failed else None
+            )
         return response
 
 

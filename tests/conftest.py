@@ -64,14 +64,26 @@ class Frames:
         frame, self._buf = self._buf.split(b"\n\n", 1)
         return frame + b"\n\n"
 
+    async def until(self, marker: bytes, count: int = 1) -> bytes:
+        """Read on until `marker` has been seen `count` times in all; every byte seen so far."""
+        async with asyncio.timeout(WAIT):
+            while self.raw.count(marker) < count:
+                data = await self.resp.content.readany()
+                if not data:
+                    raise EOFError(self._buf)
+                self._buf += data
+                self.raw += data
+        return self.raw
+
     async def event(self) -> dict[str, Any]:
-        """The next event's JSON, skipping comments."""
+        """The next event's JSON, skipping comments (a `: ping` block of its own, or a lone
+        `: ping` line glued to the event after it)."""
         while True:
-            frame = await self.frame()
-            if frame.startswith(b":"):
+            lines = [ln for ln in (await self.frame()).split(b"\n") if not ln.startswith(b":")]
+            if not any(lines):
                 continue
-            data = [line[6:] for line in frame.split(b"\n") if line.startswith(b"data: ")]
-            assert len(data) == 1, frame
+            data = [line[6:] for line in lines if line.startswith(b"data: ")]
+            assert len(data) == 1, lines
             return dict(orjson.loads(data[0]))
 
     async def rest(self) -> list[dict[str, Any]]:

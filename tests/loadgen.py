@@ -32,10 +32,10 @@ async def one(session: aiohttp.ClientSession, url: str, cancel_after: int | None
             buf += data
             while b"\n\n" in buf:
                 frame, buf = buf.split(b"\n\n", 1)
-                if not frame.startswith(b"id: "):
-                    continue
+                if not frame.startswith(b"data: "):
+                    continue  # a `: ping` block
                 events += 1
-                payload = orjson.loads(frame.split(b"\ndata: ", 1)[1])
+                payload = orjson.loads(frame[6:])
                 if payload["type"] == "done":
                     return "completed"
                 if payload["type"] == "error":

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,14 @@ class ServiceProcess:
 
 @contextlib.asynccontextmanager
 async def service(
-    env: Mapping[str, str], tmp: Path, command: str = "api", port: int | None = None
+    env: Mapping[str, str],
+    tmp: Path,
+    command: str = "api",
+    port: int | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> AsyncIterator[ServiceProcess]:
     """`python -m service [command]` on `port` or a free one (PORT, or ADMIN_PORT for the admin
-    page)."""
+    page); `preexec_fn` runs in the child before it starts (e.g. to set its resource limits)."""
     port = port or free_port()
     log = tmp / f"service-{command}-{port}.log"
     port_variable = "ADMIN_PORT" if command == "admin" else "PORT"
@@ -88,6 +92,7 @@ async def service(
             ),
             stdout=out,
             stderr=out,
+            preexec_fn=preexec_fn,
         )
     running = ServiceProcess(proc, port, log)
     try:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import zlib
 from typing import Any
 
+import orjson
 import pytest
 
-from tests.conftest import Gateway, MakeGateway
+from tests.conftest import WAIT, Gateway, MakeGateway
 
 JSON = {"Content-Type": "application/json"}
 ROUTES = ["/api/ai/generate", "/api/ai/generate-stream"]
@@ -210,3 +214,58 @@ async def test_odd_content_types_are_read_without_tripping(
         "/api/ai/generate", data=b'{"prompt": "x"}', headers={"Content-Type": content_type}
     )
     assert resp.status == (415 if content_type == ";0*" else 200)
+
+
+GZIPPED = gzip.compress(b'{"prompt": "x"}')
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status", "code"),
+    [
+        ("gzip", GZIPPED, 200, None),
+        ("GZIP", GZIPPED, 200, None),
+        ("deflate", zlib.compress(b'{"prompt": "x"}'), 200, None),
+        ("identity", b'{"prompt": "x"}', 200, None),
+        ("gzip", b'{"prompt": "x"}', 400, "bad_request"),
+        ("gzip", b"\x1f\x8b" + b"\x00" * 30, 400, "bad_request"),
+        ("deflate", b"not deflate at all", 400, "bad_request"),
+        ("compress", b'{"prompt": "x"}', 415, "unsupported_media_type"),
+        ("gzip, identity", GZIPPED, 415, "unsupported_media_type"),
+        ("x-unheard-of", b'{"prompt": "x"}', 415, "unsupported_media_type"),
+    ],
+)
+@pytest.mark.parametrize("route", ROUTES)
+async def test_content_encodings_are_decoded_or_refused_precisely(
+    gateway: Gateway, route: str, coding: str, body: bytes, status: int, code: str | None
+) -> None:
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+    resp = await gateway.client.post(route, data=body, headers=headers)
+    assert resp.status == status
+    if code is None:
+        await resp.read()
+        return
+    payload = await resp.json()
+    assert list(payload["error"]) == ["code", "message"]
+    assert payload["error"]["code"] == code
+    assert gateway.fake.seen == []
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(body_timeout_s=0.3)
+    assert gateway.client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.client.port)
+    writer.write(
+        b"POST /api/ai/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 50\r\n\r\n{"
+    )
+    async with asyncio.timeout(WAIT):
+        raw = await reader.read()  # the server answers, then closes without waiting for more
+    writer.close()
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"\r\nConnection: close\r\n" in head
+    assert orjson.loads(body) == {
+        "error": {"code": "request_timeout", "message": "The body did not arrive within 0.3 s."}
+    }
+    assert gateway.fake.seen == []
+    assert gateway.sample("ai_stream_requests_total", route="/api/ai/generate", status="408") == 1

@@ -63,8 +63,9 @@ async def test_a_stream_is_metadata_then_tokens_then_done_on_the_wire(gateway: G
     first = await frames.frame()
     meta = orjson.loads(first.split(b"data: ", 1)[1])
     cid, mid = meta["conversationId"], meta["messageId"]
+    assert mid == resp.headers["X-Stream-ID"]  # the answer's message id is its stream id
     assert first == (
-        b'id: 1\ndata: {"type":"metadata","conversationId":"%s","messageId":"%s",'
+        b'data: {"type":"metadata","conversationId":"%s","messageId":"%s",'
         b'"model":"test-model"}\n\n' % (cid.encode(), mid.encode())
     )
     rest = b""
@@ -78,14 +79,11 @@ async def test_a_stream_is_metadata_then_tokens_then_done_on_the_wire(gateway: G
     )
     done = (
         b'data: {"type":"done","conversationId":"%s","messageId":"%s","usage":'
-        b'{"prompt_tokens":21,"completion_tokens":3,"total_tokens":24}}\n\n'
+        b'{"prompt_tokens":21,"completion_tokens":3,"total_tokens":24},"finishReason":"stop"}\n\n'
     ) % (cid.encode(), mid.encode())
-    # Frames are numbered on; deltas of one read may share a frame, so compare without ids.
-    without_ids = b"".join(
-        line + b"\n" for line in rest.split(b"\n") if line and not line.startswith(b"id: ")
-    ).replace(b"}\n", b"}\n\n")
-    joined = without_ids.replace(b'"}\n\ndata: {"type":"token","content":"', b"")
-    assert without_ids == tokens + done or joined == (
+    # Deltas of one read may share a frame.
+    joined = rest.replace(b'"}\n\ndata: {"type":"token","content":"', b"")
+    assert rest == tokens + done or joined == (
         b'data: {"type":"token","content":"Baby sleep patterns"}\n\n' + done
     )
     assert gateway.fake.seen[0].body["messages"] == [
@@ -129,7 +127,15 @@ async def test_the_json_turn_is_the_same_turn(gateway: Gateway) -> None:
     resp = await gateway.post(CHAT, {"message": "Count"})
     assert resp.status == 200
     body = await resp.json()
-    assert set(body) == {"conversationId", "messageId", "model", "content", "usage"}
+    assert set(body) == {
+        "conversationId",
+        "messageId",
+        "model",
+        "content",
+        "usage",
+        "finishReason",
+    }
+    assert body["finishReason"] == "stop"
     assert body["content"] == "One two"
     assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
     cid = body["conversationId"]
@@ -156,12 +162,14 @@ async def test_a_conversation_reads_back_with_roles_statuses_times_and_usage(
     user, assistant = got["messages"]
     assert user["role"] == "user"
     assert user["status"] == "complete"
+    assert user["finishReason"] is None
     assert user["usage"] is None
     assert assistant == {
         "messageId": body["messageId"],
         "role": "assistant",
         "content": "Fine",
         "status": "complete",
+        "finishReason": "stop",
         "createdAt": assistant["createdAt"],
         "completedAt": assistant["completedAt"],
         "model": "test-model",

@@ -61,6 +61,30 @@ async def test_a_conversation_keeps_its_messages_in_order(store: ConversationSto
     assert await store.owner(cid) == "key-a"
 
 
+async def test_an_answer_keeps_its_finish_reason_beside_its_status(
+    store: ConversationStore,
+) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 10.0)
+    sent = [
+        message("user", "question"),
+        message("assistant", "cut short", finish_reason="length"),
+        message("assistant", "filtered", finish_reason="content_filter"),
+        message("assistant", "no word from the upstream"),
+    ]
+    for m in sent:
+        assert await store.append(cid, m, 11.0)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert loaded.messages == sent
+    assert [m.wire()["finishReason"] for m in loaded.messages] == [
+        None,
+        "length",
+        "content_filter",
+        None,
+    ]
+
+
 async def test_last_reads_only_the_newest_messages(store: ConversationStore) -> None:
     cid = new_conversation_id()
     await store.create(cid, "", 1.0)
@@ -198,3 +222,28 @@ async def test_an_unreachable_store_says_so(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await sqlite.open()
     await sqlite.aclose()
+
+
+async def test_a_message_taken_back_is_gone_and_the_others_stay(store: ConversationStore) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    kept, taken = message(content="kept"), message(content="taken back")
+    await store.append(cid, kept, 2.0)
+    await store.append(cid, taken, 3.0)
+    await store.remove(cid, taken)
+    await store.remove(cid, taken)  # twice, or never saved: nothing changes
+    await store.remove(new_conversation_id(), kept)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert loaded.messages == [kept]
+
+
+async def test_held_turns_lists_each_holder(store: ConversationStore) -> None:
+    a, b = new_conversation_id(), new_conversation_id()
+    for cid in (a, b):
+        await store.create(cid, "", 1.0)
+    assert await store.held_turns() == []
+    assert await store.take_turn(a, "holder|a", 30)
+    assert sorted(await store.held_turns()) == [(a, "holder|a")]
+    await store.release_turn(a, "holder|a")
+    assert await store.held_turns() == []

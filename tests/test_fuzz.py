@@ -1,5 +1,8 @@
-"""Hostile input: 10,000 generated bodies and header sets to each POST endpoint. Every answer is a
-2xx or a precise 4xx with the JSON error shape, never a 500, and nothing is left running.
+"""Hostile input: 10,000 generated bodies and header sets (content codings included, valid or
+not) to each POST endpoint, and generated query strings (digits of every script included) for
+every query parameter the service reads. Every answer is a 2xx or a precise 4xx with the JSON
+error shape, never a 500, and nothing is left running. The gateway is served as the process
+serves it (`edge.Runner`), so the HTTP layer's own answers are held to the same rule.
 
 Hypothesis tests are synchronous, so the gateway (and its scripted upstream) runs on its own
 event loop in a thread, and the test speaks HTTP to it with the standard library's client.
@@ -8,9 +11,12 @@ event loop in a thread, and the test speaks HTTP to it with the standard library
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import threading
+import urllib.parse
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -24,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from service import keys
 from service.app import create_app
+from service.edge import Runner
 from service.errors import STATUS_BY_CODE
 from service.upstream import OpenAIUpstream
 from tests.conftest import make_settings
@@ -64,7 +71,7 @@ class Served:
         )
         upstream = OpenAIUpstream(config)
         app = create_app(config, upstream=upstream, registry=CollectorRegistry())
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = Runner(app, header_timeout_s=10, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -186,6 +193,22 @@ headers = st.fixed_dictionaries(
 )
 
 
+CODINGS = ["gzip", "deflate", "br", "zstd", "identity", "x-gzip", "compress", "gzip, gzip", ""]
+
+
+@st.composite
+def encoded(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
+    """A body and its Content-Encoding: well encoded, mislabelled, or a coding nobody knows."""
+    body = draw(bodies)
+    coding = draw(st.one_of(st.sampled_from(CODINGS), header_text))
+    if coding and draw(st.booleans()):
+        if coding == "gzip":
+            body = gzip.compress(body)
+        elif coding == "deflate":
+            body = zlib.compress(body)
+    return body, {"Content-Encoding": coding} if coding else {}
+
+
 def check(served: Served, route: str, body: bytes, sent: dict[str, str]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
     try:
@@ -219,9 +242,69 @@ def test_generated_bodies_and_headers_never_break_the_gateway(served: Served, ro
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(body=bodies, sent=headers)
-    def one(body: bytes, sent: dict[str, str]) -> None:
+    @given(body=st.one_of(bodies, encoded()), sent=headers)
+    def one(body: bytes | tuple[bytes, dict[str, str]], sent: dict[str, str]) -> None:
+        if isinstance(body, tuple):
+            body, coding = body
+            sent = {**sent, **coding}
         check(served, route, body, sent)
+
+    one()
+    assert served.idle() == (0, 0)
+
+
+# Every query parameter the service reads, by route.
+QUERY_ROUTES = {"/api/ai/stream-probe": ("count", "interval_ms")}
+QUERY_EXAMPLES = 3_000
+digits = st.characters(categories=["Nd"])  # the decimal digits of every script
+query_values = st.one_of(
+    st.integers(-5, 5000).map(str),
+    st.text(digits, min_size=1, max_size=4),
+    st.sampled_from(["²", "³", "¹", "½", "Ⅻ", "①", "1e2", "0x10", " 5", "5 ", "+5", "٣", "１０"]),
+    st.text(max_size=8),
+)
+
+
+def check_query(served: Served, route: str, query: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    try:
+        conn.request("GET", f"{route}?{query}")
+        resp = conn.getresponse()
+        status = resp.status
+        content_type = resp.getheader("Content-Type", "")
+        payload = resp.read() if status >= 400 else b""  # a 200 is a stream: leave it
+    finally:
+        conn.close()
+    assert status < 500, (status, query, payload[:300])
+    if status >= 400:
+        assert content_type.startswith("application/json")
+        error = orjson.loads(payload)["error"]
+        assert set(error) == {"code", "message"}
+        assert STATUS_BY_CODE[error["code"]] == status
+        return
+    assert status == 200
+    assert content_type.startswith("text/event-stream")
+
+
+@pytest.mark.parametrize("route", sorted(QUERY_ROUTES))
+def test_generated_query_strings_never_break_the_gateway(served: Served, route: str) -> None:
+    names = QUERY_ROUTES[route]
+
+    @settings(
+        max_examples=QUERY_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        params=st.lists(
+            st.tuples(st.one_of(st.sampled_from(names), st.text(max_size=5)), query_values),
+            max_size=4,
+        )
+    )
+    def one(params: list[tuple[str, str]]) -> None:
+        check_query(served, route, urllib.parse.urlencode(params))
 
     one()
     assert served.idle() == (0, 0)

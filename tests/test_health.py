@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from service import keys
-from tests.conftest import WAIT, Gateway, MakeGateway
+from service.app import create_app
+from service.upstream import CompletionRequest, UpstreamStream
+from tests.conftest import WAIT, Gateway, MakeGateway, make_settings
 from tests.fake_upstream import Gate, Text, answer
 
 
@@ -54,3 +61,38 @@ async def test_shutdown_fails_readiness_refuses_new_streams_and_drains(
     async with asyncio.timeout(WAIT):
         await draining
     assert gateway.outcomes() == {"completed": 1}
+
+
+class BrokenCheck:
+    """An upstream whose readiness check fails in a way nobody planned for."""
+
+    on_retry: Callable[[], None] | None = None
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    @asynccontextmanager
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
+        raise NotImplementedError
+        yield
+
+    async def check(self) -> None:
+        self.checks += 1
+        raise RuntimeError("not an UpstreamError")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_check_that_raises_is_a_503_naming_it_never_a_500(aiohttp_client: Any) -> None:
+    upstream = BrokenCheck()
+    app = create_app(make_settings(), upstream=upstream, registry=CollectorRegistry())
+    client = await aiohttp_client(app)
+    for _ in range(2):  # the second answer comes from the cache
+        ready = await client.get("/health/ready")
+        assert ready.status == 503
+        assert await ready.json() == {
+            "status": "unavailable",
+            "checks": {"upstream": "The check failed unexpectedly."},
+        }
+    assert upstream.checks == 1

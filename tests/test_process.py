@@ -46,6 +46,40 @@ def test_bad_settings_stop_start_up_naming_every_variable() -> None:
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("name", "log_format"),
+    [
+        ("OPENAI_BASE_URL", "json"),
+        ("AZURE_OPENAI_ENDPOINT", "json"),
+        ("OPENAI_BASE_URL", "console"),
+    ],
+)
+def test_a_url_with_credentials_stops_start_up_naming_it_not_its_secret(
+    name: str, log_format: str
+) -> None:
+    url = "http://gateway:Secret-Canary-0451@127.0.0.1:9/v1"
+    env = clean_env({name: url, "OPENAI_API_KEY": API_KEY, "LOG_FORMAT": log_format})
+    done = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert b"Secret-Canary" not in done.stderr
+    assert b"gateway:" not in done.stderr
+    if log_format == "json":
+        line = orjson.loads(done.stderr)
+        assert line["event"] == "settings.invalid"
+        assert list(line["problems"]) == [name]
+        assert "credentials" in line["problems"][name]
+    else:
+        assert name in done.stderr.decode()
+
+
 async def test_with_no_key_the_demo_upstream_streams_the_seed_example(tmp_path: Path) -> None:
     async with service({"DEMO_TOKENS_PER_S": "2000"}, tmp_path) as svc:
         events = await curl_events(

@@ -2,45 +2,112 @@
 
 from __future__ import annotations
 
+import base64
+
 import orjson
 import pytest
 
 from service import sse
-from service.chunks import ChunkParser, MalformedChunk, UpstreamReportedError
+from service.chunks import DETAIL_MAX, ChunkParser, MalformedChunk, UpstreamReportedError
 from service.config import DEMO_MODEL, SettingsError, from_env
 from service.prompts import extract_placeholders, generate_messages
 from tests.fake_upstream import chunk
 
+SID = "AAAAAAAAAAAAAAAAAAAAAA"  # the form of a stream id: 22 URL-safe characters
+FULL = sse.Framing.full(SID)
+
 
 @pytest.mark.parametrize(
-    ("seq", "payload", "wire"),
+    ("seq", "payload", "full", "data_only"),
     [
         (
             1,
             {"type": "start", "requestId": "r1"},
-            b'id: 1\ndata: {"type":"start","requestId":"r1"}\n\n',
+            b'id: AAAAAAAAAAAAAAAAAAAAAA:1\ndata: {"type":"start","requestId":"r1"}\n\n',
+            b'data: {"type":"start","requestId":"r1"}\n\n',
         ),
-        (7, {"a": "\n\ndata: x"}, b'id: 7\ndata: {"a":"\\n\\ndata: x"}\n\n'),
-        (2, {"a": "\r\n\u2028é"}, 'id: 2\ndata: {"a":"\\r\\n\u2028é"}\n\n'.encode()),
-        (3, {"n": None, "l": [1, 2]}, b'id: 3\ndata: {"n":null,"l":[1,2]}\n\n'),
+        (
+            7,
+            {"a": "\n\ndata: x"},
+            b'id: AAAAAAAAAAAAAAAAAAAAAA:7\ndata: {"a":"\\n\\ndata: x"}\n\n',
+            b'data: {"a":"\\n\\ndata: x"}\n\n',
+        ),
+        (
+            2,
+            {"a": "\r\n\u2028\u2029\u0085é\u2027\u0084"},
+            'id: AAAAAAAAAAAAAAAAAAAAAA:2\ndata: {"a":"\\r\\n\\u2028\\u2029\\u0085é\u2027\u0084"}'
+            "\n\n".encode(),
+            'data: {"a":"\\r\\n\\u2028\\u2029\\u0085é\u2027\u0084"}\n\n'.encode(),
+        ),
+        (
+            12345,
+            {"n": None, "l": [1, 2]},
+            b'id: AAAAAAAAAAAAAAAAAAAAAA:12345\ndata: {"n":null,"l":[1,2]}\n\n',
+            b'data: {"n":null,"l":[1,2]}\n\n',
+        ),
     ],
 )
-def test_event_frames(seq: int, payload: dict[str, object], wire: bytes) -> None:
-    assert sse.event(seq, payload) == wire
+def test_event_frames_in_both_shapes(
+    seq: int, payload: dict[str, object], full: bytes, data_only: bytes
+) -> None:
+    assert FULL.event(seq, payload) == full
+    assert sse.DATA_ONLY.event(seq, payload) == data_only
 
 
-def test_text_event_is_one_line_of_json_whatever_the_text() -> None:
-    text = 'evil\n\ndata: {"type":"done"}\r\n\r\nid: 99\n'
-    frame = sse.text_event(5, b'{"type":"content","delta":', text, b',"tokenCount":3}')
-    head, data, end = frame.split(b"\n", 2)
-    assert head == b"id: 5"
-    assert end == b"\n"
-    assert orjson.loads(data.removeprefix(b"data: ")) == {
+@pytest.mark.parametrize("framing", [FULL, sse.DATA_ONLY], ids=["full", "data-only"])
+def test_text_event_is_one_line_of_json_whatever_the_text(framing: sse.Framing) -> None:
+    text = 'evil\n\ndata: {"type":"done"}\r\n\r\nid: 99\n\u2028\u2029\u0085 end'
+    frame = framing.text_event(5, b'{"type":"content","delta":', text, b',"tokenCount":3}')
+    lines = frame.decode().splitlines()  # splits on U+2028, U+2029 and U+0085 too
+    assert lines[:-2] == ([f"id: {SID}:5"] if framing is FULL else [])
+    assert lines[-1] == ""
+    assert orjson.loads(lines[-2].removeprefix("data: ")) == {
         "type": "content",
         "delta": text,
         "tokenCount": 3,
     }
-    assert sse.PING == b": ping\n\n"
+    assert frame == framing.event(5, {"type": "content", "delta": text, "tokenCount": 3})
+
+
+def test_heartbeats_suit_each_shape() -> None:
+    assert FULL.ping == b": ping\n"  # a blank line after it would be an empty message
+    assert sse.DATA_ONLY.ping == b": ping\n\n"  # a block of its own for blank-line readers
+
+
+@pytest.mark.parametrize(
+    ("accept", "full"),
+    [
+        (None, False),
+        ("", False),
+        ("*/*", False),
+        ("application/json", False),
+        ("text/event-stream", True),
+        ("Text/Event-Stream", True),
+        ("application/json, text/event-stream;q=0.5", True),
+        (" text/event-stream ; charset=utf-8", True),
+        ("text/event-stream;q=0", False),
+        ("text/event-stream; q=0.000", False),
+        ("text/event-streams", False),
+    ],
+)
+def test_accept_chooses_the_shape(accept: str | None, full: bool) -> None:
+    assert sse.wants_full(accept) is full
+    framing = sse.Framing.for_accept(accept, SID)
+    assert framing == (FULL if full else sse.DATA_ONLY)
+
+
+def test_stream_ids_are_128_random_url_safe_bits_and_cursors_name_them() -> None:
+    ids = {sse.new_stream_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for value in ids:
+        assert sse.valid_stream_id(value), value
+        assert len(value) == 22
+        assert len(base64.urlsafe_b64decode(value + "==")) == 16
+        assert sse.parse_cursor(f"{value}:17") == (value, 17)
+    for bad in ("", "x", SID + "A", SID[:-1] + "!", SID[:-1] + ":"):
+        assert not sse.valid_stream_id(bad)
+    for cursor in ("", "17", SID, SID + ":", SID + ":x", SID + ":-1", SID + ":\u0661", "a:1"):
+        assert sse.parse_cursor(cursor) is None, cursor
 
 
 def _stream(*texts: str) -> bytes:
@@ -98,6 +165,116 @@ def test_parser_rejects_what_is_not_a_chunk(wire: bytes, error: type[Exception])
     with pytest.raises(error) as caught:
         ChunkParser().feed(wire)
     assert "sk-secret" not in str(caught.value)
+
+
+def _literal(content: bytes, finish: bytes = b"null", model: bytes = b'"m"') -> bytes:
+    """A chunk whose delta content is the JSON string literal `content`, written as it is
+    (orjson cannot write lone surrogate escapes)."""
+    return (
+        b'data: {"model":%b,"choices":[{"index":0,"delta":{"content":%b},"finish_reason":%b}]}\n\n'
+        % (model, content, finish)
+    )
+
+
+SMILE = "\U0001f600"  # U+1F600, UTF-16 \ud83d\ude00
+
+
+@pytest.mark.parametrize(
+    ("chunks", "text"),
+    [
+        ([b'"a\\ud83d"', b'"\\ude00b"'], "a" + SMILE + "b"),
+        ([b'"\\ud83d"', b'"\\ude00"'], SMILE),
+        ([b'"\\ud83d\\ude00"'], SMILE),  # a whole pair in one string is plain JSON
+        ([b'"\\ud83d"', b'"x"'], "\ufffdx"),  # a high half with no low half after it
+        ([b'"x\\ude00"'], "x\ufffd"),  # a low half with no high half before it
+        ([b'"\\ude00\\ud83d"', b'"\\ude00"'], "\ufffd" + SMILE),
+        ([b'"\\ud83d"', b'"\\ud83d"', b'"\\ude00"'], "\ufffd" + SMILE),
+        ([b'"\\ud83d"'], "\ufffd"),  # the answer ended on a high half
+        ([b'"\\u2028 \\u00e9"', '"\u00e9\\n"'.encode()], "\u2028 \u00e9\u00e9\n"),
+    ],
+)
+def test_surrogate_halves_split_across_chunks_are_joined(chunks: list[bytes], text: str) -> None:
+    wire = b"".join(_literal(c) for c in chunks) + _literal(b'""', b'"stop"') + b"data: [DONE]\n\n"
+    for cut in range(len(wire) + 1):  # in one read, in two, split anywhere
+        parser = ChunkParser()
+        first, second = parser.feed(wire[:cut]), parser.feed(wire[cut:])
+        assert first[0] + second[0] == text, cut
+        assert first[1] + second[1] == len(chunks), cut
+        assert bool(first[0]) == bool(first[1]), cut  # no empty content event
+        assert bool(second[0]) == bool(second[1]), cut
+        assert parser.finish_reason == "stop"
+        assert parser.failure is None
+    orjson.dumps(text)  # every piece can be written to a client
+
+
+def test_a_held_half_is_counted_with_its_pair() -> None:
+    parser = ChunkParser()
+    assert parser.feed(_literal(b'"\\ud83d"')) == ("", 0)
+    assert parser.feed(_literal(b'"\\ude00"')) == (SMILE, 2)
+
+
+def test_lone_halves_and_bad_bytes_elsewhere_in_a_chunk_are_replaced() -> None:
+    parser = ChunkParser()
+    wire = _literal(b'"ok\xff"', b'"stop\\ud800"', model=b'"m\\udfff"') + b"data: [DONE]\n\n"
+    assert parser.feed(wire) == ("ok\ufffd", 1)
+    assert parser.model == "m\ufffd"
+    assert parser.finish_reason == "other"  # not a word: never the upstream's text
+    assert parser.done
+
+
+@pytest.mark.parametrize(
+    ("finish", "reason"),
+    [
+        (b'"stop"', "stop"),
+        (b'"length"', "length"),
+        (b'"content_filter"', "content_filter"),
+        (b'"tool_calls"', "tool_calls"),
+        (b'"a secret in a sentence"', "other"),
+        (b'"' + b"x" * 33 + b'"', "other"),
+        (b"5", "other"),
+    ],
+)
+def test_finish_reasons_are_the_upstream_s_words(finish: bytes, reason: str) -> None:
+    parser = ChunkParser()
+    parser.feed(_literal(b'"a"') + _literal(b"null", finish))
+    assert (parser.finish_reason, parser.reason) == (reason, reason)
+    assert parser.finished
+
+
+def test_a_refusal_is_relayed_as_text_and_ends_as_refusal() -> None:
+    parser = ChunkParser()
+    wire = (
+        chunk({"role": "assistant", "content": None, "refusal": ""})
+        + chunk({"refusal": "I can't"})
+        + chunk({"refusal": " help with that."})
+        + chunk({}, finish="stop")
+        + b"data: [DONE]\n\n"
+    )
+    assert parser.feed(wire) == ("I can't help with that.", 2)
+    assert parser.finish_reason == "stop"
+    assert parser.reason == "refusal"
+
+
+def test_a_malformed_chunk_keeps_the_text_before_it_in_the_same_read() -> None:
+    parser = ChunkParser()
+    wire = chunk({"content": "kept"}) + chunk({"content": " too"}) + b"data: {broken\n\n"
+    assert parser.feed(wire + chunk({"content": "after"})) == ("kept too", 2)
+    assert isinstance(parser.failure, MalformedChunk)
+    reported = ChunkParser()
+    wire = chunk({"content": "kept"}) + b'data: {"error":{"message":"sk-secret"}}\n\n'
+    assert reported.feed(wire) == ("kept", 1)
+    assert isinstance(reported.failure, UpstreamReportedError)
+    assert "sk-secret" not in str(reported.failure)
+    assert reported.failure.detail == "sk-secret"
+
+
+def test_the_upstream_s_error_text_is_capped_for_the_log() -> None:
+    long = "sk-secret " + "x" * 1000
+    with pytest.raises(UpstreamReportedError) as caught:
+        ChunkParser().feed(b'data: {"error":{"type":"t","message":"%b"}}\n\n' % long.encode())
+    assert "sk-secret" not in str(caught.value)
+    assert len(caught.value.detail) == DETAIL_MAX
+    assert caught.value.detail.startswith("t sk-secret xxx")
 
 
 @pytest.mark.parametrize(
@@ -165,6 +342,26 @@ def test_settings_name_every_bad_variable_at_once() -> None:
         assert name in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "name", ["OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "ADMIN_API_BASE", "CORS_ORIGINS"]
+)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:Secret-Canary@127.0.0.1:9/v1",
+        "https://Secret-Canary@example.com",
+        "https://:Secret-Canary@example.com/v1",
+        "http://example.com:Secret-Canary/v1",
+    ],
+)
+def test_url_settings_refuse_credentials_without_repeating_them(name: str, url: str) -> None:
+    env = {name: url, "AZURE_OPENAI_API_KEY": "k"}
+    with pytest.raises(SettingsError) as caught:
+        from_env(env)
+    assert set(caught.value.problems) == {name}
+    assert "Secret-Canary" not in str(caught.value)
+
+
 def test_settings_parse_the_contract_names() -> None:
     settings = from_env(
         {
@@ -177,8 +374,11 @@ def test_settings_parse_the_contract_names() -> None:
             "SHUTDOWN_DRAIN_S": "3",
             "ALLOWED_MODELS": "a, b,",
             "LOG_FORMAT": "console",
+            "BODY_TIMEOUT_S": "2.5",
+            "HEADER_TIMEOUT_S": "0",
         }
     )
+    assert (settings.body_timeout_s, settings.header_timeout_s) == (2.5, 0)
     assert (settings.host, settings.port, settings.openai_model) == ("0.0.0.0", 8080, "m")
     assert (settings.idle_timeout_s, settings.max_stream_s, settings.shutdown_drain_s) == (
         0,

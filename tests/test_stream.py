@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -24,7 +25,8 @@ async def ended_within(gateway: Gateway, index: int = 0, seconds: float = 1.0) -
         await gateway.fake.seen[index].ended.wait()
 
 
-async def test_golden_stream_bytes(gateway: Gateway) -> None:
+@pytest.mark.parametrize("accept", [None, "text/event-stream"], ids=["data-only", "full"])
+async def test_golden_stream_bytes(gateway: Gateway, accept: str | None) -> None:
     g1, g2 = asyncio.Event(), asyncio.Event()
     gateway.fake.queue(
         [
@@ -38,15 +40,21 @@ async def test_golden_stream_bytes(gateway: Gateway) -> None:
             Done(),
         ]
     )
+    headers = {"X-Request-ID": "golden-1", "X-Stream-ID": "AAAAAAAAAAAAAAAAAAAAAA"}
+    if accept:
+        headers["Accept"] = accept
     resp, frames = await gateway.stream(
         {"prompt": "Say hello", "selectedImageUrls": ["https://example.test/a.png"]},
-        headers={"X-Request-ID": "golden-1"},
+        headers=headers,
     )
     assert resp.status == 200
     assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert resp.headers["Cache-Control"] == "no-cache, no-transform"
     assert resp.headers["X-Accel-Buffering"] == "no"
     assert resp.headers["X-Request-ID"] == "golden-1"
+    sid = resp.headers["X-Stream-ID"]  # minted by the server, never the client's
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", sid)
+    assert sid != "AAAAAAAAAAAAAAAAAAAAAA"
     assert "Content-Encoding" not in resp.headers
     assert "Content-Length" not in resp.headers
     await frames.frame()
@@ -56,15 +64,16 @@ async def test_golden_stream_bytes(gateway: Gateway) -> None:
     g2.set()
     assert await frames.rest()
     wire = re.sub(rb'"elapsedMs":\d+', b'"elapsedMs":0', frames.raw)
+    ids = [b"id: %b:%d\n" % (sid.encode(), n) if accept else b"" for n in range(1, 6)]
     assert wire == (
-        b'id: 1\ndata: {"type":"start","requestId":"golden-1"}\n\n'
-        b'id: 2\ndata: {"type":"content","delta":"Hello","tokenCount":1}\n\n'
-        b'id: 3\ndata: {"type":"content","delta":" world","tokenCount":2}\n\n'
-        b'id: 4\ndata: {"type":"content","delta":" [[image:1]]","tokenCount":3}\n\n'
-        b'id: 5\ndata: {"type":"done","content":"Hello world [[image:1]]",'
+        b'%bdata: {"type":"start","requestId":"golden-1","streamId":"%b"}\n\n'
+        b'%bdata: {"type":"content","delta":"Hello","tokenCount":1}\n\n'
+        b'%bdata: {"type":"content","delta":" world","tokenCount":2}\n\n'
+        b'%bdata: {"type":"content","delta":" [[image:1]]","tokenCount":3}\n\n'
+        b'%bdata: {"type":"done","content":"Hello world [[image:1]]",'
         b'"imagePlaceholders":["[[image:1]]"],"tokenCount":3,"model":"test-model",'
-        b'"requestId":"golden-1","elapsedMs":0}\n\n'
-    )
+        b'"requestId":"golden-1","elapsedMs":0,"finishReason":"stop"}\n\n'
+    ) % (ids[0], sid.encode(), *ids[1:])
     sent = gateway.fake.seen[0].body
     assert sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True}
@@ -120,24 +129,34 @@ async def test_model_text_cannot_forge_an_event(gateway: Gateway) -> None:
     assert frames.raw.count(b"\n\n") == 3
 
 
+@pytest.mark.parametrize("accept", [None, "text/event-stream"], ids=["data-only", "full"])
 @pytest.mark.parametrize("first", [True, False], ids=["before-first-token", "between-tokens"])
 async def test_heartbeat_while_the_upstream_is_silent(
-    make_gateway: MakeGateway, first: bool
+    make_gateway: MakeGateway, first: bool, accept: str | None
 ) -> None:
     gateway = await make_gateway(heartbeat_interval_s=0.05)
     gate = asyncio.Event()
     before = [] if first else [Text("a")]
     gateway.fake.queue([*before, Gate(gate), *answer("b")])
-    _, frames = await gateway.stream({"prompt": "x"})
-    assert (await frames.event())["type"] == "start"
-    if not first:
-        assert (await frames.event())["delta"] == "a"
-    assert await frames.frame() == b": ping\n\n"
-    assert await frames.frame() == b": ping\n\n"
+    headers = {"X-Request-ID": "beat-1", **({"Accept": accept} if accept else {})}
+    resp, frames = await gateway.stream({"prompt": "x"}, headers=headers)
+    await frames.until(b": ping\n", 2)
     gate.set()
-    events = await frames.rest()
-    assert events[-1]["type"] == "done"
-    assert gateway.sample("ai_stream_heartbeats_total") >= 2
+    await frames.rest()
+    sid = resp.headers["X-Stream-ID"].encode()
+    ids = [b"id: %b:%d\n" % (sid, n) if accept else b"" for n in range(1, 4 if first else 5)]
+    ping = b": ping\n" if accept else b": ping\n\n"  # a lone comment line, or a block of its own
+    start = b'%bdata: {"type":"start","requestId":"beat-1","streamId":"%b"}\n\n' % (ids[0], sid)
+    content = (
+        [] if first else [b'%bdata: {"type":"content","delta":"a","tokenCount":1}\n\n' % ids[1]]
+    )
+    pings = re.escape(ping) + b"(?:" + re.escape(ping) + b")+"
+    late = b'%bdata: {"type":"content","delta":"b","tokenCount":%d}\n\n' % (ids[-2], len(ids) - 2)
+    pattern = re.escape(start + b"".join(content)) + pings + re.escape(late) + b"%bdata: " % ids[-1]
+    assert re.match(pattern, frames.raw), frames.raw
+    assert frames.raw.endswith(b"}\n\n")
+    assert (orjson.loads(frames.raw.rsplit(b"data: ", 1)[1]))["type"] == "done"
+    assert gateway.sample("ai_stream_heartbeats_total") == frames.raw.count(ping) >= 2
 
 
 @pytest.mark.parametrize(
@@ -278,6 +297,7 @@ async def test_json_endpoint_returns_the_whole_answer(gateway: Gateway) -> None:
         "model": "test-model",
         "requestId": "j-1",
         "elapsedMs": body["elapsedMs"],
+        "finishReason": "stop",
         "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
     }
 

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Settings
-from ..logs import Handler
+from ..edge import SERVER
 
 STATIC = Path(__file__).parent / "static"
 SETTINGS = web.AppKey("admin_settings", Settings)
@@ -32,14 +32,14 @@ _HEADERS = {
     "Referrer-Policy": "no-referrer",
     # Always revalidate: an upgraded service never runs against a stale module.
     "Cache-Control": "no-cache",
+    "Server": SERVER,  # the product, never its versions
 }
 
 
-@web.middleware
-async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
+async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer, the app's own errors (403, 404, 405) included: a signal, not a
+    middleware, because those are raised past middlewares as exceptions."""
     response.headers.update(_HEADERS)
-    return response
 
 
 async def _health(_: web.Request) -> web.Response:
@@ -70,7 +70,8 @@ async def _config(request: web.Request) -> web.Response:
 
 
 def create_admin_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[_headers])
+    app = web.Application()
+    app.on_response_prepare.append(_headers)
     app[SETTINGS] = settings
     app.router.add_get("/health", _health)
     app.router.add_get("/", _index)

@@ -2,12 +2,16 @@
 saved conversations: `GET` and `DELETE /api/v1/ai/conversations/{conversationId}`.
 
 A turn runs on the same relay as generate, with the second design note's vocabulary (metadata,
-token, done, error). Order of a turn: validate, check the conversation and hold its turn (404,
-409), admit against the limits (429), save the user's message, relay, save the answer.
+token, done, error). Order of a turn: validate, take a `MAX_STREAMS` slot (503), check the
+conversation and hold its turn (404, 409), admit against the limits (429), save the user's
+message, relay, save the answer, release the turn; each step is a context that gives back what it
+took, whatever ends the request.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -17,10 +21,17 @@ from .. import keys
 from ..chat import Chats, Turn, usage_of
 from ..conversations import sanitize
 from ..errors import ApiError, Outcome
-from ..http import admit, failed, json_response, last_event, read_json, relay_for
-from ..prompts import estimate_tokens
-from ..relay import Relay, Result, SseWriter
-from ..sse import HEADERS
+from ..http import (
+    failed,
+    json_response,
+    last_event,
+    limited,
+    read_json,
+    relay_for,
+    sse_response,
+    take_slot,
+)
+from ..relay import Relay, Result
 from ..upstream import CompletionRequest
 
 
@@ -60,6 +71,7 @@ class ChatVocabulary:
             "conversationId": self.turn.conversation_id,
             "messageId": self.turn.answer_id,
             "usage": usage_of(result, self.prompt_estimate),
+            "finishReason": result.finish_reason,
         }
 
     @staticmethod
@@ -72,60 +84,63 @@ def _owner(request: web.Request) -> str:
     return request.get(keys.KEY_ID) or ""
 
 
-async def _open_turn(request: web.Request, route: str) -> tuple[Turn, Relay, int]:
-    """Everything before the upstream is called: the turn held, the client admitted, the user's
-    message saved. Whatever fails on the way releases what was taken."""
-    settings = request.app[keys.SETTINGS]
+async def _read(request: web.Request) -> tuple[ChatBody, str]:
     body = await read_json(request, ChatBody)
-    text = sanitize(body.message, settings.chat_message_max_chars)
+    return body, sanitize(body.message, request.app[keys.SETTINGS].chat_message_max_chars)
+
+
+@contextlib.asynccontextmanager
+async def _turn(
+    request: web.Request, route: str, body: ChatBody, text: str
+) -> AsyncIterator[tuple[Turn, Relay]]:
+    """A turn up to its relay, as nested contexts: the conversation's turn (404, 409) with its
+    history, the client's limits (429), the user's message saved. Leaving it, on any path, saves
+    the answer if the relay ran (else takes the message back), gives back the limits and then
+    releases the turn; the caller holds the `MAX_STREAMS` slot around it."""
+    settings = request.app[keys.SETTINGS]
     chats = request.app[keys.CHATS]
-    turn = await chats.begin(body.conversationId, _owner(request), text)
-    estimate = estimate_tokens(turn.context)
-    try:
-        ticket = await admit(request, estimate)
-    except BaseException:
-        await chats.abandon(turn)
-        raise
-    try:
+    async with (
+        chats.turn(body.conversationId, _owner(request), text) as turn,
+        limited(request, turn.prompt_estimate) as ticket,
+    ):
         await chats.start(turn)
-    except BaseException:
-        await request.app[keys.LIMITS].give_back(ticket.client, ticket.lease, ticket.reserved)
-        raise
-    upstream_request = CompletionRequest(
-        model=settings.openai_model,
-        messages=turn.context,
-        max_tokens=settings.default_max_tokens,
-        temperature=None,
-    )
-    return turn, relay_for(request, route, upstream_request, ticket), estimate
+        upstream_request = CompletionRequest(
+            model=settings.openai_model,
+            messages=turn.context,
+            max_tokens=settings.default_max_tokens,
+            temperature=None,
+        )
+        turn.relay = relay = relay_for(
+            request, route, upstream_request, ticket, stream_id=turn.answer_id
+        )
+        yield turn, relay
 
 
 async def chat_stream(request: web.Request) -> web.StreamResponse:
-    turn, relay, estimate = await _open_turn(request, "chat_stream")
-    chats = request.app[keys.CHATS]
-    vocabulary = ChatVocabulary(turn, estimate)
-    response = web.StreamResponse(headers=HEADERS)
-    relay.writer = writer = SseWriter(response, vocabulary)
+    body, text = await _read(request)
+    with take_slot(request):
+        async with _turn(request, "chat_stream", body, text) as (turn, relay):
+            vocabulary = ChatVocabulary(turn, turn.prompt_estimate)
+            response, writer = sse_response(request, relay, vocabulary)
 
-    async def opening() -> None:
-        await response.prepare(request)
-        await writer.event(vocabulary.metadata(relay.request.model))
+            async def opening() -> None:
+                await response.prepare(request)
+                await writer.event(vocabulary.metadata(relay.request.model))
 
-    try:
-        result = await relay.run(opening)
-    finally:
-        await chats.finish(turn, relay.result, estimate)
-    await last_event(writer, result, relay.settings.write_timeout_s)
+            result = await relay.run(opening)
+        # The answer is saved and the turn free before `done` goes out: a client may send its
+        # next turn as soon as it reads it.
+        await last_event(writer, result, relay.settings.write_timeout_s)
     return response
 
 
 async def chat(request: web.Request) -> web.Response:
-    turn, relay, estimate = await _open_turn(request, "chat")
-    try:
-        result = await relay.run()
-    finally:
-        answer = await request.app[keys.CHATS].finish(turn, relay.result, estimate)
-    if result.outcome is not Outcome.COMPLETED:
+    body, text = await _read(request)
+    with take_slot(request):
+        async with _turn(request, "chat", body, text) as (turn, relay):
+            result = await relay.run()
+    answer = turn.answer
+    if result.outcome is not Outcome.COMPLETED or answer is None:
         raise failed(result)
     return json_response(
         {
@@ -134,6 +149,7 @@ async def chat(request: web.Request) -> web.Response:
             "model": answer.model,
             "content": answer.content,
             "usage": answer.usage,
+            "finishReason": answer.finish_reason,
         }
     )
 

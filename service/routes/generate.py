@@ -14,10 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from .. import keys
 from ..errors import ApiError, Outcome
-from ..http import admit, failed, json_response, last_event, read_json, relay_for
+from ..http import admitted, failed, json_response, last_event, read_json, relay_for, sse_response
 from ..prompts import estimate_tokens, extract_placeholders, generate_messages
-from ..relay import Result, SseWriter
-from ..sse import HEADERS
+from ..relay import Result
 from ..upstream import CompletionRequest
 
 _IMAGE_URL = re.compile(
@@ -96,29 +95,30 @@ def _answer(result: Result) -> dict[str, Any]:
         "model": result.model,
         "requestId": result.request_id,
         "elapsedMs": result.elapsed_ms,
+        "finishReason": result.finish_reason,
     }
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    ticket = await admit(request, estimate_tokens(upstream_request.messages))
-    relay = relay_for(request, "generate_stream", upstream_request, ticket)
-    response = web.StreamResponse(headers=HEADERS)
-    relay.writer = writer = SseWriter(response, GenerateVocabulary)
+    async with admitted(request, estimate_tokens(upstream_request.messages)) as ticket:
+        relay = relay_for(request, "generate_stream", upstream_request, ticket)
+        response, writer = sse_response(request, relay, GenerateVocabulary)
+        start = {"type": "start", "requestId": relay.request_id, "streamId": relay.stream_id}
 
-    async def opening() -> None:
-        await response.prepare(request)
-        await writer.event({"type": "start", "requestId": relay.request_id})
+        async def opening() -> None:
+            await response.prepare(request)
+            await writer.event(start)
 
-    result = await relay.run(opening)
-    await last_event(writer, result, relay.settings.write_timeout_s)
+        result = await relay.run(opening)
+        await last_event(writer, result, relay.settings.write_timeout_s)
     return response
 
 
 async def generate(request: web.Request) -> web.Response:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    ticket = await admit(request, estimate_tokens(upstream_request.messages))
-    result = await relay_for(request, "generate", upstream_request, ticket).run()
+    async with admitted(request, estimate_tokens(upstream_request.messages)) as ticket:
+        result = await relay_for(request, "generate", upstream_request, ticket).run()
     if result.outcome is Outcome.COMPLETED:
         return json_response({**_answer(result), "usage": result.usage})
     raise failed(result)

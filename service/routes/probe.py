@@ -7,14 +7,17 @@ Deployment): the first event is over 512 bytes (a compressor that waits for more
 flushes) and every third probe event is 6 KB (a proxy buffer that sends large events one late).
 
 Design notes:
-1. Admission is the streams' own (`http.admit`): one request from the client's per-minute budget
+1. Admission is the streams' own (`http.admitted`): one of `MAX_STREAMS` (a probe is an open
+   stream holding a connection like any other), one request from the client's per-minute budget
    and one concurrency slot, held until the probe ends. The shared admission reserves at least
    one token; it is given back at the end, so the probe costs no tokens. The probe is not a
    `Relay` (there is no upstream, no model and no tokens to account), so it is not in the stream
-   metrics or `MAX_STREAMS`; the limits' upkeep renews its lease with the streams' (`hold`), and
-   `give_back` returns its reserve and lease at the end.
+   metrics; the limits' upkeep renews its lease with the streams' (`hold`), and the admission's
+   exit gives back its reserve and lease.
 2. Shutdown ends a probe at its next tick (at most `interval_ms` later) with a `server_shutdown`
    error event instead of holding a drain for a diagnostic.
+3. Frames are the data-only shape whatever the request's `Accept`: a probe is not a stream that
+   can be resumed, so it has no stream id and hands out no `id:` cursors.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from aiohttp import web
 
 from .. import keys, sse
 from ..errors import FAILURE_BY_OUTCOME, ApiError, Outcome
-from ..http import admit
+from ..http import admitted
 
 log = structlog.get_logger("service.probe")
 
@@ -46,7 +49,8 @@ def _bounded(query: Mapping[str, str], name: str, bounds: tuple[int, int, int]) 
     raw = query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit and int() also take other scripts' digits ("²", "٣").
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not low <= int(raw) <= high:
         raise ApiError("bad_request", f"{name}: must be an integer from {low} to {high}")
     return int(raw)
 
@@ -60,11 +64,12 @@ def parse_query(query: Mapping[str, str]) -> tuple[int, int]:
     return count, interval_ms
 
 
-def frame(seq: int, payload: dict[str, Any], size: int = 0) -> bytes:
-    """One SSE frame, padded with a `pad` field to at least `size` bytes."""
-    data = sse.event(seq, {**payload, "pad": ""})
+def frame(payload: dict[str, Any], size: int = 0) -> bytes:
+    """One SSE frame, padded with a `pad` field to at least `size` bytes. Data-only whatever the
+    `Accept`: the probe cannot be resumed, so it hands out no cursors (design note 3)."""
+    data = sse.DATA_ONLY.event(0, {**payload, "pad": ""})
     if len(data) < size:
-        data = sse.event(seq, {**payload, "pad": "." * (size - len(data))})
+        data = sse.DATA_ONLY.event(0, {**payload, "pad": "." * (size - len(data))})
     return data
 
 
@@ -73,13 +78,11 @@ class _Probe:
         self.request = request
         self.response = response
         self.settings = request.app[keys.SETTINGS]
-        self.seq = 0
 
     async def write(self, payload: dict[str, Any], size: int = 0) -> None:
-        self.seq += 1
         payload["sentAt"] = round(time.time(), 6)
         async with asyncio.timeout(self.settings.write_timeout_s or None):
-            await self.response.write(frame(self.seq, payload, size))
+            await self.response.write(frame(payload, size))
 
     async def run(self, count: int, interval_ms: int) -> str:
         request_id = self.request[keys.REQUEST_ID]
@@ -113,19 +116,18 @@ class _Probe:
 
 async def stream_probe(request: web.Request) -> web.StreamResponse:
     count, interval_ms = parse_query(request.query)
-    ticket = await admit(request, 0)
-    limits = request.app[keys.LIMITS]
-    limits.hold(ticket.client, ticket.lease)  # design note 1
     response = web.StreamResponse(headers=sse.HEADERS)
     outcome = "client_disconnect"
-    try:
-        await response.prepare(request)
-        outcome = await _Probe(request, response).run(count, interval_ms)
-    except (ConnectionError, TimeoutError):
-        pass  # the client left or stopped reading: nothing more to say to it
-    finally:
-        await limits.give_back(ticket.client, ticket.lease, ticket.reserved)
-        log.info("probe.finished", outcome=outcome, count=count, interval_ms=interval_ms)
+    async with admitted(request, 0) as ticket:
+        limits = request.app[keys.LIMITS]
+        limits.hold(ticket.client, ticket.lease)  # design note 1; given back by `admitted`
+        try:
+            await response.prepare(request)
+            outcome = await _Probe(request, response).run(count, interval_ms)
+        except (ConnectionError, TimeoutError):
+            pass  # the client left or stopped reading: nothing more to say to it
+        finally:
+            log.info("probe.finished", outcome=outcome, count=count, interval_ms=interval_ms)
     return response
 
 

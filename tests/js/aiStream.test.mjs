@@ -83,16 +83,38 @@ test("parser: CR at the end of a piece then LF is one line end, not two", () => 
   assert.deepEqual(got.events, [{ type: "message", data: "a\nb", id: "" }]);
 });
 
-// The gateway's own wire bytes for a generation (see the README's transcript).
+// The gateway's own wire bytes for a generation (see the README's transcript): the full shape a
+// client that sends `Accept: text/event-stream` gets, with `<streamId>:<seq>` cursors, a lone
+// `: ping` comment line (no blank line after it) and an escaped U+2028.
+const SID = "Q2hvb3NlIGEgc3RyZWFtIQ";
 const GENERATE_WIRE =
-  'id: 1\ndata: {"type":"start","requestId":"r1"}\n\n' +
-  ": ping\n\n" +
-  'id: 2\ndata: {"type":"content","delta":"Hello","tokenCount":1}\n\n' +
-  'id: 3\ndata: {"type":"content","delta":", wörld","tokenCount":3}\n\n' +
-  'id: 4\ndata: {"type":"content","delta":" \\n\\ndata: not an event","tokenCount":4}\n\n' +
-  'id: 5\ndata: {"type":"done","content":"Hello, wörld \\n\\ndata: not an event",' +
-  '"imagePlaceholders":[],"tokenCount":4,"model":"demo-writer-1","requestId":"r1","elapsedMs":12}\n\n';
-const GENERATED = "Hello, wörld \n\ndata: not an event";
+  `id: ${SID}:1\ndata: {"type":"start","requestId":"r1","streamId":"${SID}"}\n\n` +
+  ": ping\n" +
+  `id: ${SID}:2\ndata: {"type":"content","delta":"Hello","tokenCount":1}\n\n` +
+  ": ping\n" +
+  `id: ${SID}:3\ndata: {"type":"content","delta":", wörld\\u2028","tokenCount":3}\n\n` +
+  `id: ${SID}:4\ndata: {"type":"content","delta":" \\n\\ndata: not an event","tokenCount":4}\n\n` +
+  `id: ${SID}:5\ndata: {"type":"done","content":"Hello, wörld\\u2028 \\n\\ndata: not an event",` +
+  '"imagePlaceholders":[],"tokenCount":4,"model":"demo-writer-1","requestId":"r1","elapsedMs":12,' +
+  '"finishReason":"length"}\n\n';
+const GENERATED = "Hello, wörld\u2028 \n\ndata: not an event";
+
+// The same answer in the data-only shape (no `Accept: text/event-stream`): no `id:` lines, and
+// `: ping` as a block of its own.
+const GENERATE_DATA_ONLY = GENERATE_WIRE.replace(/id: [^\n]*\n/g, "").replaceAll(": ping\n", ": ping\n\n");
+
+test("parser: the gateway's cursors become lastEventId; lone ping lines are comments", () => {
+  for (const wire of [GENERATE_WIRE, GENERATE_DATA_ONLY]) {
+    const { events, comments, unfinished } = parse([bytes(wire)]);
+    const full = wire === GENERATE_WIRE;
+    assert.deepEqual(
+      events.map((e) => [e.type, e.id, JSON.parse(e.data).type]),
+      ["start", "content", "content", "content", "done"].map((t, k) => ["message", full ? `${SID}:${k + 1}` : "", t]),
+    );
+    assert.deepEqual(comments, ["ping", "ping"]);
+    assert.equal(unfinished, false);
+  }
+});
 
 /** A fetch that answers with `pieces` as the body, recording the request it was given. */
 function fakeFetch(pieces, { status = 200, headers = {} } = {}) {
@@ -127,22 +149,26 @@ function recorder() {
   return { log, callbacks };
 }
 
-test("generate: the gateway's wire bytes split at every byte position", async () => {
-  const all = bytes(GENERATE_WIRE);
-  for (let i = 0; i <= all.length; i++) {
-    const { fetch } = fakeFetch([all.slice(0, i), all.slice(i)]);
-    const { log, callbacks } = recorder();
-    const result = await generateContentStream({ prompt: "x" }, callbacks, { fetch, batchMs: 0 });
-    assert.equal(result.status, "done", `split at ${i}`);
-    assert.equal(result.text, GENERATED);
-    assert.deepEqual(log, [
-      ["start", "r1"],
-      ["comment", "ping"],
-      ["content", "Hello", 1],
-      ["content", ", wörld", 3],
-      ["content", " \n\ndata: not an event", 4],
-      ["done", 4, GENERATED],
-    ]);
+test("generate: the gateway's wire bytes, in both shapes, split at every byte position", async () => {
+  for (const wire of [GENERATE_WIRE, GENERATE_DATA_ONLY]) {
+    const all = bytes(wire);
+    for (let i = 0; i <= all.length; i++) {
+      const { fetch } = fakeFetch([all.slice(0, i), all.slice(i)]);
+      const { log, callbacks } = recorder();
+      const result = await generateContentStream({ prompt: "x" }, callbacks, { fetch, batchMs: 0 });
+      assert.equal(result.status, "done", `split at ${i}`);
+      assert.equal(result.text, GENERATED);
+      assert.equal(result.data.finishReason, "length");
+      assert.deepEqual(log, [
+        ["start", "r1"],
+        ["comment", "ping"],
+        ["content", "Hello", 1],
+        ["comment", "ping"],
+        ["content", ", wörld\u2028", 3],
+        ["content", " \n\ndata: not an event", 4],
+        ["done", 4, GENERATED],
+      ]);
+    }
   }
 });
 
@@ -157,6 +183,7 @@ test("generate: posts JSON to the base URL with the API key", async () => {
   assert.equal(calls[0].url, "http://127.0.0.1:3301/api/ai/generate-stream");
   assert.equal(calls[0].init.method, "POST");
   assert.equal(calls[0].init.headers.Authorization, "Bearer sk-1");
+  assert.equal(calls[0].init.headers.Accept, "text/event-stream"); // the full shape, with cursors
   assert.equal(calls[0].init.headers["Content-Type"], "application/json");
   assert.deepEqual(JSON.parse(calls[0].init.body), { prompt: "Write", maxTokens: 5 });
 });
@@ -258,9 +285,9 @@ test("generate: broken streams end in one onError each", async () => {
 
 test("chat: metadata, joined tokens, done", async () => {
   const { fetch, calls } = fakeFetch([
-    'id: 1\ndata: {"type":"metadata","conversationId":"c_1","messageId":"m_2","model":"demo-writer-1"}\n\n',
-    'id: 2\ndata: {"type":"token","content":"Baby"}\n\nid: 3\ndata: {"type":"token","content":" sleep"}\n\n',
-    'id: 4\ndata: {"type":"done","conversationId":"c_1","messageId":"m_2","usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n',
+    `id: ${SID}:1\ndata: {"type":"metadata","conversationId":"c_1","messageId":"${SID}","model":"demo-writer-1"}\n\n`,
+    `id: ${SID}:2\ndata: {"type":"token","content":"Baby"}\n\n: ping\nid: ${SID}:3\ndata: {"type":"token","content":" sleep"}\n\n`,
+    `id: ${SID}:4\ndata: {"type":"done","conversationId":"c_1","messageId":"${SID}","usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"finishReason":"stop"}\n\n`,
   ]);
   const log = [];
   const result = await chatStream(
@@ -277,7 +304,7 @@ test("chat: metadata, joined tokens, done", async () => {
   assert.equal(result.text, "Baby sleep");
   assert.equal(calls[0].url, "/api/v1/ai/chat/stream");
   assert.deepEqual(JSON.parse(calls[0].init.body), { message: "Tell me", conversationId: "c_1" });
-  assert.deepEqual(log, [["metadata", "c_1", "m_2"], ["token", "Baby"], ["token", " sleep"], ["done", 5]]);
+  assert.deepEqual(log, [["metadata", "c_1", SID], ["token", "Baby"], ["token", " sleep"], ["done", 5]]);
 });
 
 test("getConversation: a 404 rejects with the API's code", async () => {

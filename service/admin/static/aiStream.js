@@ -26,6 +26,9 @@
 //    `batchMs`. Pending text is always delivered before onDone, onError and onAbort.
 // 3. The returned promise never rejects for stream trouble: every ending goes through exactly
 //    one of onDone, onError or onAbort, and the result says which.
+// 4. Streams are requested with `Accept: text/event-stream`, so the gateway answers in its full
+//    shape: each event has an `id: <streamId>:<seq>` cursor (kept as the parser's lastEventId)
+//    and heartbeats are lone `: ping` comment lines, which reach onComment, never onEvent.
 
 /** Incremental event-stream parser. Feed it bytes (Uint8Array) or strings, in any pieces. */
 export class SseParser {
