@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -71,10 +71,8 @@ class BrokenCheck:
     def __init__(self) -> None:
         self.checks = 0
 
-    @asynccontextmanager
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
+    def stream(self, request: CompletionRequest) -> AbstractAsyncContextManager[UpstreamStream]:
         raise NotImplementedError
-        yield
 
     async def check(self) -> None:
         self.checks += 1
