@@ -17,7 +17,7 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
-from .config import Settings
+from .config import LogSettings
 
 ARRIVED = web.RequestKey("arrived", float)  # loop.time() when the request reached the app
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -27,7 +27,7 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def configure(settings: Settings) -> None:
+def configure(settings: LogSettings) -> None:
     """Process-wide logging; called from __main__ only. structlog's own lines and everything
     that logs through the standard library (aiohttp, asyncio, warnings, an uncaught exception)
     go out through the same renderer: with LOG_FORMAT=json, every line is one JSON object."""
