@@ -52,6 +52,7 @@ def create_app(
     app.cleanup_ctx.append(_conversations)
     app.cleanup_ctx.append(_readiness)  # after every dependency it checks
     app.on_response_prepare.append(http.on_prepare)
+    app.on_response_prepare.append(logs.note_answer)
     tcp.setup(app, settings.write_timeout_s, settings.heartbeat_interval_s)
     app.on_shutdown.append(_drain)
     generate.setup(app)
