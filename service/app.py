@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry
 from . import demo_upstream, http, keys, logs, tcp
 from .access import Access
 from .chat import Chats
-from .chat_store import ConversationStore, RedisStore, SqliteStore
+from .chat_store import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
 from .config import Settings
-from .health import ReadinessProbe
+from .health import Check, ReadinessProbe, UpstreamCheck, ping
 from .limits import Limits
 from .metrics import create_metrics
 from .ratelimit import LimitConfig, Limiter, MemoryLimiter
-from .redis_limits import RedisLimiter
+from .redis_limits import LimiterUnavailable, RedisLimiter
 from .relay import LiveStreams
 from .routes import chat, generate, health, probe
 from .upstream import OpenAIUpstream, Upstream
@@ -34,7 +34,8 @@ def create_app(
     upstream: Upstream | None = None,
     registry: CollectorRegistry | None = None,
 ) -> web.Application:
-    """The API application. Pass `upstream` to use one you own (it is not closed here)."""
+    """The API application. Pass `upstream` to use one you own: it is not closed here, and its
+    retries are counted by the `on_retry` it was built with."""
     app = web.Application(
         middlewares=[logs.request_context, http.errors, http.require_key],
         client_max_size=settings.max_body_bytes,
@@ -44,12 +45,14 @@ def create_app(
     app[keys.LIVE] = LiveStreams()
     app[keys.ACCESS] = Access.build(settings.api_keys, settings.trusted_proxies)
     if upstream is not None:
-        _use_upstream(app, upstream)
+        app[keys.UPSTREAM] = upstream
     else:
         app.cleanup_ctx.append(_sdk_upstream)
     app.cleanup_ctx.append(_limits)
     app.cleanup_ctx.append(_conversations)
+    app.cleanup_ctx.append(_readiness)  # after every dependency it checks
     app.on_response_prepare.append(http.on_prepare)
+    app.on_response_prepare.append(logs.note_answer)
     tcp.setup(app, settings.write_timeout_s, settings.heartbeat_interval_s)
     app.on_shutdown.append(_drain)
     generate.setup(app)
@@ -82,12 +85,6 @@ def _cors(app: web.Application, settings: Settings) -> None:
             cors.add(route)
 
 
-def _use_upstream(app: web.Application, upstream: Upstream) -> None:
-    upstream.on_retry = app[keys.METRICS].upstream_retries.inc
-    app[keys.UPSTREAM] = upstream
-    app[keys.READINESS] = ReadinessProbe(upstream)
-
-
 async def _limits(app: web.Application) -> AsyncIterator[None]:
     """The limiter (Redis when REDIS_URL is set) and its upkeep task."""
     settings = app[keys.SETTINGS]
@@ -99,8 +96,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     )
     limiter: Limiter
     if settings.redis_url:
-        limiter = redis = RedisLimiter(config, settings.redis_url)
-        app[keys.READINESS].redis = redis
+        limiter = RedisLimiter(config, settings.redis_url)
     else:
         limiter = MemoryLimiter(config)
     limits = app[keys.LIMITS] = Limits(
@@ -139,6 +135,21 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
         await chats.aclose()
 
 
+async def _readiness(app: web.Application) -> AsyncIterator[None]:
+    """Readiness checks every dependency the contexts before this one made: the model server,
+    the limiter's Redis (when limits live there) and the conversation store."""
+    checks: list[tuple[str, Check]] = [("upstream", UpstreamCheck(app[keys.UPSTREAM]))]
+    limiter = app[keys.LIMITS].limiter
+    if isinstance(limiter, RedisLimiter):
+        redis = ping(limiter.ping, failure="Redis does not answer.", errors=(LimiterUnavailable,))
+        checks.append(("redis", redis))
+    store = app[keys.CHATS].store
+    failure = "The conversation store does not answer."
+    checks.append(("conversations", ping(store.ping, failure=failure, errors=(StoreUnavailable,))))
+    app[keys.READINESS] = ReadinessProbe(checks)
+    yield
+
+
 async def _sdk_upstream(app: web.Application) -> AsyncIterator[None]:
     """The SDK client (and, with no upstream configured, the bundled demo upstream)."""
     settings = app[keys.SETTINGS]
@@ -153,8 +164,9 @@ async def _sdk_upstream(app: web.Application) -> AsyncIterator[None]:
             "from the bundled demo upstream.",
             base_url=base_url,
         )
-    upstream = OpenAIUpstream(settings, base_url=base_url)
-    _use_upstream(app, upstream)
+    upstream = app[keys.UPSTREAM] = OpenAIUpstream(
+        settings, base_url=base_url, on_retry=app[keys.METRICS].upstream_retries.inc
+    )
     try:
         yield
     finally:

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .conversations import Conversation, Message
@@ -64,6 +65,9 @@ class ConversationStore(Protocol):
 
     async def held_turns(self) -> list[tuple[str, str]]:
         """(conversation id, holder) of every turn held now."""
+
+    async def ping(self) -> None:
+        """A cheap round trip (readiness); StoreUnavailable when the store does not answer."""
 
     async def aclose(self) -> None: ...
 
@@ -224,6 +228,12 @@ class SqliteStore:
         rows = self.db.execute("SELECT id, turn FROM conversations WHERE turn IS NOT NULL")
         return [(str(cid), str(turn)) for cid, turn in rows.fetchall()]
 
+    async def ping(self) -> None:
+        await self._call(self._ping)
+
+    def _ping(self) -> None:
+        self.db.execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
+
     async def aclose(self) -> None:
         if self._db is not None:
             with contextlib.suppress(StoreUnavailable):
@@ -364,6 +374,19 @@ class RedisStore:
         except RedisError as err:
             raise StoreUnavailable(f"redis: {err}") from err
         return held
+
+    async def ping(self) -> None:
+        """A pooled connection the server closed (it restarted) fails once: tried again on a
+        fresh one, so readiness names a Redis that does not answer, not a stale connection."""
+        for retry in (False, True):
+            try:
+                await self._redis.ping()
+                return
+            except RedisConnectionError as err:
+                if retry:
+                    raise StoreUnavailable(f"redis: {err}") from err
+            except RedisError as err:
+                raise StoreUnavailable(f"redis: {err}") from err
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -1,8 +1,17 @@
 """Settings: one frozen value read once from the environment.
 
-`from_env(mapping)` parses every variable it knows, collects every problem, and raises one
-`SettingsError` naming all bad variables, so an operator fixes a deploy in one pass. Tests build
-`Settings(...)` directly and never touch `os.environ`.
+The variables come in groups, each a frozen dataclass read by its own typed parser:
+`ServerSettings` (where the processes listen), `UpstreamSettings` (the model server),
+`ClockSettings` (every deadline), `RequestSettings` (what one request may ask for),
+`AccessSettings` (who may call), `LimitSettings`, `StoreSettings` (where state lives),
+`ChatSettings` and `LogSettings`. `Settings` is all of them at once (it inherits each group), so
+tests build it flat, `Settings(port=0, ...)`, and code that needs one slice takes just that type.
+
+`from_env(mapping)` reads every group's variables with the typed parsers of `parsers` (each
+returns a value or raises `Invalid` in words for an operator), then judges the `RULES` that span
+variables, and raises one `SettingsError` naming every problem, so an operator fixes a deploy in
+one pass. A rule is not judged while one of its variables is bad on its own (a default would
+stand in for it). Tests build `Settings(...)` directly and never touch `os.environ`.
 """
 
 from __future__ import annotations
@@ -10,19 +19,27 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Final, Literal
 
-from .access import parse_networks
+from . import parsers as parse
 
 LogFormat = Literal["json", "console"]
+RedisFailure = Literal["open", "closed"]
 DEFAULT_MODEL = "gpt-4o-mini"
 DEMO_MODEL = "demo-writer-1"
 CHAT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and concisely."
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("json", "console")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+REDIS_FAILURES: Final[tuple[RedisFailure, ...]] = ("open", "closed")
+# Linux's ceiling for TCP_KEEPIDLE, the keep-alive idle time of client connections (`tcp`): above
+# it the kernel refuses the connection options, and a vanished reader goes unnoticed.
+MAX_KEEPIDLE_S: Final = 32767
+# TCP_USER_TIMEOUT is a 32-bit count of milliseconds.
+MAX_USER_TIMEOUT_S: Final = (2**31 - 1) // 1000
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Settings:
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 3301
     admin_port: int = 3300
@@ -32,6 +49,9 @@ class Settings:
     admin_api_base: str | None = None
     listen_backlog: int = 4096
 
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamSettings:
     openai_api_key: str | None = field(default=None, repr=False)
     openai_base_url: str | None = None
     openai_model: str = DEFAULT_MODEL
@@ -43,47 +63,6 @@ class Settings:
     upstream_max_connections: int = 20_000
     upstream_connect_timeout_s: float = 10.0
     demo_tokens_per_s: float = 40.0
-
-    heartbeat_interval_s: float = 15.0
-    first_token_timeout_s: float = 120.0
-    idle_timeout_s: float = 60.0
-    max_stream_s: float = 600.0
-    write_timeout_s: float = 30.0
-    shutdown_drain_s: float = 25.0
-    max_streams: int = 10_000
-
-    max_body_bytes: int = 4 * 1024 * 1024
-    body_timeout_s: float = 10.0  # head received -> whole body read, else 408 (0 = off)
-    header_timeout_s: float = 10.0  # first byte (or connection open) -> whole head (0 = off)
-    prompt_max_chars: int = 32_000
-    max_images: int = 16
-    default_max_tokens: int = 2048
-    max_tokens_limit: int = 16_384
-
-    log_format: LogFormat = "json"
-    log_level: str = "info"
-
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
-    cors_origins: tuple[str, ...] = ()  # empty: the admin page's own origins
-    redis_url: str | None = field(default=None, repr=False)
-    rate_limit_rpm: int = 120
-    rate_limit_concurrent: int = 8
-    rate_limit_tpm: int = 200_000
-    rate_limit_redis_failure: Literal["open", "closed"] = "open"
-    rate_limit_lease_s: float = 10.0
-    rate_limit_charge_interval_s: float = 0.5
-
-    chat_db_path: str = "data/conversations.db"  # SQLite; ignored when REDIS_URL is set
-    chat_system_prompt: str = CHAT_SYSTEM_PROMPT
-    chat_context_tokens: int = 8000  # system prompt + history + the new message, estimated
-    chat_message_max_chars: int = 8000
-
-    @property
-    def allowed_origins(self) -> tuple[str, ...]:
-        if self.cors_origins:
-            return self.cors_origins
-        return (f"http://localhost:{self.admin_port}", f"http://127.0.0.1:{self.admin_port}")
 
     @property
     def uses_demo_upstream(self) -> bool:
@@ -102,6 +81,85 @@ class Settings:
         return frozenset((*self.allowed_models, self.openai_model))
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClockSettings:
+    heartbeat_interval_s: float = 15.0
+    first_token_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
+    max_stream_s: float = 600.0
+    write_timeout_s: float = 30.0
+    shutdown_drain_s: float = 25.0
+    body_timeout_s: float = 10.0  # head received -> whole body read, else 408 (0 = off)
+    header_timeout_s: float = 10.0  # first byte (or connection open) -> whole head (0 = off)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestSettings:
+    max_body_bytes: int = 4 * 1024 * 1024
+    prompt_max_chars: int = 32_000
+    max_images: int = 16
+    default_max_tokens: int = 2048
+    max_tokens_limit: int = 16_384
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccessSettings:
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    cors_origins: tuple[str, ...] = ()  # empty: the admin page's own origins
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitSettings:
+    max_streams: int = 10_000
+    rate_limit_rpm: int = 120
+    rate_limit_concurrent: int = 8
+    rate_limit_tpm: int = 200_000
+    rate_limit_redis_failure: RedisFailure = "open"
+    rate_limit_lease_s: float = 10.0
+    rate_limit_charge_interval_s: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreSettings:
+    redis_url: str | None = field(default=None, repr=False)  # limits and conversations
+    chat_db_path: str = "data/conversations.db"  # SQLite; ignored when REDIS_URL is set
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatSettings:
+    chat_system_prompt: str = CHAT_SYSTEM_PROMPT
+    chat_context_tokens: int = 8000  # system prompt + history + the new message, estimated
+    chat_message_max_chars: int = 8000
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSettings:
+    log_format: LogFormat = "json"
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(
+    LogSettings,
+    ChatSettings,
+    StoreSettings,
+    LimitSettings,
+    AccessSettings,
+    RequestSettings,
+    ClockSettings,
+    UpstreamSettings,
+    ServerSettings,
+):
+    """Every group at once (fields in the order of the bases from the last: server first)."""
+
+    @property
+    def allowed_origins(self) -> tuple[str, ...]:
+        if self.cors_origins:
+            return self.cors_origins
+        return (f"http://localhost:{self.admin_port}", f"http://127.0.0.1:{self.admin_port}")
+
+
 class SettingsError(ValueError):
     """Every bad variable at once, one per line."""
 
@@ -111,210 +169,243 @@ class SettingsError(ValueError):
         super().__init__(f"invalid settings:\n{lines}")
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be 0 or more")
+def _write_timeout(raw: str) -> float:
+    value = parse.seconds(raw)
+    if value > MAX_USER_TIMEOUT_S:
+        raise parse.Invalid(f"must be at most {MAX_USER_TIMEOUT_S} s (the TCP user timeout)")
     return value
 
 
-def _port(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return value
+def _level(raw: str) -> str:
+    return parse.one_of(LOG_LEVELS)(raw.strip().lower())
 
 
-def _seconds(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a finite number of seconds, 0 or more (0 turns it off)")
-    return value
+# One parser per group. Each reads its variables with the group's own defaults.
 
 
-def _rate(raw: str) -> float:
-    value = float(raw)
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a positive number")
-    return value
+def _server(read: parse.Reader) -> ServerSettings:
+    d = ServerSettings()
+    return ServerSettings(
+        host=read("HOST", parse.text, d.host),
+        port=read("PORT", parse.port, d.port),
+        admin_port=read("ADMIN_PORT", parse.port, d.admin_port),
+        admin_api_base=read("ADMIN_API_BASE", parse.api_base, d.admin_api_base),
+        listen_backlog=read(
+            "LISTEN_BACKLOG", parse.between(parse.integer, 1, 65535), d.listen_backlog
+        ),
+    )
 
 
-def _text(raw: str) -> str:
-    if not raw.strip():
-        raise ValueError("must not be empty")
-    return raw.strip()
+def _upstream(read: parse.Reader) -> UpstreamSettings:
+    d = UpstreamSettings()
+    upstream = UpstreamSettings(
+        openai_api_key=read("OPENAI_API_KEY", parse.text, d.openai_api_key),
+        openai_base_url=read("OPENAI_BASE_URL", parse.url, d.openai_base_url),
+        openai_model=read("OPENAI_MODEL", parse.text, d.openai_model),
+        azure_endpoint=read("AZURE_OPENAI_ENDPOINT", parse.url, d.azure_endpoint),
+        azure_api_key=read("AZURE_OPENAI_API_KEY", parse.text, d.azure_api_key),
+        openai_api_version=read("OPENAI_API_VERSION", parse.text, d.openai_api_version),
+        allowed_models=read("ALLOWED_MODELS", parse.csv, d.allowed_models),
+        upstream_max_retries=read(
+            "UPSTREAM_MAX_RETRIES", parse.between(parse.integer, 0, 10), d.upstream_max_retries
+        ),
+        upstream_max_connections=read(
+            "UPSTREAM_MAX_CONNECTIONS",
+            parse.between(parse.integer, 1, 1_000_000),
+            d.upstream_max_connections,
+        ),
+        upstream_connect_timeout_s=read(
+            "UPSTREAM_CONNECT_TIMEOUT_S", parse.rate, d.upstream_connect_timeout_s
+        ),
+        demo_tokens_per_s=read("DEMO_TOKENS_PER_S", parse.rate, d.demo_tokens_per_s),
+    )
+    if upstream.uses_demo_upstream and not read.given("OPENAI_MODEL"):
+        upstream = dataclasses.replace(upstream, openai_model=DEMO_MODEL)
+    return upstream
 
 
-def _url(raw: str) -> str:
-    raw = raw.strip()
-    if not raw.startswith(("http://", "https://")):
-        raise ValueError("must be an http:// or https:// URL")
-    _no_credentials(raw)
-    return raw.rstrip("/")
+def _clocks(read: parse.Reader) -> ClockSettings:
+    d = ClockSettings()
+    return ClockSettings(
+        heartbeat_interval_s=read("HEARTBEAT_INTERVAL_S", parse.seconds, d.heartbeat_interval_s),
+        first_token_timeout_s=read("FIRST_TOKEN_TIMEOUT_S", parse.seconds, d.first_token_timeout_s),
+        idle_timeout_s=read("IDLE_TIMEOUT_S", parse.seconds, d.idle_timeout_s),
+        max_stream_s=read("MAX_STREAM_S", parse.seconds, d.max_stream_s),
+        write_timeout_s=read("WRITE_TIMEOUT_S", _write_timeout, d.write_timeout_s),
+        shutdown_drain_s=read("SHUTDOWN_DRAIN_S", parse.seconds, d.shutdown_drain_s),
+        body_timeout_s=read("BODY_TIMEOUT_S", parse.seconds, d.body_timeout_s),
+        header_timeout_s=read("HEADER_TIMEOUT_S", parse.seconds, d.header_timeout_s),
+    )
 
 
-def _no_credentials(url: str) -> None:
-    """Refuse `user:password@` in an HTTP URL (the SDK would send it nowhere useful, and the URL
-    ends up in logs and errors). The messages never repeat the URL."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
-    except ValueError:
-        raise ValueError("must be a valid http:// or https:// URL") from None
-    if "@" in parts.netloc:
-        raise ValueError("must not contain credentials (user:password@); use the API key setting")
-    if not parts.hostname:
-        raise ValueError("must name a host")
+def _requests(read: parse.Reader) -> RequestSettings:
+    d = RequestSettings()
+    tokens = parse.between(parse.integer, 1, 1_000_000)
+    return RequestSettings(
+        max_body_bytes=read(
+            "MAX_BODY_BYTES", parse.between(parse.integer, 1024, 1 << 30), d.max_body_bytes
+        ),
+        prompt_max_chars=read(
+            "PROMPT_MAX_CHARS", parse.between(parse.integer, 1, 10_000_000), d.prompt_max_chars
+        ),
+        max_images=read("MAX_IMAGES", parse.between(parse.integer, 0, 1000), d.max_images),
+        default_max_tokens=read("DEFAULT_MAX_TOKENS", tokens, d.default_max_tokens),
+        max_tokens_limit=read("MAX_TOKENS_LIMIT", tokens, d.max_tokens_limit),
+    )
 
 
-def _api_base(raw: str) -> str:
-    raw = raw.strip()
-    if raw == "/":
-        return ""  # same origin
-    if not raw.startswith(("http://", "https://")):
-        raise ValueError("must be an http:// or https:// URL, or / for the page's own origin")
-    _no_credentials(raw)
-    return raw.rstrip("/")
+def _access(read: parse.Reader) -> AccessSettings:
+    d = AccessSettings()
+    return AccessSettings(
+        api_keys=read("API_KEYS", parse.csv, d.api_keys),
+        trusted_proxies=read("TRUSTED_PROXIES", parse.networks, d.trusted_proxies),
+        cors_origins=read("CORS_ORIGINS", parse.origins, d.cors_origins),
+    )
 
 
-def _csv(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
+def _limits(read: parse.Reader) -> LimitSettings:
+    d = LimitSettings()
+    return LimitSettings(
+        max_streams=read("MAX_STREAMS", parse.count, d.max_streams),
+        rate_limit_rpm=read("RATE_LIMIT_RPM", parse.count, d.rate_limit_rpm),
+        rate_limit_concurrent=read("RATE_LIMIT_CONCURRENT", parse.count, d.rate_limit_concurrent),
+        rate_limit_tpm=read("RATE_LIMIT_TPM", parse.count, d.rate_limit_tpm),
+        rate_limit_redis_failure=read(
+            "RATE_LIMIT_REDIS_FAILURE", parse.one_of(REDIS_FAILURES), d.rate_limit_redis_failure
+        ),
+        rate_limit_lease_s=read(
+            "RATE_LIMIT_LEASE_S", parse.between(parse.number, 1, 3600), d.rate_limit_lease_s
+        ),
+        rate_limit_charge_interval_s=read(
+            "RATE_LIMIT_CHARGE_INTERVAL_S",
+            parse.between(parse.number, 0.01, 60),
+            d.rate_limit_charge_interval_s,
+        ),
+    )
 
 
-def _networks(raw: str) -> tuple[str, ...]:
-    values = _csv(raw)
-    parse_networks(values)
-    return values
+def _stores(read: parse.Reader) -> StoreSettings:
+    d = StoreSettings()
+    return StoreSettings(
+        redis_url=read("REDIS_URL", parse.redis_url, d.redis_url),
+        chat_db_path=read("CHAT_DB_PATH", parse.text, d.chat_db_path),
+    )
 
 
-def _origins(raw: str) -> tuple[str, ...]:
-    values = _csv(raw)
-    for origin in values:
-        if origin == "*":
-            continue
-        if not origin.startswith(("http://", "https://")):
-            raise ValueError("must be origins like https://example.com")
-        _no_credentials(origin)
-    return tuple(o.rstrip("/") for o in values)
+def _chat(read: parse.Reader) -> ChatSettings:
+    d = ChatSettings()
+    return ChatSettings(
+        chat_system_prompt=read("CHAT_SYSTEM_PROMPT", parse.text, d.chat_system_prompt),
+        chat_context_tokens=read(
+            "CHAT_CONTEXT_TOKENS",
+            parse.between(parse.integer, 256, 10_000_000),
+            d.chat_context_tokens,
+        ),
+        chat_message_max_chars=read(
+            "CHAT_MESSAGE_MAX_CHARS",
+            parse.between(parse.integer, 1, 1_000_000),
+            d.chat_message_max_chars,
+        ),
+    )
 
 
-def _redis_url(raw: str) -> str:
-    raw = raw.strip()
-    if not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    return raw
+def _logging(read: parse.Reader) -> LogSettings:
+    d = LogSettings()
+    return LogSettings(
+        log_format=read("LOG_FORMAT", parse.one_of(LOG_FORMATS), d.log_format),
+        log_level=read("LOG_LEVEL", _level, d.log_level),
+    )
 
 
-def _failure(raw: str) -> str:
-    if raw not in ("open", "closed"):
-        raise ValueError("must be open or closed")
-    return raw
+# Rules that span variables. Each says what is wrong (None: nothing) about parsed values.
 
 
-def _log_format(raw: str) -> str:
-    if raw not in ("json", "console"):
-        raise ValueError("must be json or console")
-    return raw
+def _one_upstream(u: UpstreamSettings) -> str | None:
+    if u.openai_base_url and u.azure_endpoint:
+        return "must not be set beside AZURE_OPENAI_ENDPOINT (one upstream or the other)"
+    return None
 
 
-def _log_level(raw: str) -> str:
-    level = raw.strip().lower()
-    if level not in ("debug", "info", "warning", "error", "critical"):
-        raise ValueError("must be debug, info, warning, error or critical")
-    return level
+def _azure_key(u: UpstreamSettings) -> str | None:
+    if u.azure_endpoint and not (u.azure_api_key or u.openai_api_key):
+        return "required with AZURE_OPENAI_ENDPOINT"
+    return None
 
 
-def _ranged(parse: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
-    def check(raw: str) -> Any:
-        value = parse(raw)
-        if not low <= value <= high:
-            raise ValueError(f"must be from {low:g} to {high:g}")
-        return value
-
-    return check
+def _default_tokens(r: RequestSettings) -> str | None:
+    if r.default_max_tokens > r.max_tokens_limit:
+        return f"must not exceed MAX_TOKENS_LIMIT ({r.max_tokens_limit})"
+    return None
 
 
-# environment variable -> (Settings field, parser)
-_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "HOST": ("host", _text),
-    "PORT": ("port", _port),
-    "ADMIN_PORT": ("admin_port", _port),
-    "ADMIN_API_BASE": ("admin_api_base", _api_base),
-    "LISTEN_BACKLOG": ("listen_backlog", _ranged(int, 1, 65535)),
-    "OPENAI_API_KEY": ("openai_api_key", _text),
-    "OPENAI_BASE_URL": ("openai_base_url", _url),
-    "OPENAI_MODEL": ("openai_model", _text),
-    "AZURE_OPENAI_ENDPOINT": ("azure_endpoint", _url),
-    "AZURE_OPENAI_API_KEY": ("azure_api_key", _text),
-    "OPENAI_API_VERSION": ("openai_api_version", _text),
-    "ALLOWED_MODELS": ("allowed_models", _csv),
-    "UPSTREAM_MAX_RETRIES": ("upstream_max_retries", _ranged(int, 0, 10)),
-    "UPSTREAM_MAX_CONNECTIONS": ("upstream_max_connections", _ranged(int, 1, 1_000_000)),
-    "UPSTREAM_CONNECT_TIMEOUT_S": ("upstream_connect_timeout_s", _rate),
-    "DEMO_TOKENS_PER_S": ("demo_tokens_per_s", _rate),
-    "HEARTBEAT_INTERVAL_S": ("heartbeat_interval_s", _seconds),
-    "FIRST_TOKEN_TIMEOUT_S": ("first_token_timeout_s", _seconds),
-    "IDLE_TIMEOUT_S": ("idle_timeout_s", _seconds),
-    "MAX_STREAM_S": ("max_stream_s", _seconds),
-    "WRITE_TIMEOUT_S": ("write_timeout_s", _seconds),
-    "SHUTDOWN_DRAIN_S": ("shutdown_drain_s", _seconds),
-    "MAX_STREAMS": ("max_streams", _positive_int),
-    "MAX_BODY_BYTES": ("max_body_bytes", _ranged(int, 1024, 1 << 30)),
-    "BODY_TIMEOUT_S": ("body_timeout_s", _seconds),
-    "HEADER_TIMEOUT_S": ("header_timeout_s", _seconds),
-    "PROMPT_MAX_CHARS": ("prompt_max_chars", _ranged(int, 1, 10_000_000)),
-    "MAX_IMAGES": ("max_images", _ranged(int, 0, 1000)),
-    "DEFAULT_MAX_TOKENS": ("default_max_tokens", _ranged(int, 1, 1_000_000)),
-    "MAX_TOKENS_LIMIT": ("max_tokens_limit", _ranged(int, 1, 1_000_000)),
-    "API_KEYS": ("api_keys", _csv),
-    "TRUSTED_PROXIES": ("trusted_proxies", _networks),
-    "CORS_ORIGINS": ("cors_origins", _origins),
-    "REDIS_URL": ("redis_url", _redis_url),
-    "RATE_LIMIT_RPM": ("rate_limit_rpm", _positive_int),
-    "RATE_LIMIT_CONCURRENT": ("rate_limit_concurrent", _positive_int),
-    "RATE_LIMIT_TPM": ("rate_limit_tpm", _positive_int),
-    "RATE_LIMIT_REDIS_FAILURE": ("rate_limit_redis_failure", _failure),
-    "RATE_LIMIT_LEASE_S": ("rate_limit_lease_s", _ranged(float, 1, 3600)),
-    "RATE_LIMIT_CHARGE_INTERVAL_S": ("rate_limit_charge_interval_s", _ranged(float, 0.01, 60)),
-    "CHAT_DB_PATH": ("chat_db_path", _text),
-    "CHAT_SYSTEM_PROMPT": ("chat_system_prompt", _text),
-    "CHAT_CONTEXT_TOKENS": ("chat_context_tokens", _ranged(int, 256, 10_000_000)),
-    "CHAT_MESSAGE_MAX_CHARS": ("chat_message_max_chars", _ranged(int, 1, 1_000_000)),
-    "LOG_FORMAT": ("log_format", _log_format),
-    "LOG_LEVEL": ("log_level", _log_level),
-}
+def _context_fits(c: ChatSettings) -> str | None:
+    """The newest message must always fit beside the system prompt (history fills the rest)."""
+    floor = (len(c.chat_system_prompt) + c.chat_message_max_chars) // 4 + 16
+    if c.chat_context_tokens < floor:
+        return f"must be at least {floor} to fit CHAT_MESSAGE_MAX_CHARS"
+    return None
+
+
+# With write timeouts on, client connections idle one heartbeat interval (the write timeout when
+# heartbeats are off) before keep-alive probes start (`tcp.peer_options`).
+
+
+def _heartbeat_keepalive(c: ClockSettings) -> str | None:
+    if c.write_timeout_s and c.heartbeat_interval_s > MAX_KEEPIDLE_S:
+        return f"must be at most {MAX_KEEPIDLE_S} s while WRITE_TIMEOUT_S is on (TCP keep-alive)"
+    return None
+
+
+def _write_keepalive(c: ClockSettings) -> str | None:
+    if not c.heartbeat_interval_s and c.write_timeout_s > MAX_KEEPIDLE_S:
+        return (
+            f"must be at most {MAX_KEEPIDLE_S} s while HEARTBEAT_INTERVAL_S is 0 (TCP keep-alive)"
+        )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """`check` judges `variables` together; a problem is reported under `variables[0]`."""
+
+    variables: tuple[str, ...]
+    check: Callable[[Settings], str | None]
+
+
+RULES: Final[tuple[Rule, ...]] = (
+    Rule(("OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT"), _one_upstream),
+    Rule(("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "OPENAI_API_KEY"), _azure_key),
+    Rule(("DEFAULT_MAX_TOKENS", "MAX_TOKENS_LIMIT"), _default_tokens),
+    Rule(("CHAT_CONTEXT_TOKENS", "CHAT_MESSAGE_MAX_CHARS", "CHAT_SYSTEM_PROMPT"), _context_fits),
+    Rule(("HEARTBEAT_INTERVAL_S", "WRITE_TIMEOUT_S"), _heartbeat_keepalive),
+    Rule(("WRITE_TIMEOUT_S", "HEARTBEAT_INTERVAL_S"), _write_keepalive),
+)
+
+
+def problems_of(settings: Settings, bad: frozenset[str] = frozenset()) -> dict[str, str]:
+    """What the rules find wrong with `settings`, skipping rules that involve a `bad` variable."""
+    found: dict[str, str] = {}
+    for rule in RULES:
+        if bad.isdisjoint(rule.variables) and (why := rule.check(settings)) is not None:
+            found.setdefault(rule.variables[0], why)
+    return found
 
 
 def from_env(env: Mapping[str, str]) -> Settings:
-    """Build Settings from an environment mapping; raise SettingsError naming every bad one."""
-    values: dict[str, Any] = {}
-    problems: dict[str, str] = {}
-    for name, (attr, parse) in _VARIABLES.items():
-        raw = env.get(name)
-        if raw is None or raw == "":
-            continue
-        try:
-            values[attr] = parse(raw)
-        except ValueError as err:
-            said = str(err)
-            readable = "must" in said or "is not" in said
-            problems[name] = said if readable else f"not understood ({raw!r})"
-    if env.get("AZURE_OPENAI_ENDPOINT") and not (
-        env.get("AZURE_OPENAI_API_KEY") or env.get("OPENAI_API_KEY")
-    ):
-        problems["AZURE_OPENAI_API_KEY"] = "required with AZURE_OPENAI_ENDPOINT"
+    """Build Settings from an environment mapping; raise SettingsError naming every problem."""
+    read = parse.Reader(env)
+    settings = Settings(
+        **vars(_server(read)),
+        **vars(_upstream(read)),
+        **vars(_clocks(read)),
+        **vars(_requests(read)),
+        **vars(_access(read)),
+        **vars(_limits(read)),
+        **vars(_stores(read)),
+        **vars(_chat(read)),
+        **vars(_logging(read)),
+    )
+    problems = read.problems | problems_of(settings, frozenset(read.problems))
     if problems:
         raise SettingsError(problems)
-    settings = Settings(**values)
-    limit, default = settings.max_tokens_limit, settings.default_max_tokens
-    if default > limit:
-        raise SettingsError({"DEFAULT_MAX_TOKENS": f"must not exceed MAX_TOKENS_LIMIT ({limit})"})
-    # The newest message must always fit beside the system prompt (history fills what is left).
-    floor = (len(settings.chat_system_prompt) + settings.chat_message_max_chars) // 4 + 16
-    if settings.chat_context_tokens < floor:
-        raise SettingsError(
-            {"CHAT_CONTEXT_TOKENS": f"must be at least {floor} to fit CHAT_MESSAGE_MAX_CHARS"}
-        )
-    if settings.uses_demo_upstream and "OPENAI_MODEL" not in values:
-        settings = dataclasses.replace(settings, openai_model=DEMO_MODEL)
     return settings

@@ -1,21 +1,27 @@
-"""Readiness checks with a cache, so load-balancer probes never hammer the model server."""
+"""Readiness: a list of named checks, one per dependency, each answering "ok" or what is wrong.
+
+The model server's check is cached, so load-balancer probes never hammer it; a store's check is
+a ping (or a cheap query) bounded by `PING_TIMEOUT_S`, never cached.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
-from .redis_limits import LimiterUnavailable, RedisLimiter
 from .upstream import Upstream, UpstreamError
 
 log = structlog.get_logger("service.health")
 FAILED = "The check failed unexpectedly."
+PING_TIMEOUT_S = 1.0
+
+Check = Callable[[], Awaitable[str]]  # "ok", or what is wrong
 
 
-async def _guarded(name: str, check: Callable[[], Awaitable[str]]) -> str:
+async def _guarded(name: str, check: Check) -> str:
     """A check's word, or FAILED when it raised something it does not expect: readiness is then
     a 503 naming the check, never a 500."""
     try:
@@ -25,8 +31,30 @@ async def _guarded(name: str, check: Callable[[], Awaitable[str]]) -> str:
         return FAILED
 
 
-class ReadinessProbe:
-    """Named checks; the upstream answer is cached (longer when it passed than when it failed)."""
+def ping(
+    call: Callable[[], Awaitable[object]],
+    *,
+    failure: str,
+    errors: tuple[type[Exception], ...],
+) -> Check:
+    """A check that is "ok" when `call` returns within `PING_TIMEOUT_S`, else `failure` (for a
+    timeout or one of the `errors` it expects)."""
+
+    expected: tuple[type[Exception], ...] = (*errors, TimeoutError)
+
+    async def check() -> str:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                await call()
+        except expected:
+            return failure
+        return "ok"
+
+    return check
+
+
+class UpstreamCheck:
+    """The model server's check, cached (longer when it passed than when it failed)."""
 
     def __init__(
         self,
@@ -42,26 +70,8 @@ class ReadinessProbe:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._cached: tuple[float, str] | None = None
-        self.redis: RedisLimiter | None = None  # checked (uncached) when limits live in Redis
 
-    async def checks(self) -> dict[str, str]:
-        """Each named check: "ok" or what is wrong."""
-        results = {"upstream": await _guarded("upstream", self.upstream)}
-        redis = self.redis
-        if redis is not None:
-
-            async def ping() -> str:
-                try:
-                    async with asyncio.timeout(1.0):
-                        await redis.ping()
-                except (LimiterUnavailable, TimeoutError):
-                    return "Redis does not answer."
-                return "ok"
-
-            results["redis"] = await _guarded("redis", ping)
-        return results
-
-    async def upstream(self) -> str:
+    async def __call__(self) -> str:
         """ "ok", or why the model server is not reachable."""
         async with self._lock:
             now = self._clock()
@@ -77,3 +87,19 @@ class ReadinessProbe:
             else:
                 self._cached = (now + self._ok_ttl_s, "ok")
             return self._cached[1]
+
+
+class ReadinessProbe:
+    """Named checks, run together; the answer keeps their order."""
+
+    def __init__(self, checks: Sequence[tuple[str, Check]]) -> None:
+        self._checks = tuple(checks)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self._checks)
+
+    async def checks(self) -> dict[str, str]:
+        """Each named check: "ok" or what is wrong."""
+        words = await asyncio.gather(*(_guarded(name, check) for name, check in self._checks))
+        return dict(zip(self.names, words, strict=True))

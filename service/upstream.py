@@ -106,8 +106,6 @@ class UpstreamStream(Protocol):
 
 
 class Upstream(Protocol):
-    on_retry: Callable[[], None] | None  # set by the app: called once per retried attempt
-
     def stream(self, request: CompletionRequest) -> AbstractAsyncContextManager[UpstreamStream]:
         """Open the answer; the request is cancelled and closed when the context exits."""
         ...
@@ -222,8 +220,10 @@ class OpenAIUpstream:
         *,
         base_url: str | None = None,
         api_key: str | None = None,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
-        self.on_retry: Callable[[], None] | None = None
+        """`on_retry` is called once per retried attempt (design note 2)."""
+        self._on_retry = on_retry
         read_timeout = max(settings.first_token_timeout_s, settings.idle_timeout_s)
         self._http = _NotingClient(
             limits=httpx2.Limits(
@@ -255,8 +255,8 @@ class OpenAIUpstream:
             )
 
     async def _count_retry(self, request: httpx2.Request) -> None:
-        if self.on_retry and request.headers.get("x-stainless-retry-count", "0") != "0":
-            self.on_retry()
+        if self._on_retry and request.headers.get("x-stainless-retry-count", "0") != "0":
+            self._on_retry()
 
     @asynccontextmanager
     async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:

@@ -141,7 +141,11 @@ async def make_gateway(aiohttp_client: Any, fake: FakeUpstream) -> AsyncIterator
     async def make(**overrides: Any) -> Gateway:
         settings = make_settings(**{"openai_base_url": fake.url, **overrides})
         registry = CollectorRegistry()
-        upstream = OpenAIUpstream(settings)
+
+        def retried() -> None:  # the app's retry counter, as the app counts its own upstream's
+            app[keys.METRICS].upstream_retries.inc()
+
+        upstream = OpenAIUpstream(settings, on_retry=retried)
         upstreams.append(upstream)
         app = create_app(settings, upstream=upstream, registry=registry)
         client = await aiohttp_client(app)

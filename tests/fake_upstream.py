@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +136,7 @@ def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -
 
 class FakeUpstream:
     def __init__(self) -> None:
-        self.scripts: deque[list[Step]] = deque()
+        self.scripts: deque[Sequence[Step]] = deque()
         self.default: list[Step] = answer("Hello", " world")
         self.seen: list[Seen] = []
         self.record = True  # False: keep no per-request record, only the count of open ones
@@ -151,7 +152,7 @@ class FakeUpstream:
         assert self._runner.server is not None
         return len(self._runner.server.connections)
 
-    def queue(self, *scripts: list[Step]) -> None:
+    def queue(self, *scripts: Sequence[Step]) -> None:
         self.scripts.extend(scripts)
 
     async def start(self) -> None:

@@ -31,7 +31,7 @@ from tests.conftest import tool_required
 from tests.process import ROOT, ServiceProcess, free_port, service
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -137,7 +137,9 @@ def browser() -> Iterator[Browser]:
 
 @contextlib.contextmanager
 def open_page(browser: Browser, url: str, *, phone: bool = False) -> Iterator[Page]:
-    viewport = {"width": 390, "height": 844} if phone else {"width": 1280, "height": 900}
+    viewport: ViewportSize = (
+        {"width": 390, "height": 844} if phone else {"width": 1280, "height": 900}
+    )
     context = browser.new_context(viewport=viewport, is_mobile=phone, has_touch=phone)
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()

@@ -389,7 +389,7 @@ async def test_long_histories_are_trimmed_by_whole_turns_from_the_oldest(
 ) -> None:
     # Budget: system (~19) + new message (~5) + two turns of ~64 tokens each, not three.
     gw = await make_gateway(chat_context_tokens=170, chat_message_max_chars=200)
-    cid = None
+    cid = ""
     for n in range(4):
         gw.fake.queue(answer(f"answer {n} " + "a" * 96))
         body: dict[str, Any] = {"message": f"question {n} " + "q" * 100}

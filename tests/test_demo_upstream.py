@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionContentPartParam, ChatCompletionMessageParam
 
 from service.demo_upstream import DemoUpstream, start
 
@@ -27,11 +28,13 @@ async def test_models_list(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_streamed_and_whole_answers_agree(client: openai.AsyncOpenAI) -> None:
-    messages = [{"role": "user", "content": "Write about sourdough bread"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Write about sourdough bread"}
+    ]
     whole = await client.chat.completions.create(
         model="demo-writer-1",
         messages=messages,
-        max_completion_tokens=40,  # type: ignore[arg-type]
+        max_completion_tokens=40,
     )
     text = whole.choices[0].message.content or ""
     assert text.startswith("# Sourdough bread\n\n## Why it matters")
@@ -43,7 +46,7 @@ async def test_streamed_and_whole_answers_agree(client: openai.AsyncOpenAI) -> N
         model="demo-writer-1",
         messages=messages,
         max_completion_tokens=40,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
         stream_options={"include_usage": True},
     )
     pieces, usage, finish = [], None, None
@@ -60,13 +63,13 @@ async def test_streamed_and_whole_answers_agree(client: openai.AsyncOpenAI) -> N
 
 
 async def test_a_whole_article_ends_with_stop_and_places_images(client: openai.AsyncOpenAI) -> None:
-    content = [
+    content: list[ChatCompletionContentPartParam] = [
         {"type": "text", "text": "Write about owls"},
         {"type": "image_url", "image_url": {"url": "https://example.test/owl.png"}},
     ]
     whole = await client.chat.completions.create(
         model="demo-writer-1",
-        messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": content}],
         max_completion_tokens=1000,
     )
     text = whole.choices[0].message.content or ""

@@ -88,7 +88,7 @@ class Served:
         return len(self.app[keys.LIVE]), self.fake.open_requests
 
     def idle(self) -> tuple[int, int]:
-        return tuple(self.call(self._idle()))  # type: ignore[return-value]
+        return tuple(self.call(self._idle()))
 
     def stop(self) -> None:
         self.call(self._close())

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -12,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from service import keys
 from service.app import create_app
 from service.upstream import CompletionRequest, UpstreamStream
-from tests.conftest import WAIT, Gateway, MakeGateway, make_settings
+from tests.conftest import WAIT, Gateway, MakeGateway, RedisServer, make_settings
 from tests.fake_upstream import Gate, Text, answer
 
 
@@ -22,7 +21,7 @@ async def test_liveness_and_readiness(gateway: Gateway) -> None:
     ready = await gateway.client.get("/health/ready")
     assert (ready.status, await ready.json()) == (
         200,
-        {"status": "ok", "checks": {"upstream": "ok"}},
+        {"status": "ok", "checks": {"upstream": "ok", "conversations": "ok"}},
     )
 
 
@@ -66,15 +65,11 @@ async def test_shutdown_fails_readiness_refuses_new_streams_and_drains(
 class BrokenCheck:
     """An upstream whose readiness check fails in a way nobody planned for."""
 
-    on_retry: Callable[[], None] | None = None
-
     def __init__(self) -> None:
         self.checks = 0
 
-    @asynccontextmanager
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
+    def stream(self, request: CompletionRequest) -> AbstractAsyncContextManager[UpstreamStream]:
         raise NotImplementedError
-        yield
 
     async def check(self) -> None:
         self.checks += 1
@@ -93,6 +88,28 @@ async def test_a_check_that_raises_is_a_503_naming_it_never_a_500(aiohttp_client
         assert ready.status == 503
         assert await ready.json() == {
             "status": "unavailable",
-            "checks": {"upstream": "The check failed unexpectedly."},
+            "checks": {"upstream": "The check failed unexpectedly.", "conversations": "ok"},
         }
     assert upstream.checks == 1
+
+
+async def test_readiness_checks_every_store_and_names_an_unreachable_one(
+    make_gateway: MakeGateway, redis_server: RedisServer
+) -> None:
+    gateway = await make_gateway(redis_url=redis_server.url)
+    ready = await gateway.client.get("/health/ready")
+    assert (ready.status, await ready.json()) == (
+        200,
+        {"status": "ok", "checks": {"upstream": "ok", "redis": "ok", "conversations": "ok"}},
+    )
+    await redis_server.kill()
+    ready = await gateway.client.get("/health/ready")
+    assert ready.status == 503
+    assert await ready.json() == {
+        "status": "unavailable",
+        "checks": {
+            "upstream": "ok",
+            "redis": "Redis does not answer.",
+            "conversations": "The conversation store does not answer.",
+        },
+    }

@@ -20,7 +20,8 @@ NEVER = asyncio.Event
 
 async def concurrent(gateway: Gateway, client: str = "ip:127.0.0.1") -> int:
     limits = gateway.client.app[keys.LIMITS]
-    return await limits.limiter.concurrent(client, limits.clock())
+    count: int = await limits.limiter.concurrent(client, limits.clock())
+    return count
 
 
 async def test_rpm_3_admits_3_in_a_row_then_429_with_retry_after_and_no_upstream_call(

@@ -361,7 +361,7 @@ class _Broken:
 
 async def test_an_untranslated_failure_still_ends_in_an_error_event(aiohttp_client: Any) -> None:
     registry = CollectorRegistry()
-    app = create_app(make_settings(), upstream=_Broken(), registry=registry)  # type: ignore[arg-type]
+    app = create_app(make_settings(), upstream=_Broken(), registry=registry)
     client = await aiohttp_client(app)
     resp = await client.post("/api/ai/generate-stream", json={"prompt": "x"})
     assert resp.status == 200

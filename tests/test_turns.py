@@ -99,11 +99,11 @@ async def abandon_at(
     reached: asyncio.Event
     if target == "store":
         hold = Hold(chats.store, method, after)
-        chats.store = hold  # type: ignore[assignment]  # a seam, not a store
+        chats.store = hold  # a seam, not a store
         reached = hold.reached
     elif target == "limiter":
         hold = Hold(limits.limiter, method, after)
-        limits.limiter = hold  # type: ignore[assignment]
+        limits.limiter = hold
         reached = hold.reached
     else:  # the upstream: the model is called and says nothing
         gw.fake.queue([Gate(NEVER())])

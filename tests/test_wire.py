@@ -169,7 +169,7 @@ async def conversation(gateway: Gateway, cid: str) -> dict[str, Any]:
     return dict(await resp.json())
 
 
-REFUSAL = [
+REFUSAL: list[Step] = [
     Raw(chunk({"role": "assistant", "content": None, "refusal": "I can't"})),
     Raw(chunk({"refusal": " help."})),
     Finish("stop"),

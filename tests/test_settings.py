@@ -1,0 +1,276 @@
+"""Settings as tables: each variable's parser, each refusal's words, and the rules that span
+variables, all reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from service.config import (
+    AccessSettings,
+    ChatSettings,
+    ClockSettings,
+    LimitSettings,
+    LogSettings,
+    RequestSettings,
+    ServerSettings,
+    Settings,
+    SettingsError,
+    StoreSettings,
+    UpstreamSettings,
+    from_env,
+    problems_of,
+)
+
+GROUPS = (
+    ServerSettings,
+    UpstreamSettings,
+    ClockSettings,
+    RequestSettings,
+    AccessSettings,
+    LimitSettings,
+    StoreSettings,
+    ChatSettings,
+    LogSettings,
+)
+
+SECONDS = "must be a finite number of seconds, 0 or more (0 turns it off)"
+CREDENTIALS = "must not contain credentials (user:password@); use the API key setting"
+ONE_UPSTREAM = "must not be set beside AZURE_OPENAI_ENDPOINT (one upstream or the other)"
+KEEPALIVE_HEARTBEAT = "must be at most 32767 s while WRITE_TIMEOUT_S is on (TCP keep-alive)"
+KEEPALIVE_WRITE = "must be at most 32767 s while HEARTBEAT_INTERVAL_S is 0 (TCP keep-alive)"
+
+# A value other than the default for every variable, and the field it lands in as read.
+EVERY_VARIABLE: dict[str, tuple[str, str, Any]] = {
+    "HOST": (" 0.0.0.0 ", "host", "0.0.0.0"),
+    "PORT": ("0", "port", 0),
+    "ADMIN_PORT": ("65535", "admin_port", 65535),
+    "ADMIN_API_BASE": ("/", "admin_api_base", ""),
+    "LISTEN_BACKLOG": ("1", "listen_backlog", 1),
+    "OPENAI_API_KEY": ("sk-k", "openai_api_key", "sk-k"),
+    "OPENAI_BASE_URL": ("http://127.0.0.1:8000/v1/", "openai_base_url", "http://127.0.0.1:8000/v1"),
+    "OPENAI_MODEL": ("m", "openai_model", "m"),
+    "AZURE_OPENAI_API_KEY": ("az", "azure_api_key", "az"),
+    "OPENAI_API_VERSION": ("2025-01-01", "openai_api_version", "2025-01-01"),
+    "ALLOWED_MODELS": ("a, b,", "allowed_models", ("a", "b")),
+    "UPSTREAM_MAX_RETRIES": ("10", "upstream_max_retries", 10),
+    "UPSTREAM_MAX_CONNECTIONS": ("1", "upstream_max_connections", 1),
+    "UPSTREAM_CONNECT_TIMEOUT_S": ("0.5", "upstream_connect_timeout_s", 0.5),
+    "DEMO_TOKENS_PER_S": ("2000", "demo_tokens_per_s", 2000.0),
+    "HEARTBEAT_INTERVAL_S": ("0", "heartbeat_interval_s", 0.0),
+    "FIRST_TOKEN_TIMEOUT_S": ("1.5", "first_token_timeout_s", 1.5),
+    "IDLE_TIMEOUT_S": ("0", "idle_timeout_s", 0.0),
+    "MAX_STREAM_S": ("30.5", "max_stream_s", 30.5),
+    "WRITE_TIMEOUT_S": ("32767", "write_timeout_s", 32767.0),
+    "SHUTDOWN_DRAIN_S": ("3", "shutdown_drain_s", 3.0),
+    "BODY_TIMEOUT_S": ("2.5", "body_timeout_s", 2.5),
+    "HEADER_TIMEOUT_S": ("0", "header_timeout_s", 0.0),
+    "MAX_BODY_BYTES": ("1024", "max_body_bytes", 1024),
+    "PROMPT_MAX_CHARS": ("1", "prompt_max_chars", 1),
+    "MAX_IMAGES": ("0", "max_images", 0),
+    "DEFAULT_MAX_TOKENS": ("1", "default_max_tokens", 1),
+    "MAX_TOKENS_LIMIT": ("1000000", "max_tokens_limit", 1_000_000),
+    "API_KEYS": ("k1,k2", "api_keys", ("k1", "k2")),
+    "TRUSTED_PROXIES": ("10.0.0.0/8, ::1", "trusted_proxies", ("10.0.0.0/8", "::1")),
+    "CORS_ORIGINS": ("https://a.example/, *", "cors_origins", ("https://a.example", "*")),
+    "MAX_STREAMS": ("0", "max_streams", 0),
+    "RATE_LIMIT_RPM": ("0", "rate_limit_rpm", 0),
+    "RATE_LIMIT_CONCURRENT": ("1", "rate_limit_concurrent", 1),
+    "RATE_LIMIT_TPM": ("7", "rate_limit_tpm", 7),
+    "RATE_LIMIT_REDIS_FAILURE": ("closed", "rate_limit_redis_failure", "closed"),
+    "RATE_LIMIT_LEASE_S": ("1", "rate_limit_lease_s", 1.0),
+    "RATE_LIMIT_CHARGE_INTERVAL_S": ("60", "rate_limit_charge_interval_s", 60.0),
+    "REDIS_URL": ("unix:///run/redis.sock", "redis_url", "unix:///run/redis.sock"),
+    "CHAT_DB_PATH": (":memory:", "chat_db_path", ":memory:"),
+    "CHAT_SYSTEM_PROMPT": ("Be brief.", "chat_system_prompt", "Be brief."),
+    "CHAT_CONTEXT_TOKENS": ("300", "chat_context_tokens", 300),
+    "CHAT_MESSAGE_MAX_CHARS": ("100", "chat_message_max_chars", 100),
+    "LOG_FORMAT": ("console", "log_format", "console"),
+    "LOG_LEVEL": (" WARNING ", "log_level", "warning"),
+}
+
+
+def test_settings_is_every_group_built_flat() -> None:
+    settings = Settings(port=1, heartbeat_interval_s=2, rate_limit_rpm=3)
+    for group in GROUPS:
+        assert isinstance(settings, group)
+    names = [f.name for group in GROUPS for f in dataclasses.fields(group)]
+    assert len(names) == len(set(names))  # no field in two groups
+    assert set(names) == {f.name for f in dataclasses.fields(Settings)}
+    assert dataclasses.replace(settings, port=4).port == 4
+
+
+def test_every_variable_lands_in_its_field_and_every_field_has_one() -> None:
+    settings = from_env({name: raw for name, (raw, _, _) in EVERY_VARIABLE.items()})
+    assert {name: getattr(settings, attr) for name, (_, attr, _) in EVERY_VARIABLE.items()} == {
+        name: value for name, (_, _, value) in EVERY_VARIABLE.items()
+    }
+    # AZURE_OPENAI_ENDPOINT is refused beside OPENAI_BASE_URL: read on its own
+    azure = from_env({"AZURE_OPENAI_ENDPOINT": "https://a.example/", "OPENAI_API_KEY": "k"})
+    assert (azure.azure_endpoint, azure.uses_azure) == ("https://a.example", True)
+    read = {attr for _, attr, _ in EVERY_VARIABLE.values()} | {"azure_endpoint"}
+    assert read == {f.name for f in dataclasses.fields(Settings)}
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "why"),
+    [
+        ("PORT", "http", "must be a whole number"),
+        ("PORT", "65536", "must be a port number from 0 to 65535"),
+        ("PORT", "1.5", "must be a whole number"),
+        ("LISTEN_BACKLOG", "0", "must be from 1 to 65535"),
+        ("HOST", "   ", "must not be empty"),
+        ("MAX_STREAMS", "-5", "must be 0 or more"),
+        ("MAX_STREAMS", "sk-secret", "must be a whole number"),
+        ("HEARTBEAT_INTERVAL_S", "-1", SECONDS),
+        ("IDLE_TIMEOUT_S", "nan", SECONDS),
+        ("MAX_STREAM_S", "inf", SECONDS),
+        ("MAX_STREAM_S", "ten", "must be a number"),
+        ("WRITE_TIMEOUT_S", "2147484", "must be at most 2147483 s (the TCP user timeout)"),
+        ("DEMO_TOKENS_PER_S", "0", "must be a positive number"),
+        ("UPSTREAM_MAX_RETRIES", "99", "must be from 0 to 10"),
+        ("RATE_LIMIT_LEASE_S", "nan", "must be from 1 to 3600"),
+        ("RATE_LIMIT_CHARGE_INTERVAL_S", "0.001", "must be from 0.01 to 60"),
+        ("OPENAI_BASE_URL", "ftp://x", "must be an http:// or https:// URL"),
+        ("AZURE_OPENAI_ENDPOINT", "https://k@a.example", CREDENTIALS),
+        ("OPENAI_BASE_URL", "http:///v1", "must name a host"),
+        ("OPENAI_BASE_URL", "http://x:port/v1", "must be a valid http:// or https:// URL"),
+        (
+            "ADMIN_API_BASE",
+            "api.example.com",
+            "must be an http:// or https:// URL, or / for the page's own origin",
+        ),
+        ("CORS_ORIGINS", "a.example", "must be origins like https://example.com"),
+        ("TRUSTED_PROXIES", "10.0.0.1, proxy", "'proxy' is not an address or CIDR"),
+        ("REDIS_URL", "localhost:6379", "must be a redis://, rediss:// or unix:// URL"),
+        ("RATE_LIMIT_REDIS_FAILURE", "Open", "must be open or closed"),
+        ("LOG_FORMAT", "xml", "must be json or console"),
+        ("LOG_LEVEL", "loud", "must be debug, info, warning, error or critical"),
+        ("CHAT_CONTEXT_TOKENS", "255", "must be from 256 to 10000000"),
+    ],
+)
+def test_a_bad_value_is_named_in_words(name: str, raw: str, why: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        from_env({name: raw})
+    assert caught.value.problems == {name: why}
+
+
+@pytest.mark.parametrize(
+    ("env", "problems"),
+    [
+        (
+            {
+                "OPENAI_BASE_URL": "http://127.0.0.1:8000/v1",
+                "AZURE_OPENAI_ENDPOINT": "https://a.example",
+                "AZURE_OPENAI_API_KEY": "k",
+            },
+            {"OPENAI_BASE_URL": ONE_UPSTREAM},
+        ),
+        (
+            {"AZURE_OPENAI_ENDPOINT": "https://a.example"},
+            {"AZURE_OPENAI_API_KEY": "required with AZURE_OPENAI_ENDPOINT"},
+        ),
+        ({"AZURE_OPENAI_ENDPOINT": "https://a.example", "OPENAI_API_KEY": "k"}, {}),
+        (
+            {"MAX_TOKENS_LIMIT": "100"},
+            {"DEFAULT_MAX_TOKENS": "must not exceed MAX_TOKENS_LIMIT (100)"},
+        ),
+        ({"MAX_TOKENS_LIMIT": "100", "DEFAULT_MAX_TOKENS": "100"}, {}),
+        (
+            {"CHAT_MESSAGE_MAX_CHARS": "40000"},
+            {"CHAT_CONTEXT_TOKENS": "must be at least 10030 to fit CHAT_MESSAGE_MAX_CHARS"},
+        ),
+        (
+            {
+                "CHAT_CONTEXT_TOKENS": "300",
+                "CHAT_SYSTEM_PROMPT": "x" * 1000,
+                "CHAT_MESSAGE_MAX_CHARS": "100",
+            },
+            {},
+        ),
+        (
+            {
+                "CHAT_CONTEXT_TOKENS": "300",
+                "CHAT_SYSTEM_PROMPT": "x" * 1100,
+                "CHAT_MESSAGE_MAX_CHARS": "100",
+            },
+            {"CHAT_CONTEXT_TOKENS": "must be at least 316 to fit CHAT_MESSAGE_MAX_CHARS"},
+        ),
+        (
+            {"HEARTBEAT_INTERVAL_S": "32768"},
+            {"HEARTBEAT_INTERVAL_S": KEEPALIVE_HEARTBEAT},
+        ),
+        ({"HEARTBEAT_INTERVAL_S": "32768", "WRITE_TIMEOUT_S": "0"}, {}),
+        (
+            {"HEARTBEAT_INTERVAL_S": "0", "WRITE_TIMEOUT_S": "40000"},
+            {"WRITE_TIMEOUT_S": KEEPALIVE_WRITE},
+        ),
+        ({"HEARTBEAT_INTERVAL_S": "15", "WRITE_TIMEOUT_S": "40000"}, {}),
+        # a rule is not judged on a variable that is bad on its own: its default stands in for it
+        (
+            {"MAX_TOKENS_LIMIT": "100", "DEFAULT_MAX_TOKENS": "lots"},
+            {"DEFAULT_MAX_TOKENS": "must be a whole number"},
+        ),
+        (
+            {"HEARTBEAT_INTERVAL_S": "-1", "WRITE_TIMEOUT_S": "40000"},
+            {"HEARTBEAT_INTERVAL_S": SECONDS},
+        ),
+        (
+            {
+                "OPENAI_BASE_URL": "http://u:p@x/v1",
+                "AZURE_OPENAI_ENDPOINT": "https://a.example",
+                "AZURE_OPENAI_API_KEY": "k",
+            },
+            {"OPENAI_BASE_URL": CREDENTIALS},
+        ),
+    ],
+)
+def test_rules_that_span_variables(env: dict[str, str], problems: dict[str, str]) -> None:
+    if not problems:
+        from_env(env)
+        return
+    with pytest.raises(SettingsError) as caught:
+        from_env(env)
+    assert caught.value.problems == problems
+
+
+@pytest.mark.parametrize(
+    ("settings", "problems"),
+    [
+        (Settings(), set()),
+        (
+            Settings(openai_base_url="http://a/v1", azure_endpoint="https://b"),
+            {"OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY"},
+        ),
+        (Settings(default_max_tokens=10, max_tokens_limit=9), {"DEFAULT_MAX_TOKENS"}),
+        (Settings(chat_context_tokens=256), {"CHAT_CONTEXT_TOKENS"}),
+        (Settings(heartbeat_interval_s=1e5, write_timeout_s=1), {"HEARTBEAT_INTERVAL_S"}),
+        (Settings(heartbeat_interval_s=0, write_timeout_s=1e5), {"WRITE_TIMEOUT_S"}),
+    ],
+)
+def test_rules_judge_values(settings: Settings, problems: set[str]) -> None:
+    assert set(problems_of(settings)) == problems
+
+
+def test_parse_and_rule_problems_come_together() -> None:
+    env = {
+        "PORT": "http",
+        "LOG_LEVEL": "loud",
+        "MAX_TOKENS_LIMIT": "100",
+        "OPENAI_BASE_URL": "http://127.0.0.1:8000/v1",
+        "AZURE_OPENAI_ENDPOINT": "https://a.example",
+    }
+    with pytest.raises(SettingsError) as caught:
+        from_env(env)
+    assert set(caught.value.problems) == {
+        "PORT",
+        "LOG_LEVEL",
+        "DEFAULT_MAX_TOKENS",
+        "OPENAI_BASE_URL",
+        "AZURE_OPENAI_API_KEY",
+    }
+    assert str(caught.value).splitlines()[1:] == [
+        f"  {name}: {why}" for name, why in sorted(caught.value.problems.items())
+    ]
