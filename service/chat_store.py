@@ -27,6 +27,8 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -272,6 +274,9 @@ class RedisStore:
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
             health_check_interval=30,
+            # A pooled connection left stale by a Redis restart costs a reconnect, not a failed
+            # request: a connection error is retried once on the connection reconnected.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._prefix = prefix
         self._append = self._redis.register_script(_APPEND)
@@ -376,17 +381,10 @@ class RedisStore:
         return held
 
     async def ping(self) -> None:
-        """A pooled connection the server closed (it restarted) fails once: tried again on a
-        fresh one, so readiness names a Redis that does not answer, not a stale connection."""
-        for retry in (False, True):
-            try:
-                await self._redis.ping()
-                return
-            except RedisConnectionError as err:
-                if retry:
-                    raise StoreUnavailable(f"redis: {err}") from err
-            except RedisError as err:
-                raise StoreUnavailable(f"redis: {err}") from err
+        try:
+            await self._redis.ping()  # a stale pooled connection is retried by the client
+        except RedisError as err:
+            raise StoreUnavailable(f"redis: {err}") from err
 
     async def aclose(self) -> None:
         await self._redis.aclose()

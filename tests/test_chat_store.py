@@ -247,3 +247,24 @@ async def test_held_turns_lists_each_holder(store: ConversationStore) -> None:
     assert sorted(await store.held_turns()) == [(a, "holder|a")]
     await store.release_turn(a, "holder|a")
     assert await store.held_turns() == []
+
+
+async def test_redis_store_answers_the_first_request_after_a_redis_restart() -> None:
+    """Pooled connections are stale once Redis restarts; the first calls after it still succeed."""
+    server = await start_redis()
+    redis = RedisStore(server.url)
+    try:
+        conversation_id = new_conversation_id()
+        await redis.create(conversation_id, "owner", 1.0)
+        # Several connections in the pool, all of which the restart leaves stale.
+        await asyncio.gather(*(redis.owner(conversation_id) for _ in range(4)))
+        await server.restart()  # healthy (and empty) from here on
+        results = await asyncio.gather(
+            *(redis.owner(conversation_id) for _ in range(4)), return_exceptions=True
+        )
+        assert results == [None, None, None, None]  # answered (the data went with the restart)
+        await redis.create(conversation_id, "owner", 2.0)
+        assert await redis.owner(conversation_id) == "owner"
+    finally:
+        await redis.aclose()
+        await server.stop()
