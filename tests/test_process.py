@@ -29,9 +29,9 @@ async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[dict[str
     return events
 
 
-def test_bad_settings_stop_start_up_naming_every_variable() -> None:
-    env = clean_env({"PORT": "eighty", "IDLE_TIMEOUT_S": "-2", "LOG_FORMAT": "xml"})
-    done = subprocess.run(
+def start_up(env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """`python -m service` run to its exit (start-up refusals), with what it printed."""
+    return subprocess.run(
         [sys.executable, "-m", "service"],
         cwd=ROOT,
         env=env,
@@ -39,6 +39,11 @@ def test_bad_settings_stop_start_up_naming_every_variable() -> None:
         timeout=30,
         check=False,
     )
+
+
+def test_bad_settings_stop_start_up_naming_every_variable() -> None:
+    env = clean_env({"PORT": "eighty", "IDLE_TIMEOUT_S": "-2", "LOG_FORMAT": "xml"})
+    done = start_up(env)
     assert done.returncode == 2
     err = done.stderr.decode()
     for name in ("PORT", "IDLE_TIMEOUT_S", "LOG_FORMAT"):
@@ -59,14 +64,7 @@ def test_a_url_with_credentials_stops_start_up_naming_it_not_its_secret(
 ) -> None:
     url = "http://gateway:Secret-Canary-0451@127.0.0.1:9/v1"
     env = clean_env({name: url, "OPENAI_API_KEY": API_KEY, "LOG_FORMAT": log_format})
-    done = subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    done = start_up(env)
     assert done.returncode == 2
     assert done.stdout == b""
     assert b"Secret-Canary" not in done.stderr
