@@ -106,7 +106,6 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     limits = app[keys.LIMITS] = Limits(
         limiter,
         metrics=app[keys.METRICS],
-        live=app[keys.LIVE],
         fail_open=settings.rate_limit_redis_failure == "open",
         charge_interval_s=settings.rate_limit_charge_interval_s,
     )

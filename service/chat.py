@@ -34,7 +34,8 @@ from .conversations import (
 from .errors import ApiError
 from .holders import gone, new_holder
 from .prompts import estimate_tokens
-from .relay import Relay, Result, outlive_cancel
+from .relay import Relay, Result
+from .tasks import outlive_cancel
 
 log = structlog.get_logger("service.chat")
 

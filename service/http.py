@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -32,10 +31,11 @@ from pydantic import BaseModel, ValidationError
 from . import keys, sse
 from .edge import SERVER
 from .errors import ApiError, Outcome
-from .limits import RateLimited
+from .limits import Account, RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
-from .relay import Relay, Result, Slot, SseWriter, Vocabulary, outlive_cancel
+from .relay import Relay, Result, Slot, SseWriter, Vocabulary
+from .tasks import outlive_cancel
 from .upstream import CompletionRequest
 
 log = structlog.get_logger("service.http")
@@ -208,17 +208,6 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-@dataclass(slots=True)
-class Ticket:
-    """An admitted request: whose limits it counts against and what it holds. Once `relay` has
-    run, its ledger settles the account; until then the admission gives it back."""
-
-    client: str
-    lease: str | None
-    reserved: int
-    relay: Relay | None = None
-
-
 def client_of(request: web.Request) -> str:
     """The API key's id when keys are required, else the client's address."""
     key = request.get(keys.KEY_ID)
@@ -241,41 +230,42 @@ def take_slot(request: web.Request) -> Slot:
 
 
 @contextlib.asynccontextmanager
-async def limited(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
-    """The client's limits: its request, lease and token reserve (429 when over one). On exit,
-    cancellation included, they are given back unless a relay ran (its ledger settled them)."""
+async def limited(request: web.Request, estimate: int) -> AsyncIterator[Account]:
+    """The client's limits: its request, lease and token reserve (429 when over one), as the
+    stream's account. On exit, cancellation included, the account is given back unless a stream
+    ran on it and settled it already (an account closes once)."""
     limits = request.app[keys.LIMITS]
     client = client_of(request)
     admission = await limits.admit(client, estimate)
     request[keys.ADMISSION] = admission
-    ticket = Ticket(client, admission.lease, admission.reserved)
+    account = limits.open(client, admission)
     try:
-        yield ticket
+        yield account
     finally:
-        if ticket.relay is None or not ticket.relay.ran:
-            await outlive_cancel(limits.give_back(client, ticket.lease, ticket.reserved))
+        await outlive_cancel(account.give_back())
 
 
 @contextlib.asynccontextmanager
-async def admitted(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
+async def admitted(request: web.Request, estimate: int) -> AsyncIterator[Account]:
     """A new stream's admission as one context: a `MAX_STREAMS` slot taken synchronously, then
     the client's limits; everything taken is given back when the context exits."""
     with take_slot(request):
-        async with limited(request, estimate) as ticket:
-            yield ticket
+        async with limited(request, estimate) as account:
+            yield account
 
 
 def relay_for(
     request: web.Request,
     route: str,
     upstream_request: CompletionRequest,
-    ticket: Ticket,
+    account: Account,
     stream_id: str | None = None,
 ) -> Relay:
-    """The relay for an admitted request, wired to the app's upstream, metrics and limits; its
-    stream id is `stream_id` (chat: the answer's message id) or a fresh one."""
+    """The relay for an admitted request, wired to the app's upstream and metrics and to its
+    account with the limits; its stream id is `stream_id` (chat: the answer's message id) or a
+    fresh one."""
     app = request.app
-    ticket.relay = relay = Relay(
+    return Relay(
         settings=app[keys.SETTINGS],
         upstream=app[keys.UPSTREAM],
         metrics=app[keys.METRICS],
@@ -284,13 +274,9 @@ def relay_for(
         request=upstream_request,
         request_id=request[keys.REQUEST_ID],
         arrived=request[keys.ARRIVED],
-        ledger=app[keys.LIMITS],
-        client=ticket.client,
-        lease=ticket.lease,
-        reserved=ticket.reserved,
+        meter=account,
         stream_id=stream_id or sse.new_stream_id(),
     )
-    return relay
 
 
 def sse_response(

@@ -17,9 +17,9 @@ Design notes:
 4. Heartbeats count as writes for the heartbeat clock only; idle and first-token clocks measure
    the upstream's silence, not the client's.
 5. Teardown outlives a second cancellation. A client can leave while the stream is already
-   closing (aiohttp cancels the handler then); the pump must still finish closing the upstream and
-   the stream must still be counted and released, so `_settle` waits through the cancellation and
-   re-raises it afterwards instead of abandoning the bookkeeping.
+   closing (aiohttp cancels the handler then); the pump must still finish closing the upstream
+   and the stream must still be counted and released, so `tasks.settle` waits through the
+   cancellation and re-raises it afterwards instead of abandoning the bookkeeping.
 6. Completion tokens are counted as they are relayed (one counter increment per batch), so
    `rate(ai_stream_completion_tokens_total)` shows a long answer while it streams rather than in
    one step at its end; when the upstream's usage reports more tokens than deltas, the rest is
@@ -41,7 +41,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -51,6 +51,7 @@ from . import sse, tcp
 from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, Outcome
 from .metrics import Metrics
+from .tasks import settle
 from .upstream import (
     ATTEMPTS,
     Attempts,
@@ -61,7 +62,6 @@ from .upstream import (
 )
 
 log = structlog.get_logger("service.relay")
-T = TypeVar("T")
 _CLOCKS = (Outcome.FIRST_TOKEN_TIMEOUT, Outcome.TOTAL_TIMEOUT)
 
 
@@ -177,10 +177,17 @@ class SseWriter:
         await self._write(self.framing.ping)
 
 
-class Ledger(Protocol):
-    """Settles a stream's account when it ends (limits: final token charge, lease release)."""
+class Meter(Protocol):
+    """Where a stream reports the tokens it relays: its account with the limits. `on_cut` gives
+    it the way to end the stream (its client's budget ran out; the argument is when a retry may
+    succeed), and `settle` is called once, when the stream has ended, with the upstream's count
+    of prompt and completion tokens (None when it reported none)."""
 
-    async def settle(self, relay: Relay) -> None: ...
+    def relayed(self, tokens: int) -> None: ...
+
+    def on_cut(self, cut: Callable[[float], None]) -> None: ...
+
+    async def settle(self, used: int | None) -> None: ...
 
 
 class Slot:
@@ -270,39 +277,8 @@ class LiveStreams:
                 log.warning("shutdown.streams_left", count=len(self._relays), slots=self._slots)
 
 
-async def outlive_cancel(work: Awaitable[T]) -> T:
-    """Run `work` (a release, a save) to its end even if the caller is cancelled meanwhile, then
-    re-raise that cancellation: what a stream took is given back on every path (design note 5)."""
-    task = asyncio.ensure_future(work)
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            interrupted = True
-    if interrupted:
-        if not task.cancelled():
-            task.exception()  # retrieved; the caller's cancellation is what it sees
-        raise asyncio.CancelledError
-    return task.result()
-
-
-async def _settle(*tasks: asyncio.Task[None]) -> None:
-    """Cancel `tasks` and wait until they have finished, even if we are cancelled meanwhile
-    (design note 5); a cancellation that arrived is re-raised once they are done."""
-    for task in tasks:
-        task.cancel()
-    interrupted = False
-    while not all(task.done() for task in tasks):
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError:
-            interrupted = True
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # retrieved: the outcome was already taken from `await pump`
-    if interrupted:
-        raise asyncio.CancelledError
+def _unmetered(tokens: int) -> None:
+    return None
 
 
 @dataclass(slots=True, eq=False)
@@ -319,14 +295,9 @@ class Relay:
     arrived: float
     stream_id: str = field(default_factory=sse.new_stream_id)  # server-minted, never a client's
     writer: SseWriter | None = None
-    ledger: Ledger | None = None
-    client: str = ""  # whose limits this stream counts against ("" = none)
-    lease: str | None = None  # concurrency lease, released by the ledger
-    reserved: int = 0  # tokens taken from the client's budget at admission
-    uncharged: int = 0  # deltas relayed since the ledger last charged them
-    charged: int = 0
+    meter: Meter | None = None
     result: Result = field(init=False)
-    ran: bool = field(default=False, init=False)  # run() began: the ledger settles, not admission
+    ran: bool = field(default=False, init=False)  # run() began: it settles its meter
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
     _attempts: Attempts = field(default_factory=Attempts, init=False)
@@ -338,6 +309,13 @@ class Relay:
         self.result = Result(
             request_id=self.request_id, stream_id=self.stream_id, model=self.request.model
         )
+        if self.meter is not None:
+            self.meter.on_cut(self._cut)
+
+    def _cut(self, retry_after_s: float) -> None:
+        """The client's token budget ran out (its meter says so)."""
+        self.result.retry_after_s = retry_after_s  # a JSON answer's Retry-After
+        self.expire(Outcome.RATE_LIMITED)
 
     def expire(self, outcome: Outcome) -> None:
         """End the stream from outside the pump (a clock, or shutdown)."""
@@ -384,13 +362,15 @@ class Relay:
             self.result.upstream_error_kind = "other"
         finally:
             try:
-                await _settle(*tasks)
+                await settle(*tasks)
             finally:
                 self._finish(outcome, loop.time())
                 labels.dec()
                 try:
-                    if self.ledger is not None:
-                        await self.ledger.settle(self)
+                    if self.meter is not None:
+                        result = self.result
+                        used = result.prompt_tokens + result.completion_tokens
+                        await self.meter.settle(used if result.usage else None)
                 finally:
                     self.live.discard(self)
         return self.result
@@ -411,6 +391,7 @@ class Relay:
         metrics, model = self.metrics, self.metrics.model_label(self.request.model)
         gap = metrics.child(metrics.inter_token_latency, self.route, model).observe
         tokens = metrics.child(metrics.completion_tokens, model).inc  # as they flow: note 6
+        relayed = self.meter.relayed if self.meter is not None else _unmetered
         write = self.writer.text if self.writer else None
         pieces, result = self._pieces, self.result
         called = loop_time()
@@ -425,7 +406,7 @@ class Relay:
                     gap(now - self._last_token)
                 self._last_token = now
                 result.deltas += count
-                self.uncharged += count
+                relayed(count)
                 tokens(count)
                 pieces.append(text)
                 if write is not None:

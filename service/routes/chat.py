@@ -101,7 +101,7 @@ async def _turn(
     chats = request.app[keys.CHATS]
     async with (
         chats.turn(body.conversationId, _owner(request), text) as turn,
-        limited(request, turn.prompt_estimate) as ticket,
+        limited(request, turn.prompt_estimate) as account,
     ):
         await chats.start(turn)
         upstream_request = CompletionRequest(
@@ -111,7 +111,7 @@ async def _turn(
             temperature=None,
         )
         turn.relay = relay = relay_for(
-            request, route, upstream_request, ticket, stream_id=turn.answer_id
+            request, route, upstream_request, account, stream_id=turn.answer_id
         )
         yield turn, relay
 

@@ -101,8 +101,8 @@ def _answer(result: Result) -> dict[str, Any]:
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    async with admitted(request, estimate_tokens(upstream_request.messages)) as ticket:
-        relay = relay_for(request, "generate_stream", upstream_request, ticket)
+    async with admitted(request, estimate_tokens(upstream_request.messages)) as account:
+        relay = relay_for(request, "generate_stream", upstream_request, account)
         response, writer = sse_response(request, relay, GenerateVocabulary)
         start = {"type": "start", "requestId": relay.request_id, "streamId": relay.stream_id}
 
@@ -117,8 +117,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
 async def generate(request: web.Request) -> web.Response:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    async with admitted(request, estimate_tokens(upstream_request.messages)) as ticket:
-        result = await relay_for(request, "generate", upstream_request, ticket).run()
+    async with admitted(request, estimate_tokens(upstream_request.messages)) as account:
+        result = await relay_for(request, "generate", upstream_request, account).run()
     if result.outcome is Outcome.COMPLETED:
         return json_response({**_answer(result), "usage": result.usage})
     raise failed(result)
