@@ -21,7 +21,7 @@ from .limits import Limits
 from .metrics import create_metrics
 from .ratelimit import LimitConfig, Limiter, MemoryLimiter
 from .redis_limits import RedisLimiter
-from .relay import LiveStreams
+from .relay import Generations
 from .routes import chat, generate, health, probe
 from .upstream import OpenAIUpstream, Upstream
 
@@ -41,7 +41,7 @@ def create_app(
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = create_metrics(registry or CollectorRegistry(), settings.model_allowlist)
-    app[keys.LIVE] = LiveStreams()
+    app[keys.LIVE] = Generations()
     app[keys.ACCESS] = Access.build(settings.api_keys, settings.trusted_proxies)
     if upstream is not None:
         _use_upstream(app, upstream)

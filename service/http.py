@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -30,11 +30,12 @@ from pydantic import BaseModel, ValidationError
 
 from . import keys, sse
 from .edge import SERVER
-from .errors import ApiError, Outcome
+from .errors import ApiError
 from .limits import Account, RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
-from .relay import Relay, Result, Slot, SseWriter, Vocabulary
+from .readers import Collector, SseReader
+from .relay import Generation, Result, Slot, Vocabulary
 from .tasks import outlive_cancel
 from .upstream import CompletionRequest
 
@@ -254,55 +255,69 @@ async def admitted(request: web.Request, estimate: int) -> AsyncIterator[Account
             yield account
 
 
-def relay_for(
+def generation_for(
     request: web.Request,
     route: str,
     upstream_request: CompletionRequest,
     account: Account,
+    *,
+    vocabulary: Vocabulary | None = None,
+    opening: dict[str, Any] | None = None,
     stream_id: str | None = None,
-) -> Relay:
-    """The relay for an admitted request, wired to the app's upstream and metrics and to its
-    account with the limits; its stream id is `stream_id` (chat: the answer's message id) or a
-    fresh one."""
+    on_end: Callable[[Result], Awaitable[None]] | None = None,
+) -> Generation:
+    """The generation for an admitted request, wired to the app's upstream and metrics and to
+    its account with the limits; its stream id is `stream_id` (chat: the answer's message id) or
+    a fresh one. Streamed answers give the `vocabulary` of their events and the first event."""
     app = request.app
-    return Relay(
+    return Generation(
         settings=app[keys.SETTINGS],
         upstream=app[keys.UPSTREAM],
         metrics=app[keys.METRICS],
-        live=app[keys.LIVE],
         route=route,
         request=upstream_request,
         request_id=request[keys.REQUEST_ID],
         arrived=request[keys.ARRIVED],
-        meter=account,
         stream_id=stream_id or sse.new_stream_id(),
+        vocabulary=vocabulary,
+        opening=opening,
+        meter=account,
+        on_end=on_end,
     )
 
 
-def sse_response(
-    request: web.Request, relay: Relay, vocabulary: Vocabulary
-) -> tuple[web.StreamResponse, SseWriter]:
-    """The streaming answer for `relay`: the SSE headers and `X-Stream-ID`, and a writer whose
-    frames have the shape the request's `Accept` asks for."""
-    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: relay.stream_id}
+async def stream(request: web.Request, generation: Generation) -> web.StreamResponse:
+    """Start `generation` and answer with an SSE reader of it (the SSE headers and
+    `X-Stream-ID`); returns once the generation has ended, so what the handler holds around it
+    (a slot, an account, a chat turn) is given back after, whatever ended it."""
+    app = request.app
+    settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
+    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: generation.stream_id}
     response = web.StreamResponse(headers=headers)
-    framing = sse.Framing.for_accept(request.headers.get("Accept"), relay.stream_id)
-    relay.writer = writer = SseWriter(response, vocabulary, framing)
-    return response, writer
-
-
-async def last_event(writer: SseWriter, result: Result, write_timeout_s: float) -> None:
-    """A stream's closing event in its vocabulary: `done`, or `error` with the outcome. None when
-    the client already left; a client that stops reading at the very end is not waited for."""
-    if result.outcome is Outcome.CLIENT_DISCONNECT:
-        return
-    vocabulary = writer.vocabulary
-    final = vocabulary.done if result.outcome is Outcome.COMPLETED else vocabulary.error
+    reader = SseReader(
+        request,
+        response,
+        generation,
+        write_timeout_s=settings.write_timeout_s,
+        heartbeat_s=settings.heartbeat_interval_s,
+        on_ping=metrics.heartbeats.inc,
+    )
+    app[keys.LIVE].start(generation)
     try:
-        async with asyncio.timeout(write_timeout_s or None):
-            await writer.event(final(result))
-    except (TimeoutError, ConnectionError):
-        pass  # the outcome is already counted
+        await reader.run()
+    finally:
+        await outlive_cancel(generation.finished())
+    return response
+
+
+async def collect(request: web.Request, generation: Generation) -> Result:
+    """Start `generation` and wait for its result (the JSON routes); a client that leaves
+    meanwhile ends it, and this returns (or re-raises) only once it has ended."""
+    request.app[keys.LIVE].start(generation)
+    try:
+        return await Collector(generation).run()
+    finally:
+        await outlive_cancel(generation.finished())
 
 
 def failed(result: Result) -> ApiError:

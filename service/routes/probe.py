@@ -11,7 +11,7 @@ Design notes:
    stream holding a connection like any other), one request from the client's per-minute budget
    and one concurrency slot, held until the probe ends. The shared admission reserves at least
    one token; it is given back at the end, so the probe costs no tokens. The probe is not a
-   `Relay` (there is no upstream, no model and no tokens to account), so it is not in the stream
+   generation (there is no upstream, no model and no tokens to account), so it is not in the stream
    metrics. Its account with the limits is the streams' own: the upkeep renews its lease with
    theirs, and the admission's exit gives back its reserve and lease.
 2. Shutdown ends a probe at its next tick (at most `interval_ms` later) with a `server_shutdown`
