@@ -306,7 +306,8 @@ async def stream(request: web.Request, generation: Generation) -> web.StreamResp
     try:
         await reader.run()
     finally:
-        await outlive_cancel(generation.finished())
+        if not generation.ended:  # its reader left early: wait for the generation to end
+            await outlive_cancel(generation.finished())
     return response
 
 
@@ -317,7 +318,8 @@ async def collect(request: web.Request, generation: Generation) -> Result:
     try:
         return await Collector(generation).run()
     finally:
-        await outlive_cancel(generation.finished())
+        if not generation.ended:  # the client left: wait for the generation to end
+            await outlive_cancel(generation.finished())
 
 
 def failed(result: Result) -> ApiError:

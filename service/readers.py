@@ -130,9 +130,9 @@ class SseReader:
     async def _watch(self) -> None:
         """Sleep until the end of the log, pinging when the stream has been silent for the
         heartbeat interval and dropping a client that does not take a write in time."""
-        end = self._generation.log.wait_end()
+        log = self._generation.log
         loop, heartbeat_s, write_timeout_s = self._loop, self.heartbeat_s, self.write_timeout_s
-        while not end.done() and not self.lost:
+        while not log.ended and not self.lost:
             now = loop.time()
             wake = math.inf
             if self.writing_since:
@@ -151,7 +151,11 @@ class SseReader:
                     self._on_ping()
                     continue
                 wake = ping_at
-            await asyncio.wait([end], timeout=min(wake - now, 3600.0))
+            try:
+                async with asyncio.timeout(min(wake - now, 3600.0)):
+                    await log.wait_end()  # a future of its own: the timeout cancels only that
+            except TimeoutError:
+                pass
         return None
 
 

@@ -47,6 +47,11 @@ Design notes:
 9. The last reader leaving cancels the generation at once (a grace of zero): the upstream
    request is closed within a second of a disconnect, in every window, as when the handler owned
    the pump. The resume grace window belongs here, in `leave`.
+10. The upstream is called once the reader that started a streamed generation has written its
+   first event and follows (or has left), as when that write came first in the handler: the
+   first event still leaves before the upstream answers, and a stream whose upstream answers at
+   once is written by the pump as it reads, not caught up afterwards frame by frame. A reader
+   that attaches later (resume) catches up while the pump goes on.
 """
 
 from __future__ import annotations
@@ -321,6 +326,7 @@ class Generation:
     ran: bool = field(default=False, init=False)  # run() began: it settles its meter
     _readers: set[object] = field(default_factory=set, init=False)
     _following: tuple[Follower, ...] = field(default=(), init=False)
+    _first_reader: asyncio.Future[None] | None = field(default=None, init=False)  # note 10
     _done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -347,6 +353,12 @@ class Generation:
         """`reader` has caught up with the log: the pump writes the next events to it."""
         if not self.log.ended:
             self._following = (*self._following, reader)
+        self._open_gate()
+
+    def _open_gate(self) -> None:
+        gate = self._first_reader
+        if gate is not None and not gate.done():
+            gate.set_result(None)
 
     def leave(self, reader: object) -> None:
         """`reader` is gone; the last one leaving ends the generation (grace zero: note 9)."""
@@ -354,8 +366,14 @@ class Generation:
             return
         self._readers.discard(reader)
         self._following = tuple(r for r in self._following if r is not reader)
+        self._open_gate()
         if not self._readers and not self.log.ended:
             self.expire(Outcome.CLIENT_DISCONNECT)
+
+    @property
+    def ended(self) -> bool:
+        """Its outcome is counted and its terminal event appended."""
+        return self._done.is_set()
 
     async def finished(self) -> Result:
         """The result, once the generation has ended (its terminal event appended)."""
@@ -382,6 +400,8 @@ class Generation:
         then append the terminal event."""
         self.ran = True
         loop = asyncio.get_running_loop()
+        if self.vocabulary is not None and self._readers and not self._following:
+            self._first_reader = loop.create_future()  # opened by its reader: note 10
         labels = self.metrics.child(self.metrics.streams_active, self.route)
         labels.inc()
         tasks: list[asyncio.Task[None]] = []
@@ -466,6 +486,8 @@ class Generation:
         tail = vocabulary.content_tail if vocabulary is not None else None
         dumps = sse.dumps
         pieces, result = self._pieces, self.result
+        if self._first_reader is not None:
+            await self._first_reader
         called = loop_time()
         async with self.upstream.stream(self.request) as stream:
             async for text, count in stream:
@@ -484,8 +506,13 @@ class Generation:
                 if tail is not None:
                     payload = b"%b%b%b" % (head, dumps(text), tail(result.deltas))
                     seq = append(payload)
-                    if self._following:
-                        await self._deliver(seq, payload)
+                    for reader in self._following:  # design note 8
+                        try:
+                            await reader.deliver(seq, payload)
+                        except ConnectionError:
+                            self.leave(reader)  # the last one leaving ends the generation
+                            if self._forced is not None:
+                                raise  # stop before another read: its text would go nowhere
                 if first:  # measured once the first content is written to the client
                     metrics.child(metrics.time_to_first_token, self.route, model).observe(
                         loop_time() - self.arrived
@@ -495,16 +522,6 @@ class Generation:
             result.finish_reason = parser.reason
             if parser.model:
                 result.model = parser.model
-
-    async def _deliver(self, seq: int, payload: bytes) -> None:
-        """Write event `seq` to every reader that follows (design note 8)."""
-        for reader in self._following:
-            try:
-                await reader.deliver(seq, payload)
-            except ConnectionError:
-                self.leave(reader)  # gone: the last one leaving ends the generation
-                if self._forced is not None:
-                    raise  # stop now, before another read: the text read would go nowhere
 
     async def _watch(self) -> None:
         s, loop = self.settings, asyncio.get_running_loop()
