@@ -1,5 +1,7 @@
-"""What every API handler does before a stream starts: read and validate the body, admit the
-stream, and turn any error into the contract's JSON shape with a precise status.
+"""What every API handler does around a stream: read and validate the body, admit the stream,
+start its generation with the reader its route answers with (`stream`: an SSE response,
+`collect`: the JSON routes), and turn any error before the stream into the contract's JSON shape
+with a precise status.
 
 Admission is contexts, entered in this order and left in the reverse: `take_slot` (one of
 `MAX_STREAMS`, counted synchronously, before the first await, so a burst cannot walk past the
