@@ -21,7 +21,7 @@ from .limits import Limits
 from .metrics import create_metrics
 from .ratelimit import LimitConfig, Limiter, MemoryLimiter
 from .redis_limits import LimiterUnavailable, RedisLimiter
-from .relay import LiveStreams
+from .relay import Generations
 from .routes import chat, generate, health, probe
 from .upstream import OpenAIUpstream, Upstream
 
@@ -42,7 +42,7 @@ def create_app(
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = create_metrics(registry or CollectorRegistry(), settings.model_allowlist)
-    app[keys.LIVE] = LiveStreams()
+    app[keys.LIVE] = Generations()
     app[keys.ACCESS] = Access.build(settings.api_keys, settings.trusted_proxies)
     if upstream is not None:
         app[keys.UPSTREAM] = upstream
@@ -102,7 +102,6 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     limits = app[keys.LIMITS] = Limits(
         limiter,
         metrics=app[keys.METRICS],
-        live=app[keys.LIVE],
         fail_open=settings.rate_limit_redis_failure == "open",
         charge_interval_s=settings.rate_limit_charge_interval_s,
     )

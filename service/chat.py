@@ -1,9 +1,9 @@
-"""One chat turn's life around the relay, as one async context (`Chats.turn`): check the
+"""One chat turn's life around its generation, as one async context (`Chats.turn`): check the
 conversation and take its turn, save the user's message before the upstream is called, and save
 the answer exactly once when the stream ends, whatever ended it; then release the turn.
 
 The context's exit runs as a task of its own that the handler waits for but a cancellation cannot
-stop (a client that leaves, even before the relay, cancels the handler at whatever await it is
+stop (a client that leaves, even before the generation, cancels the handler at whatever await it is
 in; its turn must still be released and its `partial` answer written, or its unanswered message
 taken back). `aclose()` waits for exits still in flight, so shutdown loses none. A save that fails
 is retried a few times with backoff, then logged with the conversation id.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,7 +34,8 @@ from .conversations import (
 from .errors import ApiError
 from .holders import gone, new_holder
 from .prompts import estimate_tokens
-from .relay import Relay, Result, outlive_cancel
+from .relay import Generation, Result
+from .tasks import outlive_cancel
 
 log = structlog.get_logger("service.chat")
 
@@ -71,9 +72,10 @@ class Turn:
     held: bool = False  # the conversation's turn may be ours
     created: bool = False  # the (new) conversation may have been created
     user_saved: bool = False  # the user's message may have been saved
-    relay: Relay | None = None  # once it has run, its result is saved as the answer
+    generation: Generation | None = None  # once it has run, its result is saved as the answer
     answer: Message | None = None
     renewer: asyncio.Task[None] | None = None
+    ending: asyncio.Task[None] | None = None  # the turn's end, run once (`Chats.end`)
 
 
 def usage_of(result: Result, prompt_estimate: int) -> dict[str, int]:
@@ -115,7 +117,7 @@ class Chats:
     async def turn(self, conversation_id: str | None, owner: str, text: str) -> AsyncIterator[Turn]:
         """One turn as a context: the conversation checked (404), its turn held (409) and the
         model's context built from its history. On exit, whatever ended it (an error, a
-        cancellation at any await, the answer's end): the answer is saved if a relay ran,
+        cancellation at any await, the answer's end): the answer is saved if a generation ran,
         otherwise the user's message is taken back; then the turn is released. That work
         outlives a cancellation, and `aclose()` waits for it."""
         now = self._clock()
@@ -130,7 +132,7 @@ class Chats:
             await self._begin(turn)
             yield turn
         finally:
-            await self._outlive(self._end(turn))
+            await self.end(turn)
 
     async def _begin(self, turn: Turn) -> None:
         settings, cid = self._settings, turn.conversation_id
@@ -190,18 +192,23 @@ class Chats:
             except StoreUnavailable as err:
                 log.warning("chat.turn_renew_failed", error=str(err))
 
-    async def _outlive(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._saving.add(task)
-        task.add_done_callback(self._saving.discard)
-        await outlive_cancel(task)
+    async def end(self, turn: Turn) -> None:
+        """The turn's end, run once whoever asks first (its generation as it ends, so the answer
+        is saved before its last event; else the turn's context on exit): the answer saved if a
+        generation ran, else the message taken back; then the turn released. It outlives a
+        cancellation of the caller, and `aclose()` waits for it."""
+        if turn.ending is None:
+            turn.ending = task = asyncio.create_task(self._end(turn))
+            self._saving.add(task)
+            task.add_done_callback(self._saving.discard)
+        await outlive_cancel(turn.ending)
 
     async def _end(self, turn: Turn) -> None:
         if turn.renewer is not None:
             turn.renewer.cancel()
         try:
-            if turn.relay is not None and turn.relay.ran:
-                await self._save_answer(turn, turn.relay.result)
+            if turn.generation is not None and turn.generation.ran:
+                await self._save_answer(turn, turn.generation.result)
             elif turn.user_saved or turn.created:
                 await self._take_back(turn)
         finally:

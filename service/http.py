@@ -1,5 +1,7 @@
-"""What every API handler does before a stream starts: read and validate the body, admit the
-stream, and turn any error into the contract's JSON shape with a precise status.
+"""What every API handler does around a stream: read and validate the body, admit the stream,
+start its generation with the reader its route answers with (`stream`: an SSE response,
+`collect`: the JSON routes), and turn any error before the stream into the contract's JSON shape
+with a precise status.
 
 Admission is contexts, entered in this order and left in the reverse: `take_slot` (one of
 `MAX_STREAMS`, counted synchronously, before the first await, so a burst cannot walk past the
@@ -19,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -31,11 +32,13 @@ from pydantic import BaseModel, ValidationError
 
 from . import keys, sse
 from .edge import SERVER
-from .errors import ApiError, Outcome
-from .limits import RateLimited
+from .errors import ApiError
+from .limits import Account, RateLimited
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
-from .relay import Relay, Result, Slot, SseWriter, Vocabulary, outlive_cancel
+from .readers import Collector, SseReader
+from .relay import Generation, Result, Slot, Vocabulary
+from .tasks import outlive_cancel
 from .upstream import CompletionRequest
 
 log = structlog.get_logger("service.http")
@@ -208,17 +211,6 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-@dataclass(slots=True)
-class Ticket:
-    """An admitted request: whose limits it counts against and what it holds. Once `relay` has
-    run, its ledger settles the account; until then the admission gives it back."""
-
-    client: str
-    lease: str | None
-    reserved: int
-    relay: Relay | None = None
-
-
 def client_of(request: web.Request) -> str:
     """The API key's id when keys are required, else the client's address."""
     key = request.get(keys.KEY_ID)
@@ -241,82 +233,95 @@ def take_slot(request: web.Request) -> Slot:
 
 
 @contextlib.asynccontextmanager
-async def limited(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
-    """The client's limits: its request, lease and token reserve (429 when over one). On exit,
-    cancellation included, they are given back unless a relay ran (its ledger settled them)."""
+async def limited(request: web.Request, estimate: int) -> AsyncIterator[Account]:
+    """The client's limits: its request, lease and token reserve (429 when over one), as the
+    stream's account. On exit, cancellation included, the account is given back unless a stream
+    ran on it and settled it already (an account closes once)."""
     limits = request.app[keys.LIMITS]
     client = client_of(request)
     admission = await limits.admit(client, estimate)
     request[keys.ADMISSION] = admission
-    ticket = Ticket(client, admission.lease, admission.reserved)
+    account = limits.open(client, admission)
     try:
-        yield ticket
+        yield account
     finally:
-        if ticket.relay is None or not ticket.relay.ran:
-            await outlive_cancel(limits.give_back(client, ticket.lease, ticket.reserved))
+        await outlive_cancel(account.give_back())
 
 
 @contextlib.asynccontextmanager
-async def admitted(request: web.Request, estimate: int) -> AsyncIterator[Ticket]:
+async def admitted(request: web.Request, estimate: int) -> AsyncIterator[Account]:
     """A new stream's admission as one context: a `MAX_STREAMS` slot taken synchronously, then
     the client's limits; everything taken is given back when the context exits."""
     with take_slot(request):
-        async with limited(request, estimate) as ticket:
-            yield ticket
+        async with limited(request, estimate) as account:
+            yield account
 
 
-def relay_for(
+def generation_for(
     request: web.Request,
     route: str,
     upstream_request: CompletionRequest,
-    ticket: Ticket,
+    account: Account,
+    *,
+    vocabulary: Vocabulary | None = None,
+    opening: dict[str, Any] | None = None,
     stream_id: str | None = None,
-) -> Relay:
-    """The relay for an admitted request, wired to the app's upstream, metrics and limits; its
-    stream id is `stream_id` (chat: the answer's message id) or a fresh one."""
+    on_end: Callable[[Result], Awaitable[None]] | None = None,
+) -> Generation:
+    """The generation for an admitted request, wired to the app's upstream and metrics and to
+    its account with the limits; its stream id is `stream_id` (chat: the answer's message id) or
+    a fresh one. Streamed answers give the `vocabulary` of their events and the first event."""
     app = request.app
-    ticket.relay = relay = Relay(
+    return Generation(
         settings=app[keys.SETTINGS],
         upstream=app[keys.UPSTREAM],
         metrics=app[keys.METRICS],
-        live=app[keys.LIVE],
         route=route,
         request=upstream_request,
         request_id=request[keys.REQUEST_ID],
         arrived=request[keys.ARRIVED],
-        ledger=app[keys.LIMITS],
-        client=ticket.client,
-        lease=ticket.lease,
-        reserved=ticket.reserved,
         stream_id=stream_id or sse.new_stream_id(),
+        vocabulary=vocabulary,
+        opening=opening,
+        meter=account,
+        on_end=on_end,
     )
-    return relay
 
 
-def sse_response(
-    request: web.Request, relay: Relay, vocabulary: Vocabulary
-) -> tuple[web.StreamResponse, SseWriter]:
-    """The streaming answer for `relay`: the SSE headers and `X-Stream-ID`, and a writer whose
-    frames have the shape the request's `Accept` asks for."""
-    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: relay.stream_id}
+async def stream(request: web.Request, generation: Generation) -> web.StreamResponse:
+    """Start `generation` and answer with an SSE reader of it (the SSE headers and
+    `X-Stream-ID`); returns once the generation has ended, so what the handler holds around it
+    (a slot, an account, a chat turn) is given back after, whatever ended it."""
+    app = request.app
+    settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
+    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: generation.stream_id}
     response = web.StreamResponse(headers=headers)
-    framing = sse.Framing.for_accept(request.headers.get("Accept"), relay.stream_id)
-    relay.writer = writer = SseWriter(response, vocabulary, framing)
-    return response, writer
-
-
-async def last_event(writer: SseWriter, result: Result, write_timeout_s: float) -> None:
-    """A stream's closing event in its vocabulary: `done`, or `error` with the outcome. None when
-    the client already left; a client that stops reading at the very end is not waited for."""
-    if result.outcome is Outcome.CLIENT_DISCONNECT:
-        return
-    vocabulary = writer.vocabulary
-    final = vocabulary.done if result.outcome is Outcome.COMPLETED else vocabulary.error
+    reader = SseReader(
+        request,
+        response,
+        generation,
+        write_timeout_s=settings.write_timeout_s,
+        heartbeat_s=settings.heartbeat_interval_s,
+        on_ping=metrics.heartbeats.inc,
+    )
+    app[keys.LIVE].start(generation)
     try:
-        async with asyncio.timeout(write_timeout_s or None):
-            await writer.event(final(result))
-    except (TimeoutError, ConnectionError):
-        pass  # the outcome is already counted
+        await reader.run()
+    finally:
+        if not generation.ended:  # its reader left early: wait for the generation to end
+            await outlive_cancel(generation.finished())
+    return response
+
+
+async def collect(request: web.Request, generation: Generation) -> Result:
+    """Start `generation` and wait for its result (the JSON routes); a client that leaves
+    meanwhile ends it, and this returns (or re-raises) only once it has ended."""
+    request.app[keys.LIVE].start(generation)
+    try:
+        return await Collector(generation).run()
+    finally:
+        if not generation.ended:  # the client left: wait for the generation to end
+            await outlive_cancel(generation.finished())
 
 
 def failed(result: Result) -> ApiError:

@@ -12,12 +12,12 @@ from .health import ReadinessProbe
 from .limits import Limits
 from .metrics import Metrics
 from .ratelimit import Admission
-from .relay import LiveStreams
+from .relay import Generations
 from .upstream import Upstream
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
-LIVE = web.AppKey("live", LiveStreams)
+LIVE = web.AppKey("live", Generations)  # the generations and the MAX_STREAMS slots
 UPSTREAM = web.AppKey("upstream", Upstream)
 READINESS = web.AppKey("readiness", ReadinessProbe)
 ACCESS = web.AppKey("access", Access)

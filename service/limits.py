@@ -1,6 +1,12 @@
-"""The limiter in the app: admission with the Redis-outage policy, one upkeep task per instance
-(batched token charges that cut over-budget streams, lease renewal), and each stream's final
-settlement (reconciled with the upstream's usage, lease released).
+"""The limiter in the app: admission with the Redis-outage policy, one `Account` per admitted
+stream (who pays, its concurrency lease, its token reserve, what was charged so far), one upkeep
+task per instance (batched token charges that cut over-budget streams, lease renewal, both over
+the open accounts), and each account's closing (reconciled with the upstream's usage, or its
+reserve given back when no stream ran; lease released).
+
+A stream reports to its account through two plain calls (`relayed(tokens)`, then `settle(used)`
+once it has ended) and learns of a cut through the callable it hands to `on_cut`: this module
+knows nothing of streams, and the stream layer nothing of limits.
 
 Overshoot bound: a client's balance is checked once per `RATE_LIMIT_CHARGE_INTERVAL_S`, so it can
 overdraw by what its open streams relay in one interval (about rate x interval per stream, e.g.
@@ -20,15 +26,55 @@ from collections.abc import Callable
 
 import structlog
 
-from .errors import ApiError, Outcome
+from .errors import ApiError
 from .metrics import Metrics
 from .ratelimit import Admission, LimitConfig, Limiter
 from .redis_limits import LimiterRecovering, LimiterUnavailable
-from .relay import LiveStreams, Relay, outlive_cancel
+from .tasks import outlive_cancel
 
 log = structlog.get_logger("service.limits")
 STORE_TIMEOUT_S = 2.0  # the longest a request waits on the limit store before the policy applies
 RECOVERY_TRIES = 3  # admissions that wait for a restarted store's leases before giving up
+
+Cut = Callable[[float], None]  # ends a stream over its budget; given when a retry may succeed
+
+
+class Account:
+    """One admitted stream's standing with the limits. Its stream reports the tokens it relays;
+    the upkeep charges them in batches and renews the lease; it is closed once: `settle` when
+    its stream has ended, `give_back` when none ran (the admission's exit), whichever is first."""
+
+    __slots__ = ("_limits", "charged", "client", "cut", "deltas", "lease", "reserved", "uncharged")
+
+    def __init__(self, limits: Limits, client: str, lease: str | None, reserved: int) -> None:
+        self._limits = limits
+        self.client = client  # whose limits the stream counts against
+        self.lease = lease  # the concurrency lease; None once released
+        self.reserved = reserved  # tokens taken from the client's budget at admission
+        self.uncharged = 0  # tokens relayed since the upkeep last charged them
+        self.charged = 0
+        self.deltas = 0  # tokens relayed in all
+        self.cut: Cut | None = None
+
+    def relayed(self, tokens: int) -> None:
+        """The stream relayed `tokens` more (charged by the upkeep's next batch)."""
+        self.uncharged += tokens
+        self.deltas += tokens
+
+    def on_cut(self, cut: Cut) -> None:
+        """How to end the stream when its client's budget runs out."""
+        self.cut = cut
+
+    async def settle(self, used: int | None) -> None:
+        """The stream ended: charge what is left and free the lease. `used` is the upstream's
+        count of prompt and completion tokens; None when it reported none (the reserve then
+        stands for the prompt, the tokens relayed for the completion)."""
+        actual = used if used is not None else self.reserved + self.deltas
+        await self._limits._close(self, actual - self.reserved - self.charged, "settle")
+
+    async def give_back(self) -> None:
+        """No stream ran on this admission: refund its reserve and free its lease."""
+        await self._limits._close(self, -self.reserved, "give_back")
 
 
 class Limits:
@@ -37,7 +83,6 @@ class Limits:
         limiter: Limiter,
         *,
         metrics: Metrics,
-        live: LiveStreams,
         fail_open: bool = True,
         charge_interval_s: float = 0.5,
         clock: Callable[[], float] = time.time,
@@ -45,11 +90,10 @@ class Limits:
         self.limiter = limiter
         self.config: LimitConfig = limiter.config
         self._metrics = metrics
-        self._live = live
         self._fail_open = fail_open
         self._charge_interval_s = charge_interval_s
         self.clock = clock
-        self._held: set[tuple[str, str]] = set()  # leases held outside a relay (the probe)
+        self._accounts: set[Account] = set()  # open: charged and renewed by the upkeep
         self._released: set[str] | None = None  # leases released while a renewal is in flight
 
     async def admit(self, client: str, estimate: int) -> Admission:
@@ -68,7 +112,7 @@ class Limits:
             except asyncio.CancelledError:
                 if not task.cancelled() and task.exception() is None:
                     granted = task.result()
-                    await outlive_cancel(self.give_back(client, granted.lease, granted.reserved))
+                    await outlive_cancel(self.open(client, granted).give_back())
                 raise
         raise ApiError("overloaded", "Rate limiting is recovering; retry shortly.", retry_after_s=1)
 
@@ -93,33 +137,19 @@ class Limits:
             raise RateLimited(admission)
         return admission
 
-    async def settle(self, relay: Relay) -> None:
-        """The stream ended: charge what is left (reconciled with usage) and free its lease."""
-        if not relay.client or not self.config.enabled:
-            return
-        result = relay.result
-        actual = (
-            result.prompt_tokens + result.completion_tokens
-            if result.usage
-            else relay.reserved + result.deltas
-        )
-        debit = actual - relay.reserved - relay.charged
-        lease, relay.lease = relay.lease, None  # given back: renewals no longer see it
-        await self._close(relay.client, lease, debit, "settle")
+    def open(self, client: str, admission: Admission) -> Account:
+        """The account of a stream admitted for `client` (no await: nothing can interrupt it
+        between the admission and the account that gives it back)."""
+        account = Account(self, client, admission.lease, admission.reserved)
+        if self.config.enabled:
+            self._accounts.add(account)
+        return account
 
-    def hold(self, client: str, lease: str | None) -> None:
-        """Keep a lease taken outside a relay alive (renewed by `upkeep`) until `give_back`."""
-        if lease:
-            self._held.add((client, lease))
-
-    async def give_back(self, client: str, lease: str | None, reserved: int) -> None:
-        """An admission that relayed no tokens ends: refund its reserve and free its lease."""
-        if lease:
-            self._held.discard((client, lease))
-        if client and self.config.enabled:
-            await self._close(client, lease, -reserved, "give_back")
-
-    async def _close(self, client: str, lease: str | None, debit: int, where: str) -> None:
+    async def _close(self, account: Account, debit: int, where: str) -> None:
+        if account not in self._accounts:
+            return  # closed already (or limits are off)
+        self._accounts.discard(account)  # renewals and charges no longer see it
+        client, lease, account.lease = account.client, account.lease, None
         if lease and self._released is not None:
             self._released.add(lease)  # a renewal in flight may re-create it: `renew`
         try:
@@ -157,10 +187,9 @@ class Limits:
                 self._unavailable("upkeep", err)
 
     async def renew(self, now: float) -> None:
-        """Renew (or re-create) the leases of running streams. A stream that ended meanwhile had
-        its lease released, perhaps before the renewal re-created it: release it again."""
-        leases = [(r.client, r.lease) for r in self._live if r.lease]
-        leases.extend(self._held)
+        """Renew (or re-create) the leases of open accounts. An account closed meanwhile had its
+        lease released, perhaps before the renewal re-created it: release it again."""
+        leases = [(a.client, a.lease) for a in self._accounts if a.lease]
         self._released = set()
         try:
             await self.limiter.renew(leases, now)
@@ -172,24 +201,23 @@ class Limits:
 
     async def _charge(self, now: float) -> None:
         debits: dict[str, int] = defaultdict(int)
-        streams: dict[str, list[Relay]] = defaultdict(list)
-        for relay in self._live:
-            if not relay.client:
-                continue
-            streams[relay.client].append(relay)
-            if relay.uncharged:
-                debits[relay.client] += relay.uncharged
-                relay.charged += relay.uncharged
-                relay.uncharged = 0
+        streams: dict[str, list[Account]] = defaultdict(list)
+        for account in self._accounts:
+            streams[account.client].append(account)
+            if account.uncharged:
+                debits[account.client] += account.uncharged
+                account.charged += account.uncharged
+                account.uncharged = 0
         if not debits:
             return
         for client, balance in (await self.limiter.charge(dict(debits), now)).items():
             if balance < 0:
-                for relay in streams[client]:
+                for account in streams[client]:
+                    if account.cut is None:
+                        continue  # nothing streams on it (the probe)
                     self._metrics.child(self._metrics.rate_limited, "tokens").inc()
                     # when the budget is back above zero (a JSON answer's Retry-After)
-                    relay.result.retry_after_s = -balance * 60.0 / self.config.tpm
-                    relay.expire(Outcome.RATE_LIMITED)
+                    account.cut(-balance * 60.0 / self.config.tpm)
 
     def _unavailable(self, where: str, err: BaseException) -> None:
         self._metrics.limiter_errors.inc()

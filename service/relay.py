@@ -1,38 +1,57 @@
-"""The one place concurrency lives: pump upstream text to the client, watch the clocks, and
-account for how every stream ended.
+"""The one place a generation's concurrency lives: pump upstream text into the stream's event log
+(and to the readers that have caught up), watch the clocks, and account for how every stream
+ended. Readers (`readers`: an SSE response, a JSON collector) are separate objects that read the
+log from a cursor; this module knows of them only the `Follower` seam below.
 
-A stream is two tasks: the pump (upstream batches -> frames) and a watchdog that sleeps until the
-next deadline (heartbeat, first token, idle, total, write). The watchdog ends a stream by
-recording the outcome and cancelling the pump; a client disconnect cancels the handler (aiohttp's
-`handler_cancellation`), which cancels the pump it awaits. Either way the upstream request is
-closed by the pump's `async with` before `run()` returns, and the outcome is counted once.
+A generation is a task of its own, owned by the app's `Generations` registry (keyed by stream
+id), not by the HTTP handler that started it. Inside it, two tasks: the pump (upstream batches ->
+events) and a watchdog that sleeps until the next clock deadline (first token, idle, total; the
+decision is the pure `next_step`). The watchdog or the registry (shutdown) or the limits (a cut)
+end a generation by recording the outcome and cancelling the pump; so does its last reader
+leaving, after a grace of zero (design note 9). Either way the upstream request is closed by the
+pump's `async with` before `run()` returns, and the outcome is counted once.
+
+Hand-off between a generation and its readers: a reader `attach`es (reader count + 1), catches up
+from the log at its own pace, then asks to `follow`: from then on the pump writes each new event
+to it directly, in the pump's own task (note 8). It `leave`s on any exit (count - 1); a write
+that fails makes the pump drop it. The terminal event is appended once the outcome is counted,
+the account settled and `on_end` done (a chat answer saved), and readers write it themselves.
 
 Design notes:
-1. No timer per token. The pump only stores `loop.time()` per batch; the watchdog wakes at most
-   once per heartbeat interval or at a deadline and re-reads those stamps. This keeps the per-token
-   path to a parse, a frame and a write.
+1. No timer per token. The pump only stores `loop.time()` per batch; the watchdog wakes at a
+   deadline and re-reads those stamps. This keeps the per-token path to a parse, a frame and a
+   write plus an append.
 2. Deltas that arrive in one network read are written as one frame (`tokenCount` counts deltas,
    so it stays exact). Nothing is held back to batch: a frame leaves as soon as its read does.
-3. A frame is one `write()` call, so a ping written by the watchdog can never split it.
+3. A frame is one `write()` call, so a ping written by a reader's watch can never split it.
 4. Heartbeats count as writes for the heartbeat clock only; idle and first-token clocks measure
-   the upstream's silence, not the client's.
+   the upstream's silence, not the client's: the clocks are the generation's, the heartbeat and
+   the write deadline each reader's.
 5. Teardown outlives a second cancellation. A client can leave while the stream is already
-   closing (aiohttp cancels the handler then); the pump must still finish closing the upstream and
-   the stream must still be counted and released, so `_settle` waits through the cancellation and
-   re-raises it afterwards instead of abandoning the bookkeeping.
+   closing (aiohttp cancels the handler then); the pump must still finish closing the upstream
+   and the stream must still be counted and released, so `tasks.settle` waits through the
+   cancellation and re-raises it afterwards instead of abandoning the bookkeeping.
 6. Completion tokens are counted as they are relayed (one counter increment per batch), so
    `rate(ai_stream_completion_tokens_total)` shows a long answer while it streams rather than in
    one step at its end; when the upstream's usage reports more tokens than deltas, the rest is
    added at the end.
-7. A frame's write returns once the transport has drained below its high-water mark (a flag
-   check, no system call), so for a reader that stops reading the write blocks once a bounded
-   amount is queued (`tcp.STREAM_QUEUE_BOUND`) and the write deadline can fire; aiohttp alone
-   waits only every 64 KiB written. A write that misses its deadline aborts the connection: the
-   client is treated as gone (as when it disconnects), and nothing waits on it any more.
-8. A clock that runs out before the first token while the upstream has been failing (the SDK
+7. A clock that runs out before the first token while the upstream has been failing (the SDK
    backing off between retries) ends the stream as `upstream_error` with the failure's kind,
    not as a timeout: the cause is what users and `ai_stream_upstream_errors_total` need to see
    (upstream design note 5).
+8. A reader that has caught up is written to by the pump itself, in the pump's task, and the
+   pump waits for that write: no task hop per token (a future per token per reader costs a loop
+   turn each at model pace), and a reader that stops reading holds the generation back as it
+   did when the response was the pump's (readers design note 1 bounds that). A reader still
+   catching up is not waited for; it joins once it reaches the end of the log.
+9. The last reader leaving cancels the generation at once (a grace of zero): the upstream
+   request is closed within a second of a disconnect, in every window, as when the handler owned
+   the pump. The resume grace window belongs here, in `leave`.
+10. The upstream is called once the reader that started a streamed generation has written its
+   first event and follows (or has left), as when that write came first in the handler: the
+   first event still leaves before the upstream answers, and a stream whose upstream answers at
+   once is written by the pump as it reads, not caught up afterwards frame by frame. A reader
+   that attaches later (resume) catches up while the pump goes on.
 """
 
 from __future__ import annotations
@@ -41,16 +60,16 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import structlog
-from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
-from . import sse, tcp
+from . import sse
 from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, Outcome
+from .events import EventLog
 from .metrics import Metrics
+from .tasks import settle
 from .upstream import (
     ATTEMPTS,
     Attempts,
@@ -61,7 +80,6 @@ from .upstream import (
 )
 
 log = structlog.get_logger("service.relay")
-T = TypeVar("T")
 _CLOCKS = (Outcome.FIRST_TOKEN_TIMEOUT, Outcome.TOTAL_TIMEOUT)
 
 
@@ -118,69 +136,67 @@ class Vocabulary(Protocol):
     def error(self, result: Result) -> dict[str, Any]: ...
 
 
-class SseWriter:
-    """Frames onto one prepared response, in the shape its client asked for, with the stamps the
-    watchdog reads."""
+class Meter(Protocol):
+    """Where a stream reports the tokens it relays: its account with the limits. `on_cut` gives
+    it the way to end the stream (its client's budget ran out; the argument is when a retry may
+    succeed), and `settle` is called once, when the stream has ended, with the upstream's count
+    of prompt and completion tokens (None when it reported none)."""
 
-    __slots__ = (
-        "_loop",
-        "_out",
-        "_resp",
-        "framing",
-        "last_write",
-        "seq",
-        "vocabulary",
-        "writing_since",
-    )
+    def relayed(self, tokens: int) -> None: ...
 
-    def __init__(
-        self, resp: web.StreamResponse, vocabulary: Vocabulary, framing: sse.Framing
-    ) -> None:
-        self._resp = resp
-        self._out: AbstractStreamWriter | None = None  # bound at the first write (note 7)
-        self._loop = asyncio.get_running_loop()
-        self.vocabulary = vocabulary
-        self.framing = framing
-        self.seq = 0
-        self.last_write = self._loop.time()
-        self.writing_since = 0.0
+    def on_cut(self, cut: Callable[[float], None]) -> None: ...
 
-    async def _write(self, data: bytes) -> None:
-        self.writing_since = now = self._loop.time()
-        await self._resp.write(data)
-        out = self._out
-        if out is None:  # the first write, or a response with no bounds (not on a TCP socket)
-            out = self._out = self._resp.get(tcp.STREAM_OUT)
-        if out is not None:
-            await out.drain()  # design note 7
-        self.writing_since = 0.0
-        self.last_write = now
-
-    def abort(self) -> None:
-        """Drop the connection of a client that did not take a write in time (design note 7)."""
-        transport = self._out.transport if self._out is not None else None
-        if transport is not None:
-            transport.abort()
-
-    async def event(self, payload: dict[str, Any]) -> None:
-        self.seq += 1
-        await self._write(self.framing.event(self.seq, payload))
-
-    async def text(self, text: str, deltas: int) -> None:
-        self.seq += 1
-        vocabulary = self.vocabulary
-        tail = vocabulary.content_tail(deltas)
-        frame = self.framing.text_event(self.seq, vocabulary.content_head, text, tail)
-        await self._write(frame)
-
-    async def ping(self) -> None:
-        await self._write(self.framing.ping)
+    async def settle(self, used: int | None) -> None: ...
 
 
-class Ledger(Protocol):
-    """Settles a stream's account when it ends (limits: final token charge, lease release)."""
+class Follower(Protocol):
+    """A reader the pump writes to once it has caught up (design note 8). `deliver` writes event
+    `seq` and raises ConnectionError when the client is gone."""
 
-    async def settle(self, relay: Relay) -> None: ...
+    async def deliver(self, seq: int, payload: bytes) -> None: ...
+
+
+# --- the watchdog's decision ----------------------------------------------------------------
+
+
+class Clocks(NamedTuple):
+    """The settings that bound a generation in time (0 = off)."""
+
+    first_token_s: float
+    idle_s: float
+    total_s: float
+
+
+class Step(NamedTuple):
+    """What the watchdog does next: end the stream with `outcome`, or sleep until `wake`."""
+
+    outcome: Outcome | None
+    wake: float
+
+
+def next_step(clocks: Clocks, now: float, arrived: float, last_token: float | None) -> Step:
+    """The watchdog's decision from the clocks and the stamps (`last_token` None before the
+    first): a pure function, so a table pins it."""
+    total_at = arrived + clocks.total_s if clocks.total_s else math.inf
+    if last_token is not None:
+        token_at = last_token + clocks.idle_s if clocks.idle_s else math.inf
+        token_outcome = Outcome.IDLE_TIMEOUT
+    else:
+        token_at = arrived + clocks.first_token_s if clocks.first_token_s else math.inf
+        token_outcome = Outcome.FIRST_TOKEN_TIMEOUT
+    if now >= total_at:
+        return Step(Outcome.TOTAL_TIMEOUT, now)
+    if now >= token_at:
+        return Step(token_outcome, now)
+    wake = min(total_at, token_at)
+    if last_token is None and clocks.idle_s:
+        # The idle clock starts at the first token, which may come any moment: a deadline of
+        # first token + idle is never earlier than now + idle.
+        wake = min(wake, now + clocks.idle_s)
+    return Step(None, wake)
+
+
+# --- the registry ---------------------------------------------------------------------------
 
 
 class Slot:
@@ -189,7 +205,7 @@ class Slot:
 
     __slots__ = ("_live", "held")
 
-    def __init__(self, live: LiveStreams) -> None:
+    def __init__(self, live: Generations) -> None:
         self._live = live
         self.held = True
 
@@ -205,13 +221,14 @@ class Slot:
         self.release()
 
 
-class LiveStreams:
-    """Streams on this instance: the `MAX_STREAMS` slots (taken synchronously at admission, so a
-    burst cannot walk past the cap while earlier requests await the stores), the relays in flight
-    (the limits' upkeep), and the shutdown drain."""
+class Generations:
+    """The app's generations, by stream id, each run as a task owned here; the `MAX_STREAMS`
+    slots (taken synchronously at admission, so a burst cannot walk past the cap while earlier
+    requests await the stores); and the shutdown drain."""
 
     def __init__(self) -> None:
-        self._relays: set[Relay] = set()
+        self._running: dict[str, Generation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._slots = 0
         self._empty = asyncio.Event()
         self._empty.set()
@@ -221,8 +238,11 @@ class LiveStreams:
         """Slots taken: streams admitted and not yet ended."""
         return self._slots
 
-    def __iter__(self) -> Iterator[Relay]:
-        return iter(list(self._relays))
+    def __iter__(self) -> Iterator[Generation]:
+        return iter(list(self._running.values()))
+
+    def get(self, stream_id: str) -> Generation | None:
+        return self._running.get(stream_id)
 
     def take(self, cap: int) -> Slot | None:
         """A slot, or None when `cap` (0 = no cap) are taken. No await: the count and the take
@@ -237,16 +257,23 @@ class LiveStreams:
         self._slots -= 1
         self._settle_empty()
 
-    def add(self, relay: Relay) -> None:
-        self._relays.add(relay)
+    def start(self, generation: Generation) -> None:
+        """Run `generation` as a task of its own until it ends."""
+        self._running[generation.stream_id] = generation
         self._empty.clear()
+        task = asyncio.create_task(self._run(generation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def discard(self, relay: Relay) -> None:
-        self._relays.discard(relay)
-        self._settle_empty()
+    async def _run(self, generation: Generation) -> None:
+        try:
+            await generation.run()
+        finally:
+            del self._running[generation.stream_id]
+            self._settle_empty()
 
     def _settle_empty(self) -> None:
-        if not self._relays and not self._slots:
+        if not self._running and not self._slots:
             self._empty.set()
 
     async def idle(self) -> None:
@@ -261,72 +288,46 @@ class LiveStreams:
             async with asyncio.timeout(drain_s):
                 await self._empty.wait()
         except TimeoutError:
-            for relay in list(self._relays):
-                relay.expire(Outcome.SHUTDOWN)
+            for generation in self:
+                generation.expire(Outcome.SHUTDOWN)
             try:
                 async with asyncio.timeout(grace_s):
                     await self._empty.wait()
             except TimeoutError:
-                log.warning("shutdown.streams_left", count=len(self._relays), slots=self._slots)
+                log.warning("shutdown.streams_left", count=len(self._running), slots=self._slots)
 
 
-async def outlive_cancel(work: Awaitable[T]) -> T:
-    """Run `work` (a release, a save) to its end even if the caller is cancelled meanwhile, then
-    re-raise that cancellation: what a stream took is given back on every path (design note 5)."""
-    task = asyncio.ensure_future(work)
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            interrupted = True
-    if interrupted:
-        if not task.cancelled():
-            task.exception()  # retrieved; the caller's cancellation is what it sees
-        raise asyncio.CancelledError
-    return task.result()
+# --- one generation -------------------------------------------------------------------------
 
 
-async def _settle(*tasks: asyncio.Task[None]) -> None:
-    """Cancel `tasks` and wait until they have finished, even if we are cancelled meanwhile
-    (design note 5); a cancellation that arrived is re-raised once they are done."""
-    for task in tasks:
-        task.cancel()
-    interrupted = False
-    while not all(task.done() for task in tasks):
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError:
-            interrupted = True
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()  # retrieved: the outcome was already taken from `await pump`
-    if interrupted:
-        raise asyncio.CancelledError
+def _unmetered(tokens: int) -> None:
+    return None
 
 
 @dataclass(slots=True, eq=False)
-class Relay:
-    """One upstream call relayed to one client (or collected, for the JSON endpoints)."""
+class Generation:
+    """One upstream call, produced into an event log for its readers (SSE responses), or only
+    into its `Result` (no `vocabulary`: the JSON routes' collector reads that)."""
 
     settings: Settings
     upstream: Upstream
     metrics: Metrics
-    live: LiveStreams
     route: str
     request: CompletionRequest
     request_id: str
     arrived: float
     stream_id: str = field(default_factory=sse.new_stream_id)  # server-minted, never a client's
-    writer: SseWriter | None = None
-    ledger: Ledger | None = None
-    client: str = ""  # whose limits this stream counts against ("" = none)
-    lease: str | None = None  # concurrency lease, released by the ledger
-    reserved: int = 0  # tokens taken from the client's budget at admission
-    uncharged: int = 0  # deltas relayed since the ledger last charged them
-    charged: int = 0
+    vocabulary: Vocabulary | None = None
+    opening: dict[str, Any] | None = None  # the first event, in the log before anything else
+    meter: Meter | None = None
+    on_end: Callable[[Result], Awaitable[None]] | None = None  # before the terminal event
+    log: EventLog = field(default_factory=EventLog, init=False)
     result: Result = field(init=False)
-    ran: bool = field(default=False, init=False)  # run() began: the ledger settles, not admission
+    ran: bool = field(default=False, init=False)  # run() began: it settles its meter
+    _readers: set[object] = field(default_factory=set, init=False)
+    _following: tuple[Follower, ...] = field(default=(), init=False)
+    _first_reader: asyncio.Future[None] | None = field(default=None, init=False)  # note 10
+    _done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
     _attempts: Attempts = field(default_factory=Attempts, init=False)
@@ -338,39 +339,86 @@ class Relay:
         self.result = Result(
             request_id=self.request_id, stream_id=self.stream_id, model=self.request.model
         )
+        if self.opening is not None:
+            self.log.append(sse.dumps(self.opening))
+        if self.meter is not None:
+            self.meter.on_cut(self._cut)
+
+    # --- readers (design notes 8 and 9) ---
+
+    def attach(self, reader: object) -> None:
+        self._readers.add(reader)
+
+    def follow(self, reader: Follower) -> None:
+        """`reader` has caught up with the log: the pump writes the next events to it."""
+        if not self.log.ended:
+            self._following = (*self._following, reader)
+        self._open_gate()
+
+    def _open_gate(self) -> None:
+        gate = self._first_reader
+        if gate is not None and not gate.done():
+            gate.set_result(None)
+
+    def leave(self, reader: object) -> None:
+        """`reader` is gone; the last one leaving ends the generation (grace zero: note 9)."""
+        if reader not in self._readers:
+            return
+        self._readers.discard(reader)
+        self._following = tuple(r for r in self._following if r is not reader)
+        self._open_gate()
+        if not self._readers and not self.log.ended:
+            self.expire(Outcome.CLIENT_DISCONNECT)
+
+    @property
+    def ended(self) -> bool:
+        """Its outcome is counted and its terminal event appended."""
+        return self._done.is_set()
+
+    async def finished(self) -> Result:
+        """The result, once the generation has ended (its terminal event appended)."""
+        await self._done.wait()
+        return self.result
+
+    # --- ending ---
+
+    def _cut(self, retry_after_s: float) -> None:
+        """The client's token budget ran out (its meter says so)."""
+        self.result.retry_after_s = retry_after_s  # a JSON answer's Retry-After
+        self.expire(Outcome.RATE_LIMITED)
 
     def expire(self, outcome: Outcome) -> None:
-        """End the stream from outside the pump (a clock, or shutdown)."""
+        """End the generation from outside the pump (a clock, a reader leaving, a cut,
+        shutdown); the first reason given is the outcome."""
         if self._forced is None:
             self._forced = outcome
         if self._pump_task is not None:
             self._pump_task.cancel()
 
-    async def run(self, opening: Callable[[], Awaitable[None]] | None = None) -> Result:
-        """Relay the answer; `opening` (headers, first event) runs first, inside the accounting,
-        so a client that leaves even then is counted and its limits released."""
+    async def run(self) -> Result:
+        """Relay the answer into the log, count how it ended, settle the account, run `on_end`,
+        then append the terminal event."""
         self.ran = True
         loop = asyncio.get_running_loop()
+        if self.vocabulary is not None and self._readers and not self._following:
+            self._first_reader = loop.create_future()  # opened by its reader: note 10
         labels = self.metrics.child(self.metrics.streams_active, self.route)
         labels.inc()
-        self.live.add(self)
         tasks: list[asyncio.Task[None]] = []
         outcome = Outcome.COMPLETED
         try:
-            if opening is not None:
-                await opening()
             self._pump_task = pump = asyncio.create_task(self._pump())
             tasks = [pump, asyncio.create_task(self._watch())]
+            if self._forced is not None:  # ended before it began (its reader left at once)
+                pump.cancel()
             await pump
         except ConnectionError:
-            outcome = Outcome.CLIENT_DISCONNECT  # a write to the client failed: it is gone
+            outcome = self._forced or Outcome.CLIENT_DISCONNECT  # its last reader's write failed
         except asyncio.CancelledError:
+            outcome = self._blame(self._forced or Outcome.CANCELLED)
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                # Our own handler was cancelled: aiohttp saw the client go (or gave up on it).
-                outcome = self._blame(self._forced or Outcome.CLIENT_DISCONNECT)
-                raise
-            outcome = self._blame(self._forced or Outcome.CANCELLED)
+                raise  # the loop is closing: the bookkeeping below still runs
         except UpstreamError as err:
             outcome = Outcome.UPSTREAM_ERROR
             self.result.upstream_error_kind = err.kind
@@ -384,19 +432,38 @@ class Relay:
             self.result.upstream_error_kind = "other"
         finally:
             try:
-                await _settle(*tasks)
+                await settle(*tasks)
             finally:
                 self._finish(outcome, loop.time())
                 labels.dec()
                 try:
-                    if self.ledger is not None:
-                        await self.ledger.settle(self)
+                    await self._close()
                 finally:
-                    self.live.discard(self)
+                    self._end_log()
+                    self._done.set()
         return self.result
 
+    async def _close(self) -> None:
+        result = self.result
+        try:
+            if self.meter is not None:
+                used = result.prompt_tokens + result.completion_tokens
+                await self.meter.settle(used if result.usage else None)
+        finally:
+            if self.on_end is not None:
+                await self.on_end(result)
+
+    def _end_log(self) -> None:
+        self._following = ()
+        vocabulary, result = self.vocabulary, self.result
+        if vocabulary is None:
+            self.log.end()
+            return
+        final = vocabulary.done if result.outcome is Outcome.COMPLETED else vocabulary.error
+        self.log.end(sse.dumps(final(result)))
+
     def _blame(self, outcome: Outcome) -> Outcome:
-        """A clock that ran out while the upstream kept failing names the failure (note 8)."""
+        """A clock that ran out while the upstream kept failing names the failure (note 7)."""
         failure = self._attempts.failure
         if outcome not in _CLOCKS or failure is None or self.result.deltas:
             return outcome
@@ -405,14 +472,22 @@ class Relay:
         self.result.error_message = client_message(failure.kind)  # never the upstream's text
         return Outcome.UPSTREAM_ERROR
 
+    # --- the two tasks ---
+
     async def _pump(self) -> None:
         ATTEMPTS.set(self._attempts)  # this task's upstream tries note what they meet
         loop_time = asyncio.get_running_loop().time
         metrics, model = self.metrics, self.metrics.model_label(self.request.model)
         gap = metrics.child(metrics.inter_token_latency, self.route, model).observe
         tokens = metrics.child(metrics.completion_tokens, model).inc  # as they flow: note 6
-        write = self.writer.text if self.writer else None
+        relayed = self.meter.relayed if self.meter is not None else _unmetered
+        vocabulary, append = self.vocabulary, self.log.append
+        head = vocabulary.content_head if vocabulary is not None else b""
+        tail = vocabulary.content_tail if vocabulary is not None else None
+        dumps = sse.dumps
         pieces, result = self._pieces, self.result
+        if self._first_reader is not None:
+            await self._first_reader
         called = loop_time()
         async with self.upstream.stream(self.request) as stream:
             async for text, count in stream:
@@ -425,11 +500,19 @@ class Relay:
                     gap(now - self._last_token)
                 self._last_token = now
                 result.deltas += count
-                self.uncharged += count
+                relayed(count)
                 tokens(count)
                 pieces.append(text)
-                if write is not None:
-                    await write(text, result.deltas)
+                if tail is not None:
+                    payload = b"%b%b%b" % (head, dumps(text), tail(result.deltas))
+                    seq = append(payload)
+                    for reader in self._following:  # design note 8
+                        try:
+                            await reader.deliver(seq, payload)
+                        except ConnectionError:
+                            self.leave(reader)  # the last one leaving ends the generation
+                            if self._forced is not None:
+                                raise  # stop before another read: its text would go nowhere
                 if first:  # measured once the first content is written to the client
                     metrics.child(metrics.time_to_first_token, self.route, model).observe(
                         loop_time() - self.arrived
@@ -441,47 +524,15 @@ class Relay:
                 result.model = parser.model
 
     async def _watch(self) -> None:
-        s, loop, writer = self.settings, asyncio.get_running_loop(), self.writer
-        total_at = self.arrived + s.max_stream_s if s.max_stream_s else math.inf
+        s, loop = self.settings, asyncio.get_running_loop()
+        clocks = Clocks(s.first_token_timeout_s, s.idle_timeout_s, s.max_stream_s)
         while True:
             now = loop.time()
-            if self.result.deltas:
-                token_at = self._last_token + s.idle_timeout_s if s.idle_timeout_s else math.inf
-                token_outcome = Outcome.IDLE_TIMEOUT
-            else:
-                token_at = (
-                    self.arrived + s.first_token_timeout_s if s.first_token_timeout_s else math.inf
-                )
-                token_outcome = Outcome.FIRST_TOKEN_TIMEOUT
-            if now >= total_at:
-                return self.expire(Outcome.TOTAL_TIMEOUT)
-            if now >= token_at:
-                return self.expire(token_outcome)
-            wake = min(total_at, token_at)
-            if not self.result.deltas and s.idle_timeout_s:
-                # The idle clock starts at the first token, which may come any moment: a deadline
-                # of first token + idle is never earlier than now + idle.
-                wake = min(wake, now + s.idle_timeout_s)
-            if writer is not None:
-                if writer.writing_since:
-                    if s.write_timeout_s:
-                        if now - writer.writing_since >= s.write_timeout_s:
-                            writer.abort()
-                            return self.expire(Outcome.CLIENT_DISCONNECT)
-                        wake = min(wake, writer.writing_since + s.write_timeout_s)
-                elif s.heartbeat_interval_s:
-                    ping_at = writer.last_write + s.heartbeat_interval_s
-                    if now >= ping_at:
-                        try:
-                            async with asyncio.timeout(s.write_timeout_s or None):
-                                await writer.ping()
-                        except (TimeoutError, ConnectionError):
-                            writer.abort()
-                            return self.expire(Outcome.CLIENT_DISCONNECT)
-                        self.metrics.heartbeats.inc()
-                        ping_at = writer.last_write + s.heartbeat_interval_s
-                    wake = min(wake, ping_at)
-            await asyncio.sleep(min(wake - now, 3600.0))
+            last = self._last_token if self.result.deltas else None
+            step = next_step(clocks, now, self.arrived, last)
+            if step.outcome is not None:
+                return self.expire(step.outcome)
+            await asyncio.sleep(min(step.wake - now, 3600.0))
 
     def _finish(self, outcome: Outcome, now: float) -> None:
         result, metrics = self.result, self.metrics

@@ -1,8 +1,8 @@
 """Server-Sent Events framing: pure functions from values to the exact bytes on the wire.
 
 Hand-written rather than taken from aiohttp-sse: that library owns the response and its own
-ping task, while this service needs one write per complete frame on a response the relay owns,
-a ping scheduled by the relay's single watchdog, and pre-encoded pieces for the per-token frame.
+ping task, while this service needs one write per complete frame on a response its reader owns,
+a ping scheduled by that reader's watch, and pre-encoded pieces for the per-token frame.
 It is a few lines, pinned by golden tests.
 
 Two frame shapes, chosen once per stream by the request's `Accept` header (README, "SSE framing"):
@@ -113,6 +113,12 @@ class Framing:
     @classmethod
     def for_accept(cls, accept: str | None, stream_id: str) -> Framing:
         return cls.full(stream_id) if wants_full(accept) else DATA_ONLY
+
+    def frame(self, seq: int, data: bytes) -> bytes:
+        """One complete frame for an already encoded one-line JSON payload (`dumps`)."""
+        if self.id_prefix:
+            return b"%b%d\ndata: %b\n\n" % (self.id_prefix, seq, data)
+        return b"data: %b\n\n" % data
 
     def event(self, seq: int, payload: dict[str, Any]) -> bytes:
         """One complete frame for an arbitrary JSON payload; `seq` counts from 1."""

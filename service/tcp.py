@@ -12,7 +12,7 @@ reading"):
 - A **frozen** reader acknowledges but never reads. Its window closes, and the bytes meant for it
   pile up on the server: by default megabytes of kernel buffer, filled at token pace for longer
   than `MAX_STREAM_S` before a write blocks. A stream's socket gets a small send buffer and its
-  transport a small high-water mark, and a frame's write in `SseWriter` returns only once the
+  transport a small high-water mark, and a frame's write in `SseReader` returns only once the
   transport is below that mark, so a write blocks once `STREAM_QUEUE_BOUND` bytes are queued and
   `WRITE_TIMEOUT_S` later the stream is cut. (Linux also applies the user timeout to a window
   that stays closed, which often cuts it first.)
@@ -37,7 +37,7 @@ from aiohttp.abc import AbstractStreamWriter
 # A stream's kernel send buffer: the kernel doubles the value asked for (bookkeeping included), so
 # it holds at most 16 KiB of a stream's bytes.
 STREAM_SNDBUF = 8 * 1024
-# A stream's transport buffer: `SseWriter` waits once more than this is waiting in user space.
+# A stream's transport buffer: `SseReader` waits once more than this is waiting in user space.
 STREAM_HIGH_WATER = 16 * 1024
 # Bytes queued on the server for a stream whose reader stopped reading, besides the frame being
 # written, before its writes block: kernel send buffer plus transport buffer.
@@ -45,7 +45,7 @@ STREAM_QUEUE_BOUND = 2 * STREAM_SNDBUF + STREAM_HIGH_WATER
 
 KEEPALIVE_PROBES = 3
 
-# The transport's writer of a prepared event stream, which `SseWriter` drains after each frame.
+# The transport's writer of a prepared event stream, which `SseReader` drains after each frame.
 STREAM_OUT = web.ResponseKey("stream_out", AbstractStreamWriter)
 
 SocketOption = tuple[int, int, int]
@@ -113,7 +113,7 @@ def watch_peer(options: tuple[SocketOption, ...]) -> Callable[..., Awaitable[web
 
 async def bound_stream(request: web.Request, response: web.StreamResponse) -> None:
     """On prepare, an event stream gets a small send buffer and transport high-water mark, and
-    `SseWriter` gets the writer it drains (module docstring)."""
+    `SseReader` gets the writer it drains (module docstring)."""
     if response.content_type != "text/event-stream":
         return
     sock = _tcp_socket(request)

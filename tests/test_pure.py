@@ -1,8 +1,10 @@
-"""Pure pieces as tables: SSE framing, the upstream chunk parser, placeholders, settings."""
+"""Pure pieces as tables: SSE framing, the upstream chunk parser, placeholders, settings, the
+watchdog's decision."""
 
 from __future__ import annotations
 
 import base64
+import math
 
 import orjson
 import pytest
@@ -10,7 +12,9 @@ import pytest
 from service import sse
 from service.chunks import DETAIL_MAX, ChunkParser, MalformedChunk, UpstreamReportedError
 from service.config import DEMO_MODEL, SettingsError, from_env
+from service.errors import Outcome
 from service.prompts import extract_placeholders, generate_messages
+from service.relay import Clocks, Step, next_step
 from tests.fake_upstream import chunk
 
 SID = "AAAAAAAAAAAAAAAAAAAAAA"  # the form of a stream id: 22 URL-safe characters
@@ -387,3 +391,36 @@ def test_settings_parse_the_contract_names() -> None:
     )
     assert settings.model_allowlist == {"a", "b", "m"}
     assert not settings.uses_demo_upstream
+
+
+# --- the watchdog's decision ----------------------------------------------------------------
+
+ON = Clocks(first_token_s=10.0, idle_s=5.0, total_s=60.0)
+OFF = Clocks(first_token_s=0.0, idle_s=0.0, total_s=0.0)
+
+
+@pytest.mark.parametrize(
+    ("clocks", "now", "last_token", "step"),
+    [
+        # before the first token: the first-token deadline, or sooner the idle span from now
+        (ON, 100.0, None, Step(None, 105.0)),
+        (ON._replace(idle_s=0.0), 100.0, None, Step(None, 110.0)),
+        (ON, 109.99, None, Step(None, 110.0)),
+        (ON, 110.0, None, Step(Outcome.FIRST_TOKEN_TIMEOUT, 110.0)),
+        # after it: the idle deadline counts from the last token
+        (ON, 120.0, 118.0, Step(None, 123.0)),
+        (ON, 123.0, 118.0, Step(Outcome.IDLE_TIMEOUT, 123.0)),
+        (ON._replace(idle_s=0.0), 150.0, 118.0, Step(None, 160.0)),
+        # the total clock wins whenever it has run out, and bounds every wake
+        (ON, 158.0, 157.0, Step(None, 160.0)),
+        (ON, 160.0, 159.0, Step(Outcome.TOTAL_TIMEOUT, 160.0)),
+        (ON, 170.0, None, Step(Outcome.TOTAL_TIMEOUT, 170.0)),
+        # every clock off: nothing to wake for
+        (OFF, 100.0, None, Step(None, math.inf)),
+        (OFF, 1e9, 5.0, Step(None, math.inf)),
+    ],
+)
+def test_the_watchdog_s_next_step(
+    clocks: Clocks, now: float, last_token: float | None, step: Step
+) -> None:
+    assert next_step(clocks, now, 100.0, last_token) == step  # the request arrived at 100

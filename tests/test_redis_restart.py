@@ -16,13 +16,11 @@ from aiohttp import ClientResponse
 from prometheus_client import CollectorRegistry
 
 from service import keys
-from service.limits import Limits
+from service.limits import Account, Limits
 from service.metrics import create_metrics
 from service.ratelimit import LimitConfig
 from service.redis_limits import LimiterRecovering, RedisLimiter
-from service.relay import LiveStreams, Relay
-from service.upstream import CompletionRequest, OpenAIUpstream
-from tests.conftest import WAIT, Frames, Gateway, MakeGateway, RedisServer, make_settings
+from tests.conftest import WAIT, Frames, Gateway, MakeGateway, RedisServer
 from tests.fake_upstream import Gate, Text
 
 LIMIT = 3
@@ -186,12 +184,11 @@ async def test_a_restarted_redis_holds_admissions_until_the_leases_are_back(
 class EndsDuringRenewal(RedisLimiter):
     """A stream ends, its lease given back, while the renewal of that lease is on its way."""
 
-    limits: Limits | None = None
+    account: Account | None = None
 
     async def renew(self, leases: list[tuple[str, str]], now: float) -> None:
-        if self.limits is not None:
-            for client, lease in leases:
-                await self.limits.give_back(client, lease, 0)
+        if self.account is not None:
+            await self.account.give_back()
         await super().renew(leases, now)  # lands after the release: re-creates the lease
 
 
@@ -199,11 +196,10 @@ async def test_a_lease_released_during_its_renewal_stays_released(
     redis_server: RedisServer,
 ) -> None:
     limiter = EndsDuringRenewal(LimitConfig(concurrent=1, lease_s=10), redis_server.url)
-    limits = Limits(limiter, metrics=create_metrics(CollectorRegistry(), ()), live=LiveStreams())
+    limits = Limits(limiter, metrics=create_metrics(CollectorRegistry(), ()))
     try:
         admission = await limits.admit("c", 1)
-        limits.hold("c", admission.lease)
-        limiter.limits = limits
+        limiter.account = limits.open("c", admission)
         await limits.renew(limits.clock())
         assert await limiter.concurrent("c", limits.clock()) == 0
         assert (await limits.admit("c", 1)).allowed
@@ -225,30 +221,14 @@ class RenewsDuringRelease(RedisLimiter):
 
 async def test_a_stream_that_is_settling_is_not_renewed(redis_server: RedisServer) -> None:
     limiter = RenewsDuringRelease(LimitConfig(concurrent=1, lease_s=10), redis_server.url)
-    live = LiveStreams()
-    limits = Limits(limiter, metrics=create_metrics(CollectorRegistry(), ()), live=live)
-    settings = make_settings()
-    upstream = OpenAIUpstream(settings)
+    limits = Limits(limiter, metrics=create_metrics(CollectorRegistry(), ()))
     try:
         admission = await limits.admit("c", 1)
-        relay = Relay(
-            settings=settings,
-            upstream=upstream,
-            metrics=create_metrics(CollectorRegistry(), ()),
-            live=live,
-            route="generate",
-            request=CompletionRequest(model="m", messages=[], max_tokens=1),
-            request_id="r",
-            arrived=0.0,
-            client="c",
-            lease=admission.lease,
-        )
-        live.add(relay)  # a relay stays live until its settlement is done
+        account = limits.open("c", admission)  # open until its settlement is done
         limiter.limits = limits
-        await limits.settle(relay)
+        await account.settle(None)
         assert await limiter.concurrent("c", limits.clock()) == 0
     finally:
-        await upstream.aclose()
         await limiter.aclose()
 
 

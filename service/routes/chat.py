@@ -1,11 +1,11 @@
 """`POST /api/v1/ai/chat` (JSON) and `POST /api/v1/ai/chat/stream` (SSE "chat" events), and the
 saved conversations: `GET` and `DELETE /api/v1/ai/conversations/{conversationId}`.
 
-A turn runs on the same relay as generate, with the second design note's vocabulary (metadata,
+A turn runs on the same generation as generate, with the second design note's vocabulary (metadata,
 token, done, error). Order of a turn: validate, take a `MAX_STREAMS` slot (503), check the
 conversation and hold its turn (404, 409), admit against the limits (429), save the user's
-message, relay, save the answer, release the turn; each step is a context that gives back what it
-took, whatever ends the request.
+message, generate, save the answer (before the last event), release the turn; each step is a
+context that gives back what it took, whatever ends the request.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from ..chat import Chats, Turn, usage_of
 from ..conversations import sanitize
 from ..errors import ApiError, Outcome
 from ..http import (
+    collect,
     failed,
+    generation_for,
     json_response,
-    last_event,
     limited,
     read_json,
-    relay_for,
-    sse_response,
+    stream,
     take_slot,
 )
-from ..relay import Relay, Result
+from ..relay import Generation, Result
 from ..upstream import CompletionRequest
 
 
@@ -91,17 +91,18 @@ async def _read(request: web.Request) -> tuple[ChatBody, str]:
 
 @contextlib.asynccontextmanager
 async def _turn(
-    request: web.Request, route: str, body: ChatBody, text: str
-) -> AsyncIterator[tuple[Turn, Relay]]:
-    """A turn up to its relay, as nested contexts: the conversation's turn (404, 409) with its
-    history, the client's limits (429), the user's message saved. Leaving it, on any path, saves
-    the answer if the relay ran (else takes the message back), gives back the limits and then
+    request: web.Request, route: str, body: ChatBody, text: str, streamed: bool
+) -> AsyncIterator[tuple[Turn, Generation]]:
+    """A turn up to its generation, as nested contexts: the conversation's turn (404, 409) with
+    its history, the client's limits (429), the user's message saved. The generation saves the
+    answer when it ends, before its last event (`Chats.end`); leaving the contexts, on any path,
+    does that if no generation ran (the message is taken back), gives back the limits and then
     releases the turn; the caller holds the `MAX_STREAMS` slot around it."""
     settings = request.app[keys.SETTINGS]
     chats = request.app[keys.CHATS]
     async with (
         chats.turn(body.conversationId, _owner(request), text) as turn,
-        limited(request, turn.prompt_estimate) as ticket,
+        limited(request, turn.prompt_estimate) as account,
     ):
         await chats.start(turn)
         upstream_request = CompletionRequest(
@@ -110,35 +111,34 @@ async def _turn(
             max_tokens=settings.default_max_tokens,
             temperature=None,
         )
-        turn.relay = relay = relay_for(
-            request, route, upstream_request, ticket, stream_id=turn.answer_id
+        vocabulary = ChatVocabulary(turn, turn.prompt_estimate) if streamed else None
+        turn.generation = generation = generation_for(
+            request,
+            route,
+            upstream_request,
+            account,
+            vocabulary=vocabulary,
+            opening=vocabulary.metadata(upstream_request.model) if vocabulary else None,
+            stream_id=turn.answer_id,
+            on_end=lambda _result: chats.end(turn),
         )
-        yield turn, relay
+        yield turn, generation
 
 
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     body, text = await _read(request)
     with take_slot(request):
-        async with _turn(request, "chat_stream", body, text) as (turn, relay):
-            vocabulary = ChatVocabulary(turn, turn.prompt_estimate)
-            response, writer = sse_response(request, relay, vocabulary)
-
-            async def opening() -> None:
-                await response.prepare(request)
-                await writer.event(vocabulary.metadata(relay.request.model))
-
-            result = await relay.run(opening)
-        # The answer is saved and the turn free before `done` goes out: a client may send its
-        # next turn as soon as it reads it.
-        await last_event(writer, result, relay.settings.write_timeout_s)
-    return response
+        async with _turn(request, "chat_stream", body, text, streamed=True) as (_, generation):
+            # The answer is saved and the turn free before `done` goes out: a client may send its
+            # next turn as soon as it reads it.
+            return await stream(request, generation)
 
 
 async def chat(request: web.Request) -> web.Response:
     body, text = await _read(request)
     with take_slot(request):
-        async with _turn(request, "chat", body, text) as (turn, relay):
-            result = await relay.run()
+        async with _turn(request, "chat", body, text, streamed=False) as (turn, generation):
+            result = await collect(request, generation)
     answer = turn.answer
     if result.outcome is not Outcome.COMPLETED or answer is None:
         raise failed(result)

@@ -1,7 +1,7 @@
 """`POST /api/ai/generate` (JSON) and `POST /api/ai/generate-stream` (SSE "generate" events).
 
-Both run the same relay; the JSON endpoint simply has no writer and answers once at the end, so
-disconnects, timeouts and shutdown behave alike for both.
+Both run the same generation; the JSON endpoint's reader is a collector that answers once at the
+end, so disconnects, timeouts and shutdown behave alike for both.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Annotated, Any
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from .. import keys
+from .. import keys, sse
 from ..errors import ApiError, Outcome
-from ..http import admitted, failed, json_response, last_event, read_json, relay_for, sse_response
+from ..http import admitted, collect, failed, generation_for, json_response, read_json, stream
 from ..prompts import estimate_tokens, extract_placeholders, generate_messages
 from ..relay import Result
 from ..upstream import CompletionRequest
@@ -101,24 +101,26 @@ def _answer(result: Result) -> dict[str, Any]:
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    async with admitted(request, estimate_tokens(upstream_request.messages)) as ticket:
-        relay = relay_for(request, "generate_stream", upstream_request, ticket)
-        response, writer = sse_response(request, relay, GenerateVocabulary)
-        start = {"type": "start", "requestId": relay.request_id, "streamId": relay.stream_id}
-
-        async def opening() -> None:
-            await response.prepare(request)
-            await writer.event(start)
-
-        result = await relay.run(opening)
-        await last_event(writer, result, relay.settings.write_timeout_s)
-    return response
+    async with admitted(request, estimate_tokens(upstream_request.messages)) as account:
+        stream_id = sse.new_stream_id()
+        start = {"type": "start", "requestId": request[keys.REQUEST_ID], "streamId": stream_id}
+        generation = generation_for(
+            request,
+            "generate_stream",
+            upstream_request,
+            account,
+            vocabulary=GenerateVocabulary,
+            opening=start,
+            stream_id=stream_id,
+        )
+        return await stream(request, generation)
 
 
 async def generate(request: web.Request) -> web.Response:
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
-    async with admitted(request, estimate_tokens(upstream_request.messages)) as ticket:
-        result = await relay_for(request, "generate", upstream_request, ticket).run()
+    async with admitted(request, estimate_tokens(upstream_request.messages)) as account:
+        generation = generation_for(request, "generate", upstream_request, account)
+        result = await collect(request, generation)
     if result.outcome is Outcome.COMPLETED:
         return json_response({**_answer(result), "usage": result.usage})
     raise failed(result)

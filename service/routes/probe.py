@@ -11,9 +11,9 @@ Design notes:
    stream holding a connection like any other), one request from the client's per-minute budget
    and one concurrency slot, held until the probe ends. The shared admission reserves at least
    one token; it is given back at the end, so the probe costs no tokens. The probe is not a
-   `Relay` (there is no upstream, no model and no tokens to account), so it is not in the stream
-   metrics; the limits' upkeep renews its lease with the streams' (`hold`), and the admission's
-   exit gives back its reserve and lease.
+   generation (there is no upstream, no model and no tokens to account), so it is not in the stream
+   metrics. Its account with the limits is the streams' own: the upkeep renews its lease with
+   theirs, and the admission's exit gives back its reserve and lease.
 2. Shutdown ends a probe at its next tick (at most `interval_ms` later) with a `server_shutdown`
    error event instead of holding a drain for a diagnostic.
 3. Frames are the data-only shape whatever the request's `Accept`: a probe is not a stream that
@@ -118,9 +118,7 @@ async def stream_probe(request: web.Request) -> web.StreamResponse:
     count, interval_ms = parse_query(request.query)
     response = web.StreamResponse(headers=sse.HEADERS)
     outcome = "client_disconnect"
-    async with admitted(request, 0) as ticket:
-        limits = request.app[keys.LIMITS]
-        limits.hold(ticket.client, ticket.lease)  # design note 1; given back by `admitted`
+    async with admitted(request, 0):  # design note 1: its account is given back on exit
         try:
             await response.prepare(request)
             outcome = await _Probe(request, response).run(count, interval_ms)

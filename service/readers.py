@@ -1,0 +1,176 @@
+"""Readers of a generation: an SSE response (in the frame shape its `Accept` asks for) and the
+JSON routes' collector. A reader attaches to a generation, writes its event log from a cursor,
+and leaves on every exit; the generation's clocks and outcome are not its business, its own
+connection's are: the heartbeat and the write deadline (`relay` design note 4).
+
+An SSE reader catches up with the log in its own task (the first event, then whatever came
+meanwhile), then follows: the generation's pump writes the next events to it directly (`relay`
+design note 8). Its task then only sleeps until its next heartbeat or write deadline, or the end
+of the log, and writes the terminal event itself.
+
+Design notes:
+1. A frame's write returns once the transport has drained below its high-water mark (a flag
+   check, no system call), so for a reader that stops reading the write blocks once a bounded
+   amount is queued (`tcp.STREAM_QUEUE_BOUND`) and the write deadline can fire; aiohttp alone
+   waits only every 64 KiB written. A write that misses its deadline aborts the connection: the
+   client is treated as gone (as when it disconnects), and nothing waits on it any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+from . import sse, tcp
+from .relay import Generation, Result
+
+
+class SseReader:
+    """One prepared response reading one generation, with the stamps its watch reads."""
+
+    __slots__ = (
+        "_generation",
+        "_loop",
+        "_on_ping",
+        "_out",
+        "_request",
+        "_resp",
+        "cursor",
+        "framing",
+        "heartbeat_s",
+        "last_write",
+        "lost",
+        "write_timeout_s",
+        "writing_since",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        generation: Generation,
+        *,
+        write_timeout_s: float,
+        heartbeat_s: float,
+        on_ping: Callable[[], None],
+    ) -> None:
+        self._request = request
+        self._resp = response
+        self._generation = generation
+        self._out: AbstractStreamWriter | None = None  # bound at the first write (note 1)
+        self._loop = asyncio.get_running_loop()
+        self._on_ping = on_ping
+        self.framing = sse.Framing.for_accept(request.headers.get("Accept"), generation.stream_id)
+        self.write_timeout_s = write_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.cursor = 0  # the last event written
+        self.last_write = self._loop.time()
+        self.writing_since = 0.0
+        self.lost = False
+
+    async def _write(self, data: bytes) -> None:
+        self.writing_since = now = self._loop.time()
+        await self._resp.write(data)
+        out = self._out
+        if out is None:  # the first write, or a response with no bounds (not on a TCP socket)
+            out = self._out = self._resp.get(tcp.STREAM_OUT)
+        if out is not None:
+            await out.drain()  # design note 1
+        self.writing_since = 0.0
+        self.last_write = now
+
+    async def deliver(self, seq: int, payload: bytes) -> None:
+        """Event `seq`, written by the generation's pump once this reader follows."""
+        await self._write(self.framing.frame(seq, payload))
+        self.cursor = seq
+
+    def _drop(self) -> None:
+        """The client did not take a write in time: drop its connection (note 1) and leave."""
+        self.lost = True
+        transport = self._out.transport if self._out is not None else None
+        if transport is not None:
+            transport.abort()
+        self._generation.leave(self)
+
+    async def run(self) -> None:
+        """Send the headers, then the generation's events until its end or the client's."""
+        generation = self._generation
+        generation.attach(self)
+        try:
+            await self._resp.prepare(self._request)
+            await self._catch_up()
+            if self.lost or generation.log.ended:
+                return
+            generation.follow(self)
+            await self._watch()
+            if not self.lost:
+                await self._catch_up()  # the terminal event
+        except ConnectionError:
+            self.lost = True  # a write to the client failed: it is gone
+        finally:
+            generation.leave(self)
+
+    async def _catch_up(self) -> None:
+        """Write what the log holds past the cursor, each frame within the write deadline."""
+        events = self._generation.log.events
+        while self.cursor < len(events) and not self.lost:
+            seq = self.cursor + 1
+            try:
+                async with asyncio.timeout(self.write_timeout_s or None):
+                    await self._write(self.framing.frame(seq, events[seq - 1]))
+            except TimeoutError:
+                self._drop()
+                return
+            self.cursor = seq
+
+    async def _watch(self) -> None:
+        """Sleep until the end of the log, pinging when the stream has been silent for the
+        heartbeat interval and dropping a client that does not take a write in time."""
+        log = self._generation.log
+        loop, heartbeat_s, write_timeout_s = self._loop, self.heartbeat_s, self.write_timeout_s
+        while not log.ended and not self.lost:
+            now = loop.time()
+            wake = math.inf
+            if self.writing_since:
+                if write_timeout_s:
+                    if now - self.writing_since >= write_timeout_s:
+                        return self._drop()
+                    wake = self.writing_since + write_timeout_s
+            elif heartbeat_s:
+                ping_at = self.last_write + heartbeat_s
+                if now >= ping_at:
+                    try:
+                        async with asyncio.timeout(write_timeout_s or None):
+                            await self._write(self.framing.ping)
+                    except (TimeoutError, ConnectionError):
+                        return self._drop()
+                    self._on_ping()
+                    continue
+                wake = ping_at
+            try:
+                async with asyncio.timeout(min(wake - now, 3600.0)):
+                    await log.wait_end()  # a future of its own: the timeout cancels only that
+            except TimeoutError:
+                pass
+        return None
+
+
+class Collector:
+    """The JSON routes' reader: attached until the generation ends, it writes nothing."""
+
+    __slots__ = ("_generation",)
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+
+    async def run(self) -> Result:
+        generation = self._generation
+        generation.attach(self)
+        try:
+            return await generation.finished()
+        finally:
+            generation.leave(self)
