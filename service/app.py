@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import demo_upstream, http, keys, logs, tcp
+from . import demo_upstream, keys, logs, tcp
 from .access import Access
 from .chat import Chats
 from .chat_store import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
@@ -24,6 +24,7 @@ from .redis_limits import LimiterUnavailable, RedisLimiter
 from .relay import Generations
 from .routes import chat, generate, health, probe
 from .upstream import OpenAIUpstream, Upstream
+from .web import errors, on_prepare, require_key, vary_on_origin
 
 log = structlog.get_logger("service.app")
 
@@ -37,7 +38,7 @@ def create_app(
     """The API application. Pass `upstream` to use one you own: it is not closed here, and its
     retries are counted by the `on_retry` it was built with."""
     app = web.Application(
-        middlewares=[logs.request_context, http.errors, http.require_key],
+        middlewares=[logs.request_context, errors, require_key],
         client_max_size=settings.max_body_bytes,
     )
     app[keys.SETTINGS] = settings
@@ -51,7 +52,7 @@ def create_app(
     app.cleanup_ctx.append(_limits)
     app.cleanup_ctx.append(_conversations)
     app.cleanup_ctx.append(_readiness)  # after every dependency it checks
-    app.on_response_prepare.append(http.on_prepare)
+    app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(logs.note_answer)
     tcp.setup(app, settings.write_timeout_s, settings.heartbeat_interval_s)
     app.on_shutdown.append(_drain)
@@ -60,7 +61,7 @@ def create_app(
     probe.setup(app)
     health.setup(app)
     _cors(app, settings)
-    app.on_response_prepare.append(http.vary_on_origin)  # after aiohttp-cors's hook
+    app.on_response_prepare.append(vary_on_origin)  # after aiohttp-cors's hook
     return app
 
 

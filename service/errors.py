@@ -7,6 +7,7 @@ has started, the same code travels in an `error` event instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 
@@ -54,7 +55,9 @@ FAILURE_BY_OUTCOME: dict[Outcome, tuple[str, str]] = {
 
 
 class ApiError(Exception):
-    """An error with a code from the contract's vocabulary and a message safe to show anyone."""
+    """An error with a code from the contract's vocabulary and a message safe to show anyone. It
+    carries the headers of its answer: `Retry-After` (every 429 and 503 says when to retry) and
+    whatever else its kind adds (a 429's quota headers, a 401's challenge)."""
 
     def __init__(
         self,
@@ -63,14 +66,18 @@ class ApiError(Exception):
         *,
         status: int | None = None,
         retry_after_s: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status if status is not None else STATUS_BY_CODE[code]
-        if retry_after_s is None and self.status == 429:
-            retry_after_s = 1  # every 429 says when to retry
+        if retry_after_s is None and self.status in (429, 503):
+            retry_after_s = 1
         self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(retry_after_s)
 
     def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": self.code, "message": self.message}}

@@ -28,7 +28,7 @@ import structlog
 
 from .errors import ApiError
 from .metrics import Metrics
-from .ratelimit import Admission, LimitConfig, Limiter
+from .ratelimit import Admission, LimitConfig, Limiter, quota_headers
 from .redis_limits import LimiterRecovering, LimiterUnavailable
 from .tasks import outlive_cancel
 
@@ -242,5 +242,5 @@ class RateLimited(ApiError):
             "rate_limited",
             f"Rate limit reached for {what}; retry after the Retry-After delay.",
             retry_after_s=max(1, math.ceil(admission.retry_after_s)),
+            headers=quota_headers(admission),
         )
-        self.admission = admission

@@ -1,7 +1,9 @@
 """Readers of a generation: an SSE response (in the frame shape its `Accept` asks for) and the
-JSON routes' collector. A reader attaches to a generation, writes its event log from a cursor,
-and leaves on every exit; the generation's clocks and outcome are not its business, its own
-connection's are: the heartbeat and the write deadline (`relay` design note 4).
+JSON routes' collector; and how a handler starts an admitted request's generation with the reader
+it answers with (`generation_for`, then `stream` or `collect`). A reader attaches to a
+generation, writes its event log from a cursor, and leaves on every exit; the generation's clocks
+and outcome are not its business, its own connection's are: the heartbeat and the write deadline
+(`relay` design note 4).
 
 An SSE reader catches up with the log in its own task (the first event, then whatever came
 meanwhile), then follows: the generation's pump writes the next events to it directly (`relay`
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from . import sse, tcp
-from .relay import Generation, Result
+from . import keys, sse, tcp
+from .relay import Generation, Meter, Result, Vocabulary
+from .tasks import outlive_cancel
+from .upstream import CompletionRequest
 
 
 class SseReader:
@@ -174,3 +179,74 @@ class Collector:
             return await generation.finished()
         finally:
             generation.leave(self)
+
+
+# --- a handler's generation and its reader -------------------------------------------------
+
+
+def generation_for(
+    request: web.Request,
+    route: str,
+    upstream_request: CompletionRequest,
+    meter: Meter,
+    *,
+    vocabulary: Vocabulary | None = None,
+    opening: dict[str, Any] | None = None,
+    stream_id: str | None = None,
+    on_end: Callable[[Result], Awaitable[None]] | None = None,
+) -> Generation:
+    """The generation for an admitted request, wired to the app's upstream and metrics and to
+    its account with the limits (`meter`); its stream id is `stream_id` (chat: the answer's
+    message id) or a fresh one. Streamed answers give the `vocabulary` of their events and the
+    first event."""
+    app = request.app
+    return Generation(
+        settings=app[keys.SETTINGS],
+        upstream=app[keys.UPSTREAM],
+        metrics=app[keys.METRICS],
+        route=route,
+        request=upstream_request,
+        request_id=request[keys.REQUEST_ID],
+        arrived=request[keys.ARRIVED],
+        stream_id=stream_id or sse.new_stream_id(),
+        vocabulary=vocabulary,
+        opening=opening,
+        meter=meter,
+        on_end=on_end,
+    )
+
+
+async def stream(request: web.Request, generation: Generation) -> web.StreamResponse:
+    """Start `generation` and answer with an SSE reader of it (the SSE headers and
+    `X-Stream-ID`); returns once the generation has ended, so what the handler holds around it
+    (a slot, an account, a chat turn) is given back after, whatever ended it."""
+    app = request.app
+    settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
+    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: generation.stream_id}
+    response = web.StreamResponse(headers=headers)
+    reader = SseReader(
+        request,
+        response,
+        generation,
+        write_timeout_s=settings.write_timeout_s,
+        heartbeat_s=settings.heartbeat_interval_s,
+        on_ping=metrics.heartbeats.inc,
+    )
+    app[keys.LIVE].start(generation)
+    try:
+        await reader.run()
+    finally:
+        if not generation.ended:  # its reader left early: wait for the generation to end
+            await outlive_cancel(generation.finished())
+    return response
+
+
+async def collect(request: web.Request, generation: Generation) -> Result:
+    """Start `generation` and wait for its result (the JSON routes); a client that leaves
+    meanwhile ends it, and this returns (or re-raises) only once it has ended."""
+    request.app[keys.LIVE].start(generation)
+    try:
+        return await Collector(generation).run()
+    finally:
+        if not generation.ended:  # the client left: wait for the generation to end
+            await outlive_cancel(generation.finished())

@@ -66,7 +66,7 @@ import structlog
 
 from . import sse
 from .config import Settings
-from .errors import FAILURE_BY_OUTCOME, Outcome
+from .errors import FAILURE_BY_OUTCOME, ApiError, Outcome
 from .events import EventLog
 from .metrics import Metrics
 from .tasks import settle
@@ -113,6 +113,13 @@ class Result:
         if self.usage and isinstance(self.usage.get("prompt_tokens"), int):
             return int(self.usage["prompt_tokens"])
         return 0
+
+    def failure(self) -> ApiError:
+        """An answer that did not complete, as the error a JSON route answers with; a token
+        budget that ran out is back above zero after its Retry-After."""
+        code = self.error_code or "internal"
+        retry_after = max(1, math.ceil(self.retry_after_s)) if code == "rate_limited" else None
+        return ApiError(code, self.error_message or "The answer failed.", retry_after_s=retry_after)
 
     def error_event(self) -> dict[str, Any]:
         """The fields every vocabulary's `error` event carries: for people, programs, outcome."""

@@ -18,21 +18,14 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from .. import keys
+from ..admission import limited, take_slot
 from ..chat import Chats, Turn, usage_of
 from ..conversations import sanitize
 from ..errors import ApiError, Outcome
-from ..http import (
-    collect,
-    failed,
-    generation_for,
-    json_response,
-    limited,
-    read_json,
-    stream,
-    take_slot,
-)
+from ..readers import collect, generation_for, stream
 from ..relay import Generation, Result
 from ..upstream import CompletionRequest
+from ..web import json_response, read_json
 
 
 class ChatBody(BaseModel):
@@ -141,7 +134,7 @@ async def chat(request: web.Request) -> web.Response:
             result = await collect(request, generation)
     answer = turn.answer
     if result.outcome is not Outcome.COMPLETED or answer is None:
-        raise failed(result)
+        raise result.failure()
     return json_response(
         {
             "conversationId": turn.conversation_id,

@@ -13,11 +13,13 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from .. import keys, sse
+from ..admission import admitted
 from ..errors import ApiError, Outcome
-from ..http import admitted, collect, failed, generation_for, json_response, read_json, stream
 from ..prompts import estimate_tokens, extract_placeholders, generate_messages
+from ..readers import collect, generation_for, stream
 from ..relay import Result
 from ..upstream import CompletionRequest
+from ..web import json_response, read_json
 
 _IMAGE_URL = re.compile(
     r"https?://[^\s]{1,4096}|data:image/[a-z0-9.+-]{1,32};base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE
@@ -123,7 +125,7 @@ async def generate(request: web.Request) -> web.Response:
         result = await collect(request, generation)
     if result.outcome is Outcome.COMPLETED:
         return json_response({**_answer(result), "usage": result.usage})
-    raise failed(result)
+    raise result.failure()
 
 
 def setup(app: web.Application) -> None:

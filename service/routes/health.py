@@ -6,7 +6,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import keys
-from ..http import json_response
+from ..web import json_response
 
 
 async def health(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ Deployment): the first event is over 512 bytes (a compressor that waits for more
 flushes) and every third probe event is 6 KB (a proxy buffer that sends large events one late).
 
 Design notes:
-1. Admission is the streams' own (`http.admitted`): one of `MAX_STREAMS` (a probe is an open
+1. Admission is the streams' own (`admission.admitted`): one of `MAX_STREAMS` (a probe is an open
    stream holding a connection like any other), one request from the client's per-minute budget
    and one concurrency slot, held until the probe ends. The shared admission reserves at least
    one token; it is given back at the end, so the probe costs no tokens. The probe is not a
@@ -31,8 +31,8 @@ import structlog
 from aiohttp import web
 
 from .. import keys, sse
+from ..admission import admitted
 from ..errors import FAILURE_BY_OUTCOME, ApiError, Outcome
-from ..http import admitted
 
 log = structlog.get_logger("service.probe")
 
