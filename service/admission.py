@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import keys
-from .errors import ApiError
+from .errors import ApiError, ErrorCode
 from .limits import Account
 from .relay import Slot
 from .tasks import outlive_cancel
@@ -33,10 +33,10 @@ def take_slot(request: web.Request) -> Slot:
     Use it as `with take_slot(request):` around everything the stream does."""
     live = request.app[keys.LIVE]
     if live.draining:
-        raise ApiError("server_shutdown", "The server is shutting down.")
+        raise ApiError(ErrorCode.SERVER_SHUTDOWN, "The server is shutting down.")
     slot = live.take(request.app[keys.SETTINGS].max_streams)
     if slot is None:
-        raise ApiError("overloaded", "Too many open streams; retry shortly.")
+        raise ApiError(ErrorCode.OVERLOADED, "Too many open streams; retry shortly.")
     return slot
 
 

@@ -31,7 +31,7 @@ from .conversations import (
     status_of,
     valid_conversation_id,
 )
-from .errors import ApiError
+from .errors import ApiError, ErrorCode
 from .holders import gone, new_holder
 from .prompts import estimate_tokens
 from .relay import Generation, Result
@@ -47,7 +47,7 @@ SAVE_ATTEMPTS: Final = 4
 def unavailable(err: StoreUnavailable) -> ApiError:
     log.error("chat.store_unavailable", error=str(err))
     return ApiError(
-        "internal",
+        ErrorCode.INTERNAL,
         "Conversation storage is unavailable; retry shortly.",
         status=503,
         retry_after_s=1,
@@ -141,13 +141,13 @@ class Chats:
             turn.prompt_estimate = estimate_tokens(turn.context)
             return
         if not await self.visible(cid, turn.owner):
-            raise ApiError("not_found", "No such conversation.")
+            raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
         try:
             turn.held = True
             if not await self.store.take_turn(cid, turn.holder, TURN_LEASE_S):
                 turn.held = False
                 raise ApiError(
-                    "conflict",
+                    ErrorCode.CONFLICT,
                     "Another message in this conversation is still being answered; "
                     "send this one when it has finished.",
                 )
@@ -156,7 +156,7 @@ class Chats:
         except StoreUnavailable as err:
             raise unavailable(err) from err
         if conversation is None:  # deleted in between
-            raise ApiError("not_found", "No such conversation.")
+            raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
         turn.context = build_context(
             settings.chat_system_prompt,
             conversation.messages,
@@ -178,7 +178,7 @@ class Chats:
                 await store.take_turn(cid, turn.holder, TURN_LEASE_S)
             turn.user_saved = True
             if not await store.append(cid, turn.user, self._clock()):
-                raise ApiError("not_found", "No such conversation.")
+                raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
         except StoreUnavailable as err:
             raise unavailable(err) from err
         turn.renewer = asyncio.create_task(self._renew(turn))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-from .errors import ApiError, Outcome
+from .errors import ApiError, ErrorCode, Outcome
 from .prompts import estimate_tokens
 from .sse import new_stream_id
 
@@ -50,10 +50,11 @@ def sanitize(message: str, max_chars: int) -> str:
     Raises a 400 that says what is wrong."""
     text = _CONTROL.sub("", message.replace("\r\n", "\n").replace("\r", "\n")).strip()
     if not text:
-        raise ApiError("bad_request", "message: must not be empty")
+        raise ApiError(ErrorCode.BAD_REQUEST, "message: must not be empty")
     if len(text) > max_chars:
         raise ApiError(
-            "bad_request", f"message: longer than {max_chars} characters ({len(text)} given)"
+            ErrorCode.BAD_REQUEST,
+            f"message: longer than {max_chars} characters ({len(text)} given)",
         )
     return text
 

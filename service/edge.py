@@ -50,7 +50,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from .errors import ApiError
+from .errors import ApiError, ErrorCode, code_for_status
 
 log = structlog.get_logger("service.edge")
 
@@ -66,15 +66,17 @@ def protocol_error(status: int, exc: BaseException | None = None) -> ApiError:
     """What a client is told about a request aiohttp could not read (never its bytes)."""
     if status >= 500:
         if status == 504:
-            return ApiError("timeout", "The request timed out.")
-        return ApiError("internal", "Internal error.")
+            return ApiError(ErrorCode.TIMEOUT, "The request timed out.")
+        return ApiError(ErrorCode.INTERNAL, "Internal error.")
     if isinstance(exc, ContentEncodingError) and "install" in exc.message:
         # aiohttp names the library it lacks for this coding (br, zstd)
         return ApiError(
-            "unsupported_media_type", "The request's Content-Encoding is not supported."
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE, "The request's Content-Encoding is not supported."
         )
     if isinstance(exc, ContentEncodingError):
-        return ApiError("bad_request", "The body does not decode as its Content-Encoding says.")
+        return ApiError(
+            ErrorCode.BAD_REQUEST, "The body does not decode as its Content-Encoding says."
+        )
     if isinstance(exc, BadHttpMethod):
         message = "The request method is not valid."
     elif isinstance(exc, BadStatusLine):
@@ -83,12 +85,7 @@ def protocol_error(status: int, exc: BaseException | None = None) -> ApiError:
         message = "A request line or header is too long."
     else:
         message = "The request is not valid HTTP/1.1."
-    return ApiError("bad_request", message, status=status)
-
-
-def _code_for(status: int) -> str:
-    codes = {404: "not_found", 408: "request_timeout", 413: "payload_too_large"}
-    return codes.get(status, "unsupported_media_type" if status == 415 else "bad_request")
+    return ApiError(ErrorCode.BAD_REQUEST, message, status=status)
 
 
 def json_error(err: ApiError) -> web.Response:
@@ -127,7 +124,7 @@ def _json_http_errors(handler: RawHandler) -> RawHandler:
                 raise
             log.info("http.refused", status=exc.status)
             message = "Only Expect: 100-continue is supported." if exc.status == 417 else exc.reason
-            return json_error(ApiError(_code_for(exc.status), message, status=exc.status))
+            return json_error(ApiError(code_for_status(exc.status), message, status=exc.status))
 
     return answer
 
@@ -190,7 +187,7 @@ class Protocol(RequestHandler):
         if self.transport is None or not waiting:  # design note 2
             return
         if self._head_bytes:
-            err = ApiError("request_timeout", "The request head did not arrive in time.")
+            err = ApiError(ErrorCode.REQUEST_TIMEOUT, "The request head did not arrive in time.")
             self.transport.write(raw_answer(err))
             log.info("http.head_timeout", status=408)
         self.force_close()

@@ -1,7 +1,8 @@
-"""The shared vocabularies: how a stream ended (Outcome) and what went wrong (ApiError codes).
+"""The shared vocabularies: how a stream ended (Outcome) and what went wrong (ErrorCode).
 
 An outcome is one word used alike by the log line, the metrics and the `error` event's `reason`.
-An ApiError raised before a stream starts becomes an HTTP status with a JSON body; once a stream
+An error code is one of the contract's words (the README's "Error codes and statuses"): an
+ApiError raised before a stream starts becomes its HTTP status with a JSON body; once a stream
 has started, the same code travels in an `error` event instead.
 """
 
@@ -23,34 +24,70 @@ class Outcome(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TIMEOUT = "request_timeout"
+    RATE_LIMITED = "rate_limited"
+    INTERNAL = "internal"
+    UPSTREAM_ERROR = "upstream_error"
+    OVERLOADED = "overloaded"
+    SERVER_SHUTDOWN = "server_shutdown"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+
 # Error code -> HTTP status when it happens before the stream starts.
-STATUS_BY_CODE: dict[str, int] = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "conflict": 409,
-    "payload_too_large": 413,
-    "unsupported_media_type": 415,
-    "request_timeout": 408,
-    "rate_limited": 429,
-    "internal": 500,
-    "upstream_error": 502,
-    "overloaded": 503,
-    "server_shutdown": 503,
-    "timeout": 504,
-    "cancelled": 499,
+STATUS_BY_CODE: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.REQUEST_TIMEOUT: 408,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.UPSTREAM_ERROR: 502,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.SERVER_SHUTDOWN: 503,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.CANCELLED: 499,
 }
 
+# The code of an HTTP error the service did not raise itself (aiohttp's router or parser).
+_CODE_BY_STATUS: dict[int, ErrorCode] = {
+    404: ErrorCode.NOT_FOUND,
+    408: ErrorCode.REQUEST_TIMEOUT,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
+
+
+def code_for_status(status: int) -> ErrorCode:
+    """The code for an HTTP error status from aiohttp: its own word where the contract has one,
+    else `bad_request` for a 4xx and `internal` for a 5xx."""
+    fallback = ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL
+    return _CODE_BY_STATUS.get(status, fallback)
+
+
 # What a failed outcome looks like to a client: (code, message for people).
-FAILURE_BY_OUTCOME: dict[Outcome, tuple[str, str]] = {
-    Outcome.FIRST_TOKEN_TIMEOUT: ("timeout", "The model did not start answering in time."),
-    Outcome.IDLE_TIMEOUT: ("timeout", "The model stopped sending text for too long."),
-    Outcome.TOTAL_TIMEOUT: ("timeout", "The answer took longer than the time allowed for it."),
-    Outcome.UPSTREAM_ERROR: ("upstream_error", "The model server failed to answer."),
-    Outcome.RATE_LIMITED: ("rate_limited", "The token budget for this client ran out."),
-    Outcome.CANCELLED: ("cancelled", "The request was cancelled."),
-    Outcome.SHUTDOWN: ("server_shutdown", "The server is restarting; please retry."),
-    Outcome.CLIENT_DISCONNECT: ("cancelled", "The client went away."),
+FAILURE_BY_OUTCOME: dict[Outcome, tuple[ErrorCode, str]] = {
+    Outcome.FIRST_TOKEN_TIMEOUT: (ErrorCode.TIMEOUT, "The model did not start answering in time."),
+    Outcome.IDLE_TIMEOUT: (ErrorCode.TIMEOUT, "The model stopped sending text for too long."),
+    Outcome.TOTAL_TIMEOUT: (
+        ErrorCode.TIMEOUT,
+        "The answer took longer than the time allowed for it.",
+    ),
+    Outcome.UPSTREAM_ERROR: (ErrorCode.UPSTREAM_ERROR, "The model server failed to answer."),
+    Outcome.RATE_LIMITED: (ErrorCode.RATE_LIMITED, "The token budget for this client ran out."),
+    Outcome.CANCELLED: (ErrorCode.CANCELLED, "The request was cancelled."),
+    Outcome.SHUTDOWN: (ErrorCode.SERVER_SHUTDOWN, "The server is restarting; please retry."),
+    Outcome.CLIENT_DISCONNECT: (ErrorCode.CANCELLED, "The client went away."),
 }
 
 
@@ -61,7 +98,7 @@ class ApiError(Exception):
 
     def __init__(
         self,
-        code: str,
+        code: ErrorCode,
         message: str,
         *,
         status: int | None = None,

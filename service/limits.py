@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import structlog
 
-from .errors import ApiError
+from .errors import ApiError, ErrorCode
 from .metrics import Metrics
 from .ratelimit import Admission, LimitConfig, Limiter, quota_headers
 from .redis_limits import LimiterRecovering, LimiterUnavailable
@@ -114,7 +114,9 @@ class Limits:
                     granted = task.result()
                     await outlive_cancel(self.open(client, granted).give_back())
                 raise
-        raise ApiError("overloaded", "Rate limiting is recovering; retry shortly.", retry_after_s=1)
+        raise ApiError(
+            ErrorCode.OVERLOADED, "Rate limiting is recovering; retry shortly.", retry_after_s=1
+        )
 
     async def _admit(self, client: str, estimate: int) -> Admission:
         """One try at the store (a restarted one's LimiterRecovering goes to `admit`)."""
@@ -129,7 +131,9 @@ class Limits:
                 lease = uuid.uuid4().hex if self.config.concurrent else None
                 return Admission(True, lease=lease)
             raise ApiError(
-                "overloaded", "Rate limiting is unavailable; retry shortly.", retry_after_s=1
+                ErrorCode.OVERLOADED,
+                "Rate limiting is unavailable; retry shortly.",
+                retry_after_s=1,
             ) from err
         if not admission.allowed:
             assert admission.limit is not None
@@ -239,7 +243,7 @@ class RateLimited(ApiError):
             "tokens": "tokens per minute",
         }[admission.limit or "requests"]
         super().__init__(
-            "rate_limited",
+            ErrorCode.RATE_LIMITED,
             f"Rate limit reached for {what}; retry after the Retry-After delay.",
             retry_after_s=max(1, math.ceil(admission.retry_after_s)),
             headers=quota_headers(admission),

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from .config import LogSettings
+from .errors import ErrorCode
 
 log = structlog.get_logger("service.http")
 
@@ -115,7 +116,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         raise
     except asyncio.CancelledError:  # the client left: the answer it got, if any, else 499
         status = request.get(ANSWERED, CLIENT_CLOSED)
-        _finished(request, status, "cancelled" if status == CLIENT_CLOSED else None)
+        _finished(request, status, ErrorCode.CANCELLED if status == CLIENT_CLOSED else None)
         raise
     else:
         _finished(request, response.status, error_code(response))

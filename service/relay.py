@@ -66,7 +66,7 @@ import structlog
 
 from . import sse
 from .config import Settings
-from .errors import FAILURE_BY_OUTCOME, ApiError, Outcome
+from .errors import FAILURE_BY_OUTCOME, ApiError, ErrorCode, Outcome
 from .events import EventLog
 from .metrics import Metrics
 from .tasks import settle
@@ -96,7 +96,7 @@ class Result:
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None  # the upstream's own word; "refusal" for a refusal
     elapsed_ms: int = 0
-    error_code: str | None = None
+    error_code: ErrorCode | None = None
     error_message: str | None = None
     upstream_error_kind: str | None = None
     upstream_error_detail: str | None = None  # the upstream's own text, capped: the log's only
@@ -117,8 +117,10 @@ class Result:
     def failure(self) -> ApiError:
         """An answer that did not complete, as the error a JSON route answers with; a token
         budget that ran out is back above zero after its Retry-After."""
-        code = self.error_code or "internal"
-        retry_after = max(1, math.ceil(self.retry_after_s)) if code == "rate_limited" else None
+        code = self.error_code or ErrorCode.INTERNAL
+        retry_after = (
+            max(1, math.ceil(self.retry_after_s)) if code is ErrorCode.RATE_LIMITED else None
+        )
         return ApiError(code, self.error_message or "The answer failed.", retry_after_s=retry_after)
 
     def error_event(self) -> dict[str, Any]:

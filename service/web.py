@@ -24,14 +24,13 @@ from pydantic import BaseModel, ValidationError
 
 from . import keys
 from .edge import SERVER
-from .errors import ApiError
+from .errors import ApiError, ErrorCode, code_for_status
 from .logs import REQUEST_ID_HEADER, Handler
 from .ratelimit import quota_headers
 
 log = structlog.get_logger("service.http")
 Body = TypeVar("Body", bound=BaseModel)
 
-_CODE_BY_STATUS = {404: "not_found", 413: "payload_too_large", 415: "unsupported_media_type"}
 # Content codings aiohttp decodes here (br and zstd only where their libraries are installed).
 CONTENT_CODINGS = frozenset(
     [
@@ -72,11 +71,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _CODE_BY_STATUS.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+        code = code_for_status(exc.status)
         response = error_response(ApiError(code, exc.reason, status=exc.status))
     except Exception:
         log.exception("request.failed")
-        response = error_response(ApiError("internal", "Internal error."))
+        response = error_response(ApiError(ErrorCode.INTERNAL, "Internal error."))
     return response
 
 
@@ -101,7 +100,7 @@ async def require_key(request: web.Request, handler: Handler) -> web.StreamRespo
         ident = access.authenticate(request.headers.get("Authorization"))
         if ident is None:
             raise ApiError(
-                "unauthorized",
+                ErrorCode.UNAUTHORIZED,
                 "A valid API key is required (Authorization: Bearer).",
                 headers={"WWW-Authenticate": "Bearer"},
             )
@@ -139,23 +138,23 @@ async def read_json(request: web.Request, model: type[Body]) -> Body:
     media = media_type(request.headers.get("Content-Type", ""))
     if media != "application/json":
         raise ApiError(
-            "unsupported_media_type",
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             "Content-Type must be application/json." if media else "Content-Type is missing.",
         )
     coding = request.headers.get("Content-Encoding", "").strip().lower() or "identity"
     if coding not in CONTENT_CODINGS:
         codings = ", ".join(sorted(CONTENT_CODINGS - {"identity"}))
         raise ApiError(
-            "unsupported_media_type", f"Content-Encoding must be one of {codings}, or none."
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE, f"Content-Encoding must be one of {codings}, or none."
         )
     limit = request.app[keys.SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.")
+        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"The body is larger than {limit} bytes.")
     raw = await _read_body(request, limit)
     try:
         return model.model_validate_json(raw)
     except ValidationError as err:
-        raise ApiError("bad_request", describe(err)) from err
+        raise ApiError(ErrorCode.BAD_REQUEST, describe(err)) from err
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -167,13 +166,15 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         async with asyncio.timeout_at(deadline):
             return await request.read()
     except web.HTTPRequestEntityTooLarge as err:
-        raise ApiError("payload_too_large", f"The body is larger than {limit} bytes.") from err
+        raise ApiError(
+            ErrorCode.PAYLOAD_TOO_LARGE, f"The body is larger than {limit} bytes."
+        ) from err
     except TimeoutError as err:
         message = f"The body did not arrive within {timeout_s:g} s."
-        raise BodyUnread("request_timeout", message) from err
+        raise BodyUnread(ErrorCode.REQUEST_TIMEOUT, message) from err
     except web.RequestPayloadError as err:
         message = "The body could not be read: its content or chunked encoding is not valid."
-        raise BodyUnread("bad_request", message) from err
+        raise BodyUnread(ErrorCode.BAD_REQUEST, message) from err
 
 
 def media_type(header: str) -> str:

@@ -21,7 +21,7 @@ from .. import keys
 from ..admission import limited, take_slot
 from ..chat import Chats, Turn, usage_of
 from ..conversations import sanitize
-from ..errors import ApiError, Outcome
+from ..errors import ApiError, ErrorCode, Outcome
 from ..readers import collect, generation_for, stream
 from ..relay import Generation, Result
 from ..upstream import CompletionRequest
@@ -151,7 +151,7 @@ async def _visible(request: web.Request) -> tuple[Chats, str]:
     chats = request.app[keys.CHATS]
     conversation_id = request.match_info["conversationId"]
     if not await chats.visible(conversation_id, _owner(request)):
-        raise ApiError("not_found", "No such conversation.")
+        raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
     return chats, conversation_id
 
 
@@ -159,7 +159,7 @@ async def get_conversation(request: web.Request) -> web.Response:
     chats, conversation_id = await _visible(request)
     conversation = await chats.load(conversation_id)
     if conversation is None:
-        raise ApiError("not_found", "No such conversation.")
+        raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
     return json_response(conversation.wire())
 
 

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 
 from .. import keys, sse
 from ..admission import admitted
-from ..errors import ApiError, Outcome
+from ..errors import ApiError, ErrorCode, Outcome
 from ..prompts import estimate_tokens, extract_placeholders, generate_messages
 from ..readers import collect, generation_for, stream
 from ..relay import Result
@@ -52,18 +52,22 @@ def completion_request(body: GenerateBody, request: web.Request) -> CompletionRe
     """Check the body against this deployment's limits and build the upstream request."""
     settings = request.app[keys.SETTINGS]
     if not body.prompt.strip():
-        raise ApiError("bad_request", "prompt: must not be empty")
+        raise ApiError(ErrorCode.BAD_REQUEST, "prompt: must not be empty")
     if len(body.prompt) > settings.prompt_max_chars:
-        raise ApiError("bad_request", f"prompt: longer than {settings.prompt_max_chars} characters")
+        raise ApiError(
+            ErrorCode.BAD_REQUEST, f"prompt: longer than {settings.prompt_max_chars} characters"
+        )
     images = len(body.selectedImageUrls) + len(body.referenceImageUrls)
     if images > settings.max_images:
-        raise ApiError("bad_request", f"at most {settings.max_images} images in all")
+        raise ApiError(ErrorCode.BAD_REQUEST, f"at most {settings.max_images} images in all")
     max_tokens = body.maxTokens if body.maxTokens is not None else settings.default_max_tokens
     if not 1 <= max_tokens <= settings.max_tokens_limit:
-        raise ApiError("bad_request", f"maxTokens: must be from 1 to {settings.max_tokens_limit}")
+        raise ApiError(
+            ErrorCode.BAD_REQUEST, f"maxTokens: must be from 1 to {settings.max_tokens_limit}"
+        )
     model = body.model or settings.openai_model
     if model not in settings.model_allowlist:
-        raise ApiError("bad_request", "model: not offered here (see ALLOWED_MODELS)")
+        raise ApiError(ErrorCode.BAD_REQUEST, "model: not offered here (see ALLOWED_MODELS)")
     messages = generate_messages(body.prompt, body.selectedImageUrls, body.referenceImageUrls)
     return CompletionRequest(
         model=model, messages=messages, max_tokens=max_tokens, temperature=body.temperature

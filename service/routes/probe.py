@@ -32,7 +32,7 @@ from aiohttp import web
 
 from .. import keys, sse
 from ..admission import admitted
-from ..errors import FAILURE_BY_OUTCOME, ApiError, Outcome
+from ..errors import FAILURE_BY_OUTCOME, ApiError, ErrorCode, Outcome
 
 log = structlog.get_logger("service.probe")
 
@@ -51,7 +51,7 @@ def _bounded(query: Mapping[str, str], name: str, bounds: tuple[int, int, int]) 
         return default
     # ASCII digits only: str.isdigit and int() also take other scripts' digits ("²", "٣").
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not low <= int(raw) <= high:
-        raise ApiError("bad_request", f"{name}: must be an integer from {low} to {high}")
+        raise ApiError(ErrorCode.BAD_REQUEST, f"{name}: must be an integer from {low} to {high}")
     return int(raw)
 
 
@@ -60,7 +60,9 @@ def parse_query(query: Mapping[str, str]) -> tuple[int, int]:
     count = _bounded(query, "count", COUNT)
     interval_ms = _bounded(query, "interval_ms", INTERVAL_MS)
     if count * interval_ms > MAX_TOTAL_MS:
-        raise ApiError("bad_request", f"count x interval_ms: must be at most {MAX_TOTAL_MS} ms")
+        raise ApiError(
+            ErrorCode.BAD_REQUEST, f"count x interval_ms: must be at most {MAX_TOTAL_MS} ms"
+        )
     return count, interval_ms
 
 
@@ -84,7 +86,7 @@ class _Probe:
         async with asyncio.timeout(self.settings.write_timeout_s or None):
             await self.response.write(frame(payload, size))
 
-    async def run(self, count: int, interval_ms: int) -> str:
+    async def run(self, count: int, interval_ms: int) -> Outcome:
         request_id = self.request[keys.REQUEST_ID]
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -104,20 +106,20 @@ class _Probe:
                         "requestId": request_id,
                     }
                 )
-                return "shutdown"
+                return Outcome.SHUTDOWN
             large = n % LARGE_EVERY == 0
             await self.write({"type": "probe", "seq": n}, LARGE_EVENT_BYTES if large else 0)
         elapsed_ms = round((loop.time() - started) * 1000)
         await self.write(
             {"type": "done", "requestId": request_id, "count": count, "elapsedMs": elapsed_ms}
         )
-        return "completed"
+        return Outcome.COMPLETED
 
 
 async def stream_probe(request: web.Request) -> web.StreamResponse:
     count, interval_ms = parse_query(request.query)
     response = web.StreamResponse(headers=sse.HEADERS)
-    outcome = "client_disconnect"
+    outcome = Outcome.CLIENT_DISCONNECT
     async with admitted(request, 0):  # design note 1: its account is given back on exit
         try:
             await response.prepare(request)
@@ -125,7 +127,7 @@ async def stream_probe(request: web.Request) -> web.StreamResponse:
         except (ConnectionError, TimeoutError):
             pass  # the client left or stopped reading: nothing more to say to it
         finally:
-            log.info("probe.finished", outcome=outcome, count=count, interval_ms=interval_ms)
+            log.info("probe.finished", outcome=outcome.value, count=count, interval_ms=interval_ms)
     return response
 
 
