@@ -1,6 +1,9 @@
-"""One chat turn's life around its generation, as one async context (`Chats.turn`): check the
-conversation and take its turn, save the user's message before the upstream is called, and save
-the answer exactly once when the stream ends, whatever ended it; then release the turn.
+"""One chat turn, end to end, as one async context (`Chats.turn`): check the conversation and take
+its turn, build the model's context from its history, admit the turn against the client's limits,
+save the user's message before the upstream is called; the body runs the generation, whose end
+saves the answer exactly once (`Chats.answered`), whatever ended it; then the limits are given
+back and the turn released. The store's errors reach a request as one answer, a 503 with
+Retry-After (`_answerable`), translated once at this boundary.
 
 The context's exit runs as a task of its own that the handler waits for but a cancellation cannot
 stop (a client that leaves, even before the generation, cancels the handler at whatever await it is
@@ -13,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 import structlog
 
@@ -34,7 +38,7 @@ from .conversations import (
 from .errors import ApiError, ErrorCode
 from .holders import gone, new_holder
 from .prompts import estimate_tokens
-from .relay import Generation, Result
+from .relay import Meter, Result
 from .tasks import outlive_cancel
 
 log = structlog.get_logger("service.chat")
@@ -43,15 +47,28 @@ TURN_LEASE_S: Final = 30.0  # a turn's hold on its conversation, renewed every t
 HISTORY_WINDOW: Final = 200  # newest messages read to build a context (the budget trims more)
 SAVE_ATTEMPTS: Final = 4
 
+P = ParamSpec("P")
+T = TypeVar("T")
+# The client's limits for a turn: entered with its prompt estimate, the stream's account inside.
+Admit = Callable[[int], contextlib.AbstractAsyncContextManager[Meter]]
 
-def unavailable(err: StoreUnavailable) -> ApiError:
-    log.error("chat.store_unavailable", error=str(err))
-    return ApiError(
-        ErrorCode.INTERNAL,
-        "Conversation storage is unavailable; retry shortly.",
-        status=503,
-        retry_after_s=1,
-    )
+
+def _answerable(call: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """The store's errors as the answer a request gets: a 503 with Retry-After, logged."""
+
+    @functools.wraps(call)
+    async def translated(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await call(*args, **kwargs)
+        except StoreUnavailable as err:
+            log.error("chat.store_unavailable", error=str(err))
+            raise ApiError(
+                ErrorCode.INTERNAL,
+                "Conversation storage is unavailable; retry shortly.",
+                status=503,
+            ) from err
+
+    return translated
 
 
 @dataclass(slots=True, eq=False)
@@ -72,10 +89,11 @@ class Turn:
     held: bool = False  # the conversation's turn may be ours
     created: bool = False  # the (new) conversation may have been created
     user_saved: bool = False  # the user's message may have been saved
-    generation: Generation | None = None  # once it has run, its result is saved as the answer
+    meter: Meter | None = None  # the turn's account with the limits, once admitted
+    result: Result | None = None  # its generation's, once ended: saved as the answer
     answer: Message | None = None
     renewer: asyncio.Task[None] | None = None
-    ending: asyncio.Task[None] | None = None  # the turn's end, run once (`Chats.end`)
+    ending: asyncio.Task[None] | None = None  # the turn's end, run once (`Chats._end`)
 
 
 def usage_of(result: Result, prompt_estimate: int) -> dict[str, int]:
@@ -104,22 +122,24 @@ class Chats:
         self._clock = clock
         self._saving: set[asyncio.Task[Any]] = set()
 
+    @_answerable
     async def visible(self, conversation_id: str, owner: str) -> bool:
         """Whether `owner` may see the conversation (unknown and someone else's look alike)."""
         if not valid_conversation_id(conversation_id):
             return False
-        try:
-            return await self.store.owner(conversation_id) == owner
-        except StoreUnavailable as err:
-            raise unavailable(err) from err
+        return await self.store.owner(conversation_id) == owner
 
     @contextlib.asynccontextmanager
-    async def turn(self, conversation_id: str | None, owner: str, text: str) -> AsyncIterator[Turn]:
+    async def turn(
+        self, conversation_id: str | None, owner: str, text: str, admit: Admit
+    ) -> AsyncIterator[Turn]:
         """One turn as a context: the conversation checked (404), its turn held (409) and the
-        model's context built from its history. On exit, whatever ended it (an error, a
-        cancellation at any await, the answer's end): the answer is saved if a generation ran,
-        otherwise the user's message is taken back; then the turn is released. That work
-        outlives a cancellation, and `aclose()` waits for it."""
+        model's context built from its history; the client's limits (`admit`, 429) as the
+        turn's `meter`; the user's message saved. The body runs the generation, with `answered`
+        as its end. On exit, whatever ended it (an error, a cancellation at any await, the
+        answer's end): the limits are given back (unless its generation settled them), the
+        answer is saved if a generation ended, otherwise the user's message is taken back; then
+        the turn is released. That work outlives a cancellation, and `aclose()` waits for it."""
         now = self._clock()
         turn = Turn(
             conversation_id or new_conversation_id(),
@@ -130,10 +150,21 @@ class Chats:
         )
         try:
             await self._begin(turn)
-            yield turn
+            async with admit(turn.prompt_estimate) as meter:
+                turn.meter = meter
+                await self._start(turn)
+                yield turn
         finally:
-            await self.end(turn)
+            await self._end(turn)
 
+    async def answered(self, turn: Turn, result: Result) -> None:
+        """The turn's generation ended with `result`: save it as the answer and release the
+        turn now, before the generation's last event (a client may send its next turn as soon
+        as it reads it)."""
+        turn.result = result
+        await self._end(turn)
+
+    @_answerable
     async def _begin(self, turn: Turn) -> None:
         settings, cid = self._settings, turn.conversation_id
         if turn.is_new:
@@ -142,19 +173,16 @@ class Chats:
             return
         if not await self.visible(cid, turn.owner):
             raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
-        try:
-            turn.held = True
-            if not await self.store.take_turn(cid, turn.holder, TURN_LEASE_S):
-                turn.held = False
-                raise ApiError(
-                    ErrorCode.CONFLICT,
-                    "Another message in this conversation is still being answered; "
-                    "send this one when it has finished.",
-                )
-            # Read after taking the turn: the previous turn saved its answer before releasing.
-            conversation = await self.store.load(cid, HISTORY_WINDOW)
-        except StoreUnavailable as err:
-            raise unavailable(err) from err
+        turn.held = True
+        if not await self.store.take_turn(cid, turn.holder, TURN_LEASE_S):
+            turn.held = False
+            raise ApiError(
+                ErrorCode.CONFLICT,
+                "Another message in this conversation is still being answered; "
+                "send this one when it has finished.",
+            )
+        # Read after taking the turn: the previous turn saved its answer before releasing.
+        conversation = await self.store.load(cid, HISTORY_WINDOW)
         if conversation is None:  # deleted in between
             raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
         turn.context = build_context(
@@ -165,22 +193,20 @@ class Chats:
         )
         turn.prompt_estimate = estimate_tokens(turn.context)
 
-    async def start(self, turn: Turn) -> None:
+    @_answerable
+    async def _start(self, turn: Turn) -> None:
         """Save the user's message (creating a new conversation) before the upstream is called,
         and keep the turn held while the answer streams."""
         store, cid = self.store, turn.conversation_id
         turn.started = self._clock()
-        try:
-            if turn.is_new:
-                turn.created = True
-                await store.create(cid, turn.owner, turn.user.created_at)
-                turn.held = True
-                await store.take_turn(cid, turn.holder, TURN_LEASE_S)
-            turn.user_saved = True
-            if not await store.append(cid, turn.user, self._clock()):
-                raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
-        except StoreUnavailable as err:
-            raise unavailable(err) from err
+        if turn.is_new:
+            turn.created = True
+            await store.create(cid, turn.owner, turn.user.created_at)
+            turn.held = True
+            await store.take_turn(cid, turn.holder, TURN_LEASE_S)
+        turn.user_saved = True
+        if not await store.append(cid, turn.user, self._clock()):
+            raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
         turn.renewer = asyncio.create_task(self._renew(turn))
 
     async def _renew(self, turn: Turn) -> None:
@@ -192,23 +218,23 @@ class Chats:
             except StoreUnavailable as err:
                 log.warning("chat.turn_renew_failed", error=str(err))
 
-    async def end(self, turn: Turn) -> None:
+    async def _end(self, turn: Turn) -> None:
         """The turn's end, run once whoever asks first (its generation as it ends, so the answer
         is saved before its last event; else the turn's context on exit): the answer saved if a
-        generation ran, else the message taken back; then the turn released. It outlives a
+        generation ended, else the message taken back; then the turn released. It outlives a
         cancellation of the caller, and `aclose()` waits for it."""
         if turn.ending is None:
-            turn.ending = task = asyncio.create_task(self._end(turn))
+            turn.ending = task = asyncio.create_task(self._ending(turn))
             self._saving.add(task)
             task.add_done_callback(self._saving.discard)
         await outlive_cancel(turn.ending)
 
-    async def _end(self, turn: Turn) -> None:
+    async def _ending(self, turn: Turn) -> None:
         if turn.renewer is not None:
             turn.renewer.cancel()
         try:
-            if turn.generation is not None and turn.generation.ran:
-                await self._save_answer(turn, turn.generation.result)
+            if turn.result is not None:
+                await self._save_answer(turn, turn.result)
             elif turn.user_saved or turn.created:
                 await self._take_back(turn)
         finally:
@@ -278,18 +304,14 @@ class Chats:
         log.info("chat.turns_recovered", freed=freed, held=len(held))
         return freed
 
+    @_answerable
     async def load(self, conversation_id: str) -> Conversation | None:
-        try:
-            return await self.store.load(conversation_id)
-        except StoreUnavailable as err:
-            raise unavailable(err) from err
+        return await self.store.load(conversation_id)
 
+    @_answerable
     async def forget(self, conversation_id: str) -> None:
         """Delete the conversation; a turn still streaming on it will not be saved."""
-        try:
-            await self.store.delete(conversation_id)
-        except StoreUnavailable as err:
-            raise unavailable(err) from err
+        await self.store.delete(conversation_id)
 
     async def aclose(self) -> None:
         """Wait for answers still being saved, then close the store."""

@@ -188,7 +188,7 @@ def generation_for(
     request: web.Request,
     route: str,
     upstream_request: CompletionRequest,
-    meter: Meter,
+    meter: Meter | None,
     *,
     vocabulary: Vocabulary | None = None,
     opening: dict[str, Any] | None = None,

@@ -332,7 +332,6 @@ class Generation:
     on_end: Callable[[Result], Awaitable[None]] | None = None  # before the terminal event
     log: EventLog = field(default_factory=EventLog, init=False)
     result: Result = field(init=False)
-    ran: bool = field(default=False, init=False)  # run() began: it settles its meter
     _readers: set[object] = field(default_factory=set, init=False)
     _following: tuple[Follower, ...] = field(default=(), init=False)
     _first_reader: asyncio.Future[None] | None = field(default=None, init=False)  # note 10
@@ -407,7 +406,6 @@ class Generation:
     async def run(self) -> Result:
         """Relay the answer into the log, count how it ended, settle the account, run `on_end`,
         then append the terminal event."""
-        self.ran = True
         loop = asyncio.get_running_loop()
         if self.vocabulary is not None and self._readers and not self._following:
             self._first_reader = loop.create_future()  # opened by its reader: note 10

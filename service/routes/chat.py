@@ -2,15 +2,16 @@
 saved conversations: `GET` and `DELETE /api/v1/ai/conversations/{conversationId}`.
 
 A turn runs on the same generation as generate, with the second design note's vocabulary (metadata,
-token, done, error). Order of a turn: validate, take a `MAX_STREAMS` slot (503), check the
-conversation and hold its turn (404, 409), admit against the limits (429), save the user's
-message, generate, save the answer (before the last event), release the turn; each step is a
-context that gives back what it took, whatever ends the request.
+token, done, error). A handler validates, takes a `MAX_STREAMS` slot (503), then runs the turn as
+one context (`Chats.turn`: the conversation and its turn, 404 and 409; the limits, 429; the user's
+message saved) around its generation, whose end saves the answer before the last event; each step
+gives back what it took, whatever ends the request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -86,18 +87,13 @@ async def _read(request: web.Request) -> tuple[ChatBody, str]:
 async def _turn(
     request: web.Request, route: str, body: ChatBody, text: str, streamed: bool
 ) -> AsyncIterator[tuple[Turn, Generation]]:
-    """A turn up to its generation, as nested contexts: the conversation's turn (404, 409) with
-    its history, the client's limits (429), the user's message saved. The generation saves the
-    answer when it ends, before its last event (`Chats.end`); leaving the contexts, on any path,
-    does that if no generation ran (the message is taken back), gives back the limits and then
-    releases the turn; the caller holds the `MAX_STREAMS` slot around it."""
+    """The turn (`Chats.turn`, admitted against the client's limits) and its generation, which
+    saves the answer as it ends (`Chats.answered`); the caller holds the `MAX_STREAMS` slot
+    around it."""
     settings = request.app[keys.SETTINGS]
     chats = request.app[keys.CHATS]
-    async with (
-        chats.turn(body.conversationId, _owner(request), text) as turn,
-        limited(request, turn.prompt_estimate) as account,
-    ):
-        await chats.start(turn)
+    admit = functools.partial(limited, request)
+    async with chats.turn(body.conversationId, _owner(request), text, admit) as turn:
         upstream_request = CompletionRequest(
             model=settings.openai_model,
             messages=turn.context,
@@ -105,15 +101,15 @@ async def _turn(
             temperature=None,
         )
         vocabulary = ChatVocabulary(turn, turn.prompt_estimate) if streamed else None
-        turn.generation = generation = generation_for(
+        generation = generation_for(
             request,
             route,
             upstream_request,
-            account,
+            turn.meter,
             vocabulary=vocabulary,
             opening=vocabulary.metadata(upstream_request.model) if vocabulary else None,
             stream_id=turn.answer_id,
-            on_end=lambda _result: chats.end(turn),
+            on_end=functools.partial(chats.answered, turn),
         )
         yield turn, generation
 
