@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "api"
     if command == "probe":
-        from .probe import main as probe_main
+        from .buffering import main as probe_main
 
         return probe_main(args[1:])
     if command not in ("api", "admin"):

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from . import keys
 from .errors import ApiError, ErrorCode
-from .limits import Account
+from .limits.accounts import Account
 from .relay import Slot
 from .tasks import outlive_cancel
 

@@ -12,15 +12,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from . import demo_upstream, keys, logs, tcp
-from .access import Access
-from .chat import Chats
-from .chat_store import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
+from .chat.stores import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
+from .chat.turns import Chats
 from .config import Settings
 from .health import Check, ReadinessProbe, UpstreamCheck, ping
-from .limits import Limits
+from .limits.access import Access
+from .limits.accounts import Limits
+from .limits.core import LimitConfig, Limiter, MemoryLimiter
+from .limits.redis_backend import LimiterUnavailable, RedisLimiter
 from .metrics import create_metrics
-from .ratelimit import LimitConfig, Limiter, MemoryLimiter
-from .redis_limits import LimiterUnavailable, RedisLimiter
 from .relay import Generations
 from .routes import chat, generate, health, probe
 from .upstream import OpenAIUpstream, Upstream

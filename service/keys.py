@@ -5,13 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import logs
-from .access import Access
-from .chat import Chats
+from .chat.turns import Chats
 from .config import Settings
 from .health import ReadinessProbe
-from .limits import Limits
+from .limits.access import Access
+from .limits.accounts import Limits
+from .limits.core import Admission
 from .metrics import Metrics
-from .ratelimit import Admission
 from .relay import Generations
 from .upstream import Upstream
 

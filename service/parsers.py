@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from .access import parse_networks
+from .limits.access import parse_networks
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 from . import keys
 from .edge import SERVER
 from .errors import ApiError, ErrorCode, code_for_status
+from .limits.core import quota_headers
 from .logs import REQUEST_ID_HEADER, Handler
-from .ratelimit import quota_headers
 
 log = structlog.get_logger("service.http")
 Body = TypeVar("Body", bound=BaseModel)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.chat_store import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
-from service.conversations import Message, new_conversation_id, new_message_id
+from service.chat.conversations import Message, new_conversation_id, new_message_id
+from service.chat.stores import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
 from tests.conftest import WAIT, start_redis
 
 

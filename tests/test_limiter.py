@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from service.access import Access, canonical_address, key_id
-from service.ratelimit import (
+from service.limits.access import Access, canonical_address, key_id
+from service.limits.core import (
     Admission,
     LimitConfig,
     Limiter,
@@ -20,7 +20,7 @@ from service.ratelimit import (
     quota_headers,
     sliding_log,
 )
-from service.redis_limits import RedisLimiter
+from service.limits.redis_backend import RedisLimiter
 from tests.conftest import RedisServer, start_redis
 
 T0 = 1_800_000_000.0

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from service import keys
-from service.probe import Arrival, ProbeFailed, judge, probe_url
+from service.buffering import Arrival, ProbeFailed, judge, probe_url
 from tests.conftest import MakeGateway
 from tests.process import ROOT, free_port
 

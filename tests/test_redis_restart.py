@@ -16,10 +16,10 @@ from aiohttp import ClientResponse
 from prometheus_client import CollectorRegistry
 
 from service import keys
-from service.limits import Account, Limits
+from service.limits.accounts import Account, Limits
+from service.limits.core import LimitConfig
+from service.limits.redis_backend import LimiterRecovering, RedisLimiter
 from service.metrics import create_metrics
-from service.ratelimit import LimitConfig
-from service.redis_limits import LimiterRecovering, RedisLimiter
 from tests.conftest import WAIT, Frames, Gateway, MakeGateway, RedisServer
 from tests.fake_upstream import Gate, Text
 

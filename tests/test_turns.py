@@ -19,9 +19,10 @@ import aiohttp
 import orjson
 import pytest
 
-from service import holders, keys
+from service import keys
+from service.chat import holders
+from service.chat.conversations import Message, build_context
 from service.config import CHAT_SYSTEM_PROMPT
-from service.conversations import Message, build_context
 from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway, RedisServer
 from tests.fake_upstream import Echo, FakeUpstream, Finish, Gate, Text, answer, echoed
 from tests.process import service

@@ -18,8 +18,8 @@ import structlog
 from aiohttp import ClientResponse
 from structlog.testing import capture_logs
 
-from service.chat_store import SqliteStore
-from service.conversations import new_conversation_id
+from service.chat.conversations import new_conversation_id
+from service.chat.stores import SqliteStore
 from tests.conftest import WAIT, Frames, Gateway, MakeGateway, start_redis
 from tests.fake_upstream import Done, Finish, Gate, Raw, Status, Step, Text, Usage, answer, chunk
 

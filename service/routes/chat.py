@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 
 from .. import keys
 from ..admission import limited, take_slot
-from ..chat import Chats, Turn, usage_of
-from ..conversations import sanitize
+from ..chat.conversations import sanitize
+from ..chat.turns import Chats, Turn, usage_of
 from ..errors import ApiError, ErrorCode, Outcome
 from ..readers import collect, generation_for, stream
 from ..relay import Generation, Result

@@ -1,7 +1,7 @@
 """`GET /api/ai/stream-probe`: timed events that show whether the path to the service streams.
 
 No upstream call and no token cost. Each event carries `sentAt`, the server's clock when it was
-written, so `python -m service probe URL` (service/probe.py) can measure how late each arrived.
+written, so `python -m service probe URL` (service/buffering.py) can measure how late each arrived.
 The shape is chosen to trip the buffering traps known for the proxies in front (README,
 Deployment): the first event is over 512 bytes (a compressor that waits for more before it
 flushes) and every third probe event is 6 KB (a proxy buffer that sends large events one late).

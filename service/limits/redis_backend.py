@@ -1,8 +1,8 @@
-"""The limits of `ratelimit`, kept in Redis so several instances share one budget.
+"""The limits of `core`, kept in Redis so several instances share one budget.
 
 Each operation is one Lua script (atomic in Redis) or one pipeline; the formulas mirror
-`ratelimit.sliding_log`, `ratelimit.refill` and the lease rules, and `now` comes from the caller
-(ratelimit design note 1). Keys carry the client in a hash tag, `aistream:{client}:...`, so one
+`core.sliding_log`, `core.refill` and the lease rules, and `now` comes from the caller
+(core design note 1). Keys carry the client in a hash tag, `aistream:{client}:...`, so one
 client's keys stay on one Redis Cluster slot. Every key expires once it holds nothing a fresh key
 would not, so idle clients cost nothing. Redis errors and timeouts surface as
 `LimiterUnavailable`; what to do then is the caller's policy.
@@ -36,9 +36,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from .ratelimit import Admission, LimitConfig, Quota, reserve_for, window_start
+from .core import Admission, LimitConfig, Quota, reserve_for, window_start
 
-log = structlog.get_logger("service.redis_limits")
+log = structlog.get_logger("service.limits.redis_backend")
 T = TypeVar("T")
 
 # KEYS: rpm, tpm, concurrency. ARGV: now, rpm, window start, tpm, reserve, concurrency limit,

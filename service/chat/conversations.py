@@ -1,6 +1,6 @@
 """Conversations as values: messages, their wire shape, input sanitising and the model's context.
 
-Pure functions only; the stores (`chat_store`) persist these values and the chat routes drive them.
+Pure functions only; the stores (`stores`) persist these values and the turns (`turns`) drive them.
 
 Context (what the model sees for a turn): the system prompt, then the latest whole turns of the
 history that fit `CHAT_CONTEXT_TOKENS`, then the new message. A turn is a user message with the
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-from .errors import ApiError, ErrorCode, Outcome
-from .prompts import estimate_tokens
-from .sse import new_stream_id
+from ..errors import ApiError, ErrorCode, Outcome
+from ..prompts import estimate_tokens
+from ..sse import new_stream_id
 
 Role = Literal["user", "assistant"]
 Status = Literal["complete", "partial", "error"]

@@ -24,8 +24,11 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import structlog
 
-from .chat_store import ConversationStore, StoreUnavailable
-from .config import Settings
+from ..config import Settings
+from ..errors import ApiError, ErrorCode
+from ..prompts import estimate_tokens
+from ..relay import Meter, Result
+from ..tasks import outlive_cancel
 from .conversations import (
     Conversation,
     Message,
@@ -35,11 +38,8 @@ from .conversations import (
     status_of,
     valid_conversation_id,
 )
-from .errors import ApiError, ErrorCode
 from .holders import gone, new_holder
-from .prompts import estimate_tokens
-from .relay import Meter, Result
-from .tasks import outlive_cancel
+from .stores import ConversationStore, StoreUnavailable
 
 log = structlog.get_logger("service.chat")
 

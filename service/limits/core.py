@@ -1,6 +1,6 @@
 """Per-client limits: requests per minute, concurrent streams, tokens per minute.
 
-Hand-written rather than taken from `limits`: that library offers fixed and sliding windows, but
+Hand-written rather than taken from the `limits` library: it offers fixed and sliding windows, but
 not concurrency leases that expire, and not a token bucket that a stream debits as it
 goes and may overdraw (then repaid at the end from the upstream's usage). The arithmetic is pure
 and takes the clock as an argument; the in-process backend and the Redis backend (Lua scripts,

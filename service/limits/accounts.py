@@ -26,11 +26,11 @@ from collections.abc import Callable
 
 import structlog
 
-from .errors import ApiError, ErrorCode
-from .metrics import Metrics
-from .ratelimit import Admission, LimitConfig, Limiter, quota_headers
-from .redis_limits import LimiterRecovering, LimiterUnavailable
-from .tasks import outlive_cancel
+from ..errors import ApiError, ErrorCode
+from ..metrics import Metrics
+from ..tasks import outlive_cancel
+from .core import Admission, LimitConfig, Limiter, quota_headers
+from .redis_backend import LimiterRecovering, LimiterUnavailable
 
 log = structlog.get_logger("service.limits")
 STORE_TIMEOUT_S = 2.0  # the longest a request waits on the limit store before the policy applies
@@ -108,7 +108,7 @@ class Limits:
             try:
                 return await outlive_cancel(task)
             except LimiterRecovering as err:
-                await asyncio.sleep(err.wait_s)  # redis_limits design note 2
+                await asyncio.sleep(err.wait_s)  # redis_backend design note 2
             except asyncio.CancelledError:
                 if not task.cancelled() and task.exception() is None:
                     granted = task.result()
@@ -169,7 +169,7 @@ class Limits:
         """Forever: charge streamed tokens every interval; renew leases every third of a TTL, and
         at once when the store says it restarted (it lost them)."""
         c, restarted = self.config, self.limiter.restarted
-        # renewals must keep their period within the store's recovery hold (redis_limits note 2)
+        # renewals must keep their period within the store's recovery hold (redis_backend note 2)
         tick = min(self._charge_interval_s, c.renew_interval_s / 4)
         renew_at = 0.0
         while True:
