@@ -16,7 +16,8 @@ A test queues one script per expected request. A script is a list of steps:
 
 Headers go out with the first step that writes, so a Gate first keeps the upstream silent before
 it has even answered. Each request is recorded with its JSON body and an Event set when the
-handler ends for any reason, the service closing the connection included.
+handler ends for any reason, the service closing the connection included. Chunks name the model
+the request asked for, as a real server's do.
 """
 
 from __future__ import annotations
@@ -121,12 +122,14 @@ class Seen:
     cancelled: bool = False
 
 
-def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
+def chunk(
+    delta: dict[str, Any], finish: str | None = None, usage: Any = None, model: str = "test-model"
+) -> bytes:
     body: dict[str, Any] = {
         "id": "chatcmpl-test",
         "object": "chat.completion.chunk",
         "created": 0,
-        "model": "test-model",
+        "model": model,
         "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     if usage:
@@ -180,6 +183,7 @@ class FakeUpstream:
         self.open_requests += 1
         self.arrived.set()
         script = self.scripts.popleft() if self.scripts else self.default
+        model = str(seen.body.get("model", "test-model"))  # named back, as real servers do
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         try:
             for step in script:
@@ -200,13 +204,13 @@ class FakeUpstream:
                     await resp.prepare(request)
                 if isinstance(step, Echo):
                     for message in seen.body["messages"]:
-                        await resp.write(chunk({"content": echoed([message])}))
+                        await resp.write(chunk({"content": echoed([message])}, model=model))
                     continue
                 if isinstance(step, Repeat):
                     while True:
-                        await resp.write(chunk({"content": step.text}))
+                        await resp.write(chunk({"content": step.text}, model=model))
                         await asyncio.sleep(step.interval_s)
-                await resp.write(self._encode(step))
+                await resp.write(self._encode(step, model))
             return resp
         except asyncio.CancelledError:
             seen.cancelled = True
@@ -216,11 +220,11 @@ class FakeUpstream:
             seen.ended.set()
 
     @staticmethod
-    def _encode(step: Step) -> bytes:
+    def _encode(step: Step, model: str) -> bytes:
         if isinstance(step, Text):
-            return chunk({"content": step.text})
+            return chunk({"content": step.text}, model=model)
         if isinstance(step, Finish):
-            return chunk({}, finish=step.reason)
+            return chunk({}, finish=step.reason, model=model)
         if isinstance(step, Usage):
             total = step.prompt + step.completion
             usage = {
@@ -228,7 +232,7 @@ class FakeUpstream:
                 "completion_tokens": step.completion,
                 "total_tokens": total,
             }
-            return chunk({}, usage=usage)
+            return chunk({}, usage=usage, model=model)
         if isinstance(step, Done):
             return b"data: [DONE]\n\n"
         assert isinstance(step, Raw), step

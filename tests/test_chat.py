@@ -474,3 +474,96 @@ async def test_an_unreachable_store_is_a_clear_503_and_no_upstream_call(
         }
     assert gw.fake.seen == []
     assert len(gw.client.app[keys.LIVE]) == 0
+
+
+async def test_each_turn_runs_on_its_own_model_and_options(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(allowed_models=("model-a", "model-b"), default_max_tokens=64)
+    _resp, frames = await chat_stream(
+        gw, {"message": "One", "model": "model-a", "maxTokens": 50, "temperature": 0.2}
+    )
+    events = await frames.rest()
+    assert events[0]["model"] == "model-a"
+    cid = events[0]["conversationId"]
+    second = await gw.post(
+        CHAT,
+        {
+            "message": "Two",
+            "conversationId": cid,
+            "model": "model-b",
+            "maxTokens": 7,
+            "temperature": 1.5,
+        },
+    )
+    assert second.status == 200
+    assert (await second.json())["model"] == "model-b"
+    _resp, frames = await chat_stream(gw, {"message": "Three", "conversationId": cid})
+    events = await frames.rest()
+    assert events[0]["model"] == "test-model"  # no model: the configured one
+    third = await gw.post(CHAT, {"message": "Four", "conversationId": cid, "model": "model-a"})
+    assert (await third.json())["model"] == "model-a"
+
+    sent = [
+        (s.body["model"], s.body["max_completion_tokens"], s.body.get("temperature"))
+        for s in gw.fake.seen
+    ]
+    assert sent == [
+        ("model-a", 50, 0.2),
+        ("model-b", 7, 1.5),
+        ("test-model", 64, None),
+        ("model-a", 64, None),
+    ]
+    await gw.settled()
+    messages = (await conversation(gw, cid))["messages"]
+    assert [(m["role"], m["model"]) for m in messages] == [
+        ("user", None),
+        ("assistant", "model-a"),
+        ("user", None),
+        ("assistant", "model-b"),
+        ("user", None),
+        ("assistant", "test-model"),
+        ("user", None),
+        ("assistant", "model-a"),
+    ]
+    assert gw.outcomes("chat_stream") == {"completed": 2}
+    assert gw.outcomes("chat") == {"completed": 2}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"model": "model-c"}, "model: not offered here (see ALLOWED_MODELS)"),
+        ({"maxTokens": 0}, "maxTokens: must be from 1 to 100"),
+        ({"maxTokens": 101}, "maxTokens: must be from 1 to 100"),
+        ({"maxTokens": "50"}, "maxTokens: Input should be a valid integer"),
+        ({"maxTokens": 1.5}, "maxTokens: Input should be a valid integer"),
+        ({"temperature": 3}, "temperature: Input should be less than or equal to 2"),
+        ({"temperature": "0.5"}, "temperature: Input should be a valid number"),
+    ],
+)
+async def test_bad_options_are_generates_400_and_take_nothing(
+    make_gateway: MakeGateway, options: dict[str, Any], message: str
+) -> None:
+    gw = await make_gateway(
+        allowed_models=("model-a",), max_tokens_limit=100, default_max_tokens=10
+    )
+    cid = (await (await gw.post(CHAT, {"message": "First"})).json())["conversationId"]
+    await gw.settled()
+    before = await conversation(gw, cid)
+    error = {"error": {"code": "bad_request", "message": message}}
+    generated = await gw.post("/api/ai/generate", {"prompt": "x", **options})
+    assert generated.status == 400
+    assert await generated.json() == error
+    for path in (STREAM, CHAT):
+        for body in ({"message": "Again", "conversationId": cid}, {"message": "New"}):
+            resp = await gw.client.post(path, json={**body, **options})
+            assert resp.status == 400
+            assert resp.headers["Content-Type"] == "application/json"
+            assert await resp.json() == error
+    assert len(gw.fake.seen) == 1  # the first turn's only
+    assert len(gw.client.app[keys.LIVE]) == 0
+    assert await conversation(gw, cid) == before
+    # The conversation's turn was never taken: the next good turn runs.
+    again = await gw.post(CHAT, {"message": "Again", "conversationId": cid, "model": "model-a"})
+    assert again.status == 200
+    assert gw.outcomes("chat_stream") == {}
+    assert gw.outcomes("chat") == {"completed": 2}

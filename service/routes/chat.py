@@ -25,17 +25,21 @@ from ..chat.turns import Chats, Turn, usage_of
 from ..errors import ApiError, ErrorCode, Outcome
 from ..readers import collect, generation_for, stream
 from ..relay import Generation, Result
-from ..upstream import CompletionRequest
 from ..web import json_response, read_json
+from .options import MaxTokens, Model, Options, Temperature, options
 
 
 class ChatBody(BaseModel):
-    """A chat turn. Unknown fields are ignored, so clients can send more later."""
+    """A chat turn. Unknown fields are ignored, so clients can send more later. The model
+    options are the turn's own: a conversation may change models from one turn to the next."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     message: StrictStr
     conversationId: StrictStr | None = None  # wire names are camelCase
+    model: Model = None
+    maxTokens: MaxTokens = None
+    temperature: Temperature = None
 
 
 class ChatVocabulary:
@@ -78,28 +82,30 @@ def _owner(request: web.Request) -> str:
     return request.get(keys.KEY_ID) or ""
 
 
-async def _read(request: web.Request) -> tuple[ChatBody, str]:
+async def _read(request: web.Request) -> tuple[ChatBody, str, Options]:
+    """The turn's body, its message as it will be saved and its checked options: every 400
+    before anything is taken."""
+    settings = request.app[keys.SETTINGS]
     body = await read_json(request, ChatBody)
-    return body, sanitize(body.message, request.app[keys.SETTINGS].chat_message_max_chars)
+    text = sanitize(body.message, settings.chat_message_max_chars)
+    return body, text, options(body, settings)
 
 
 @contextlib.asynccontextmanager
 async def _turn(
-    request: web.Request, route: str, body: ChatBody, text: str, streamed: bool
+    request: web.Request,
+    route: str,
+    read: tuple[ChatBody, str, Options],
+    streamed: bool,
 ) -> AsyncIterator[tuple[Turn, Generation]]:
     """The turn (`Chats.turn`, admitted against the client's limits) and its generation, which
     saves the answer as it ends (`Chats.answered`); the caller holds the `MAX_STREAMS` slot
     around it."""
-    settings = request.app[keys.SETTINGS]
+    body, text, chosen = read
     chats = request.app[keys.CHATS]
     admit = functools.partial(limited, request)
     async with chats.turn(body.conversationId, _owner(request), text, admit) as turn:
-        upstream_request = CompletionRequest(
-            model=settings.openai_model,
-            messages=turn.context,
-            max_tokens=settings.default_max_tokens,
-            temperature=None,
-        )
+        upstream_request = chosen.request(turn.context)
         vocabulary = ChatVocabulary(turn, turn.prompt_estimate) if streamed else None
         generation = generation_for(
             request,
@@ -115,18 +121,18 @@ async def _turn(
 
 
 async def chat_stream(request: web.Request) -> web.StreamResponse:
-    body, text = await _read(request)
+    read = await _read(request)
     with take_slot(request):
-        async with _turn(request, "chat_stream", body, text, streamed=True) as (_, generation):
+        async with _turn(request, "chat_stream", read, streamed=True) as (_, generation):
             # The answer is saved and the turn free before `done` goes out: a client may send its
             # next turn as soon as it reads it.
             return await stream(request, generation)
 
 
 async def chat(request: web.Request) -> web.Response:
-    body, text = await _read(request)
+    read = await _read(request)
     with take_slot(request):
-        async with _turn(request, "chat", body, text, streamed=False) as (turn, generation):
+        async with _turn(request, "chat", read, streamed=False) as (turn, generation):
             result = await collect(request, generation)
     answer = turn.answer
     if result.outcome is not Outcome.COMPLETED or answer is None:

@@ -10,7 +10,7 @@ import re
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
 from .. import keys, sse
 from ..admission import admitted
@@ -20,6 +20,7 @@ from ..readers import collect, generation_for, stream
 from ..relay import Result
 from ..upstream import CompletionRequest
 from ..web import json_response, read_json
+from .options import MaxTokens, Model, Temperature, options
 
 _IMAGE_URL = re.compile(
     r"https?://[^\s]{1,4096}|data:image/[a-z0-9.+-]{1,32};base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE
@@ -43,9 +44,9 @@ class GenerateBody(BaseModel):
     prompt: StrictStr
     selectedImageUrls: list[ImageUrl] = Field(default_factory=list)  # wire names are camelCase
     referenceImageUrls: list[ImageUrl] = Field(default_factory=list)
-    model: StrictStr | None = None
-    maxTokens: StrictInt | None = None
-    temperature: Annotated[float, Field(strict=True, ge=0, le=2)] | None = None
+    model: Model = None
+    maxTokens: MaxTokens = None
+    temperature: Temperature = None
 
 
 def completion_request(body: GenerateBody, request: web.Request) -> CompletionRequest:
@@ -60,17 +61,9 @@ def completion_request(body: GenerateBody, request: web.Request) -> CompletionRe
     images = len(body.selectedImageUrls) + len(body.referenceImageUrls)
     if images > settings.max_images:
         raise ApiError(ErrorCode.BAD_REQUEST, f"at most {settings.max_images} images in all")
-    max_tokens = body.maxTokens if body.maxTokens is not None else settings.default_max_tokens
-    if not 1 <= max_tokens <= settings.max_tokens_limit:
-        raise ApiError(
-            ErrorCode.BAD_REQUEST, f"maxTokens: must be from 1 to {settings.max_tokens_limit}"
-        )
-    model = body.model or settings.openai_model
-    if model not in settings.model_allowlist:
-        raise ApiError(ErrorCode.BAD_REQUEST, "model: not offered here (see ALLOWED_MODELS)")
-    messages = generate_messages(body.prompt, body.selectedImageUrls, body.referenceImageUrls)
-    return CompletionRequest(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=body.temperature
+    chosen = options(body, settings)
+    return chosen.request(
+        generate_messages(body.prompt, body.selectedImageUrls, body.referenceImageUrls)
     )
 
 
