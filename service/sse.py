@@ -126,15 +126,5 @@ class Framing:
             return b"%b%d\ndata: %b\n\n" % (self.id_prefix, seq, dumps(payload))
         return b"data: %b\n\n" % dumps(payload)
 
-    def text_event(self, seq: int, head: bytes, text: str, tail: bytes) -> bytes:
-        """The per-token frame from pre-encoded pieces: `head` + JSON string of `text` + `tail`.
-
-        `head` is the JSON object's opening up to the text value (`{"type":"token","content":`)
-        and `tail` the rest (`}` or `,"tokenCount":12}`); only the text itself is encoded per call.
-        """
-        if self.id_prefix:
-            return b"%b%d\ndata: %b%b%b\n\n" % (self.id_prefix, seq, head, dumps(text), tail)
-        return b"data: %b%b%b\n\n" % (head, dumps(text), tail)
-
 
 DATA_ONLY: Final = Framing(b"", PING_DATA_ONLY)

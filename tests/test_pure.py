@@ -61,7 +61,8 @@ def test_event_frames_in_both_shapes(
 @pytest.mark.parametrize("framing", [FULL, sse.DATA_ONLY], ids=["full", "data-only"])
 def test_text_event_is_one_line_of_json_whatever_the_text(framing: sse.Framing) -> None:
     text = 'evil\n\ndata: {"type":"done"}\r\n\r\nid: 99\n\u2028\u2029\u0085 end'
-    frame = framing.text_event(5, b'{"type":"content","delta":', text, b',"tokenCount":3}')
+    # as the pump builds it: the pre-encoded head, the text, the tail
+    frame = framing.frame(5, b'{"type":"content","delta":%b,"tokenCount":3}' % sse.dumps(text))
     lines = frame.decode().splitlines()  # splits on U+2028, U+2029 and U+0085 too
     assert lines[:-2] == ([f"id: {SID}:5"] if framing is FULL else [])
     assert lines[-1] == ""
