@@ -113,3 +113,38 @@ async def test_readiness_checks_every_store_and_names_an_unreachable_one(
             "conversations": "The conversation store does not answer.",
         },
     }
+
+
+async def test_a_store_that_accepts_and_never_answers_is_named_within_its_check_bound(
+    make_gateway: MakeGateway,
+) -> None:
+    """A Redis address that takes connections and says nothing (a hung server): readiness names
+    both store checks after their 1 s bound, not after the client's 2 s socket timeout."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gateway = await make_gateway(redis_url=f"redis://127.0.0.1:{port}/0")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ready = await gateway.client.get("/health/ready")
+        elapsed = loop.time() - started
+        assert ready.status == 503
+        assert await ready.json() == {
+            "status": "unavailable",
+            "checks": {
+                "upstream": "ok",
+                "redis": "Redis does not answer.",
+                "conversations": "The conversation store does not answer.",
+            },
+        }
+        assert elapsed < 1.9  # both checks run at once, each cut at 1 s
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
