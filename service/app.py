@@ -122,12 +122,17 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store: ConversationStore
     if settings.redis_url:
-        store = RedisStore(settings.redis_url)
+        redis = RedisStore(settings.redis_url)
+        try:
+            await redis.open()  # records the layout's version
+        except StoreUnavailable as err:  # requests answer 503 until Redis answers
+            log.warning("chat.store_unavailable", error=str(err))
+        store = redis
     else:
         sqlite = SqliteStore(settings.chat_db_path)
         await sqlite.open()
         store = sqlite
-    chats = app[keys.CHATS] = Chats(store, settings)
+    chats = app[keys.CHATS] = Chats(store, settings, metrics=app[keys.METRICS])
     await chats.recover()  # turns held by a killed process of this host are free at once
     try:
         yield

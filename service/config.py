@@ -131,6 +131,7 @@ class ChatSettings:
     chat_system_prompt: str = CHAT_SYSTEM_PROMPT
     chat_context_tokens: int = 8000  # system prompt + history + the new message, estimated
     chat_message_max_chars: int = 8000
+    checkpoint_s: float = 1.0  # an open answer's text saved this often; 0 = only at its end
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,6 +307,7 @@ def _chat(read: parse.Reader) -> ChatSettings:
             parse.between(parse.integer, 1, 1_000_000),
             d.chat_message_max_chars,
         ),
+        checkpoint_s=read("CHECKPOINT_S", parse.seconds, d.checkpoint_s),
     )
 
 

@@ -53,6 +53,8 @@ class Metrics:
     upstream_retries: Counter
     heartbeats: Counter
     limiter_errors: Counter
+    checkpoints: Counter
+    checkpoint_answers: Counter
     _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
     def model_label(self, model: str) -> str:
@@ -133,5 +135,11 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
         heartbeats=Counter(f"{PREFIX}_heartbeats", "Heartbeat comments written", registry=r),
         limiter_errors=Counter(
             f"{PREFIX}_limiter_errors", "Rate-limit store (Redis) failures", registry=r
+        ),
+        checkpoints=Counter(
+            f"{PREFIX}_checkpoints", "Checkpoint writes of open chat answers", registry=r
+        ),
+        checkpoint_answers=Counter(
+            f"{PREFIX}_checkpoint_answers", "Open chat answers written by checkpoints", registry=r
         ),
     )

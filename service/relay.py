@@ -383,6 +383,10 @@ class Generation:
         """Its outcome is counted and its terminal event appended."""
         return self._done.is_set()
 
+    def text_so_far(self) -> str:
+        """The content relayed so far (a chat answer's checkpoint reads it)."""
+        return "".join(self._pieces)
+
     async def finished(self) -> Result:
         """The result, once the generation has ended (its terminal event appended)."""
         await self._done.wait()

@@ -87,6 +87,7 @@ EVERY_VARIABLE: dict[str, tuple[str, str, Any]] = {
     "CHAT_SYSTEM_PROMPT": ("Be brief.", "chat_system_prompt", "Be brief."),
     "CHAT_CONTEXT_TOKENS": ("300", "chat_context_tokens", 300),
     "CHAT_MESSAGE_MAX_CHARS": ("100", "chat_message_max_chars", 100),
+    "CHECKPOINT_S": ("0.25", "checkpoint_s", 0.25),
     "LOG_FORMAT": ("console", "log_format", "console"),
     "LOG_LEVEL": (" WARNING ", "log_level", "warning"),
 }

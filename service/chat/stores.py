@@ -63,6 +63,10 @@ class StoreUnavailable(Exception):
     """The store could not be reached or failed; nothing was changed that the caller relies on."""
 
 
+class NewerSchema(Exception):
+    """The stored data was written by a newer version of this code (notes 4 and 5)."""
+
+
 class ConversationStore(Protocol):
     async def create(self, conversation_id: str, owner: str, now: float) -> None: ...
 
@@ -299,9 +303,7 @@ class SqliteStore:
                 written += self._replace(conversation_id, message, now, still_open)
         return written
 
-    def _replace(
-        self, conversation_id: str, message: Message, now: float, still_open: bool
-    ) -> int:
+    def _replace(self, conversation_id: str, message: Message, now: float, still_open: bool) -> int:
         changed = self.db.execute(
             "UPDATE messages SET record = ?, streaming = ? "
             "WHERE message_id = ? AND conversation_id = ? AND streaming = 1",
@@ -487,7 +489,8 @@ class RedisStore:
         return f"{self._prefix}:o:{conversation_id}"
 
     async def open(self) -> None:
-        """Record the layout's version (note 5); refuse data written by a newer one."""
+        """Record the layout's version (note 5); NewerSchema for data written by a newer one,
+        StoreUnavailable when Redis does not answer."""
         try:
             found = int(
                 await self._schema_mark(
@@ -497,7 +500,7 @@ class RedisStore:
         except RedisError as err:
             raise StoreUnavailable(f"redis: {err}") from err
         if found > REDIS_SCHEMA_VERSION:
-            raise StoreUnavailable(
+            raise NewerSchema(
                 f"redis: conversations have layout version {found}; this code knows up to "
                 f"{REDIS_SCHEMA_VERSION}"
             )

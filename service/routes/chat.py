@@ -117,6 +117,7 @@ async def _turn(
             stream_id=turn.answer_id,
             on_end=functools.partial(chats.answered, turn),
         )
+        turn.progress = generation.text_so_far  # the answer's checkpoints read it
         yield turn, generation
 
 
