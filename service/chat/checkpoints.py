@@ -54,14 +54,16 @@ class Checkpointer:
         self._interval_s = interval_s
         self._clock = clock
         self._metrics = metrics
-        self._saved: dict[Progressing, str] = {}  # open answers: the text last saved
+        # Open answers: the length of the text last saved (text only grows; a copy of the text
+        # would double each answer's memory).
+        self._saved: dict[Progressing, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def track(self, turn: Progressing) -> None:
         """Checkpoint `turn`'s answer (opened with no text) until `forget`."""
         if self._interval_s <= 0:
             return  # note 3
-        self._saved[turn] = ""
+        self._saved[turn] = 0
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="chat-checkpoints")
 
@@ -79,8 +81,10 @@ class Checkpointer:
         changed: list[tuple[Progressing, str]] = []
         for turn, saved in self._saved.items():
             progress = turn.progress
-            text = progress() if progress is not None else saved
-            if len(text) != len(saved):  # text only grows
+            if progress is None:
+                continue
+            text = progress()
+            if len(text) != saved:
                 changed.append((turn, text))
         if not changed:
             return 0  # note 1
@@ -95,7 +99,7 @@ class Checkpointer:
             return 0
         for turn, text in changed:
             if turn in self._saved:
-                self._saved[turn] = text
+                self._saved[turn] = len(text)
         if self._metrics is not None:
             self._metrics.checkpoints.inc()
             self._metrics.checkpoint_answers.inc(written)
