@@ -1,6 +1,6 @@
 """A chat answer survives a SIGKILL of the real process (SQLite file, or Redis): after a restart
 the conversation shows it `partial` with everything the client had read up to one `CHECKPOINT_S`
-before the kill, and the next turn is accepted at once."""
+before the kill, and the next turn is accepted at once. While it streams, it shows `streaming`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import WAIT, start_redis
-from tests.fake_upstream import FakeUpstream, Repeat, answer
+from tests.conftest import WAIT, MakeGateway, start_redis
+from tests.fake_upstream import FakeUpstream, Gate, Repeat, Text, answer
 from tests.process import service
 from tests.test_chat_process import STREAM, history, upstream_env
 from tests.test_process import read_events
@@ -100,3 +100,42 @@ async def test_a_killed_service_keeps_the_answer_up_to_one_checkpoint_before_the
     finally:
         if redis is not None:
             await redis.stop()
+
+
+async def test_a_conversation_shows_its_answer_streaming_then_closed_in_place(
+    make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(checkpoint_s=0.05)
+    gate = asyncio.Event()
+    gw.fake.queue([Text("Half"), Text(" an"), Gate(gate), *answer(" answer.")])
+    resp = await gw.client.post(STREAM, json={"message": "Go"})
+    events = await read_events(resp, 1)
+    cid, mid = str(events[0]["conversationId"]), str(events[0]["messageId"])
+    while "".join(str(e.get("content", "")) for e in events[1:]) != "Half an":
+        events += await read_events(resp, 1)
+    async with asyncio.timeout(WAIT):
+        while True:  # bounded: polling what the checkpoint task saved
+            shown = (await (await gw.client.get(f"/api/v1/ai/conversations/{cid}")).json())[
+                "messages"
+            ][1]
+            if shown["content"] == "Half an":
+                break
+            await asyncio.sleep(0.02)
+    assert (shown["messageId"], shown["status"], shown["completedAt"], shown["usage"]) == (
+        mid,
+        "streaming",
+        None,
+        None,
+    )
+    busy = await gw.post("/api/v1/ai/chat", {"message": "Not now", "conversationId": cid})
+    assert busy.status == 409
+    gate.set()
+    await read_events(resp, 99)
+    await gw.settled()
+    got = (await (await gw.client.get(f"/api/v1/ai/conversations/{cid}")).json())["messages"]
+    assert [(m["messageId"], m["status"], m["content"]) for m in got] == [
+        (got[0]["messageId"], "complete", "Go"),
+        (mid, "complete", "Half an answer."),
+    ]
+    assert gw.sample("ai_stream_checkpoints_total") >= 1
+    assert gw.sample("ai_stream_checkpoint_answers_total") >= 1
