@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from service.chat.conversations import Message, new_conversation_id, new_message_id
 from service.chat.stores import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
-from tests.conftest import WAIT, start_redis
+from tests.conftest import WAIT, RedisServer, start_redis
 
 
 class Clock:
@@ -427,3 +428,32 @@ async def test_sqlite_checkpoints_many_answers_in_one_transaction(tmp_path: Path
         ]
     finally:
         await sqlite.aclose()
+
+
+async def test_redis_checkpoints_many_answers_in_one_command(redis_server: RedisServer) -> None:
+    redis = RedisStore(redis_server.url)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        answers = []
+        for _ in range(20):
+            cid = new_conversation_id()
+            await redis.create(cid, "", 1.0)
+            answer = opening()
+            await redis.open_answer(cid, answer, 1.0)
+            answer.content = "some text"
+            answers.append((cid, answer))
+        assert await redis.checkpoint(answers[:1], 2.0) == 1  # the script is loaded once
+
+        async def calls() -> dict[str, int]:
+            stats = await raw.info("commandstats")
+            return {k: int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"}
+
+        before = await calls()
+        assert await redis.checkpoint(answers, 3.0) == 20
+        after = await calls()
+        sent = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+        # One command from the client; what the script ran inside Redis is counted too.
+        assert sent == {"cmdstat_evalsha": 1, "cmdstat_hexists": 20, "cmdstat_hset": 40}
+    finally:
+        await redis.aclose()
+        await raw.aclose()

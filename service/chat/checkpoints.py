@@ -1,7 +1,7 @@
 """Checkpoints of chat answers in progress: one task per `Chats` saves, every `CHECKPOINT_S`, the
 text of every open answer that changed since its last checkpoint, all with one store call (one
-SQLite transaction, one Redis pipeline), so a crash (SIGKILL, OOM) loses at most the last interval
-of an answer's text.
+SQLite transaction, one Redis script call), so a crash (SIGKILL, OOM) loses at most the last
+interval of an answer's text.
 
 1. Nothing per token: each answer's text is read from its turn's `progress` (its generation's
    `text_so_far`) once per interval; an interval in which no answer changed writes nothing.

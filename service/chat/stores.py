@@ -17,9 +17,9 @@ Answers in progress (numbered notes):
 1. An answer is *opened* at its turn's start (`open_answer`: status `streaming`, no text), right
    after its user message, and *closed* in place by its turn's end (`close_answer`: final text,
    status, usage, finishReason; same message id, same position). In between, `checkpoint` rewrites
-   the text of many open answers at once: one SQLite transaction (one fsync) or one Redis
-   pipeline per call, whatever the number of answers. Only open answers are rewritten: one whose
-   conversation was deleted, or that was already closed, is skipped.
+   the text of many open answers at once: one SQLite transaction (one fsync) or one Redis script
+   call (one round trip) per call, whatever the number of answers. Only open answers are
+   rewritten: one whose conversation was deleted, or that was already closed, is skipped.
 2. `load` shows an open answer as `streaming` while its conversation's turn is held, else as
    `partial` with its checkpointed text (its process died; nothing will close it). With one turn
    at a time per conversation, an open answer under a held turn is that turn's.
@@ -410,12 +410,19 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[1], 'updated', ARGV[3])
 return 1
 """
-# KEYS: conversation hash, open answers hash. ARGV: message id, record, now.
+# KEYS: conversation hash and open answers hash of each answer. ARGV: now, then message id and
+# record of each. Rewrites the answers still open; how many.
 _CHECKPOINT = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[1], 'updated', ARGV[3])
-return 1
+local written = 0
+for i = 1, #KEYS, 2 do
+  local id = ARGV[i + 1]
+  if redis.call('HEXISTS', KEYS[i + 1], id) == 1 then
+    redis.call('HSET', KEYS[i + 1], id, ARGV[i + 2])
+    redis.call('HSET', KEYS[i], 'updated', ARGV[1])
+    written = written + 1
+  end
+end
+return written
 """
 # KEYS: conversation hash, message list, open answers hash, turn key. ARGV: check the turn ("1"
 # or "0"), holder, now, then message id and record pairs. Closes each still open in place, unless
@@ -579,22 +586,18 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {err}") from err
 
     async def checkpoint(self, updates: Sequence[tuple[str, Message]], now: float) -> int:
-        """One pipeline (one round trip) of one small script per answer."""
+        """One script call (one round trip) for every answer."""
         if not updates:
             return 0
+        keys: list[str] = []
+        args: list[str | bytes | float] = [now]
+        for conversation_id, message in updates:
+            keys += [self._keys(conversation_id)[0], self._open_key(conversation_id)]
+            args += [message.message_id, orjson.dumps(message.record())]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for conversation_id, message in updates:
-                    head, _, _ = self._keys(conversation_id)
-                    await self._checkpoint(
-                        keys=[head, self._open_key(conversation_id)],
-                        args=[message.message_id, orjson.dumps(message.record()), now],
-                        client=pipe,
-                    )
-                written = await pipe.execute()
+            return int(await self._checkpoint(keys=keys, args=args))
         except RedisError as err:
             raise StoreUnavailable(f"redis: {err}") from err
-        return sum(int(w) for w in written)
 
     async def close_answer(self, conversation_id: str, message: Message, now: float) -> bool:
         return await self._closing(conversation_id, [message], now, holder=None) > 0
