@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -20,7 +21,10 @@ from service.chat.stores import (
     StoreUnavailable,
 )
 from tests.conftest import RedisServer
+from tests.fake_upstream import FakeUpstream, answer
 from tests.fixtures.make_chat_v0_db import CONTENT, messages
+from tests.process import service
+from tests.test_chat_process import history, upstream_env
 
 FIXTURE = Path(__file__).parent / "fixtures" / "chat-v0.db"
 
@@ -110,3 +114,22 @@ async def test_redis_records_its_layout_version_and_refuses_a_newer_one(
     finally:
         await store.aclose()
         await raw.aclose()
+
+
+async def test_the_service_migrates_its_file_on_start(fake: FakeUpstream, tmp_path: Path) -> None:
+    shutil.copyfile(FIXTURE, tmp_path / "conversations.db")  # the file `service` points at
+    cid, _, rows = CONTENT[1]
+    fake.queue(answer("Answered now."))
+    async with service(upstream_env(fake), tmp_path) as svc, aiohttp.ClientSession() as session:
+        kept = await history(session, svc.url, cid)
+        assert kept == [m.wire() for m in messages(rows)]
+        resp = await session.post(
+            f"{svc.url}/api/v1/ai/chat", json={"message": "Again", "conversationId": cid}
+        )
+        assert resp.status == 200
+        kept = await history(session, svc.url, cid)
+    assert [(m["content"], m["status"]) for m in kept] == [
+        ("Unanswered (its process was killed).", "complete"),
+        ("Again", "complete"),
+        ("Answered now.", "complete"),
+    ]
