@@ -73,7 +73,10 @@ class Checkpointer:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bug must not stop every later checkpoint
+                log.exception("chat.checkpoint_crashed")
 
     async def flush(self) -> int:
         """Write every open answer whose text changed since its last checkpoint, in one call;
