@@ -27,8 +27,8 @@ import structlog
 from ..config import Settings
 from ..errors import ApiError, ErrorCode
 from ..prompts import estimate_tokens
-from ..sse import valid_stream_id
 from ..relay import Meter, Result
+from ..sse import valid_stream_id
 from ..tasks import outlive_cancel
 from .conversations import (
     Conversation,
