@@ -8,17 +8,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import ClientResponse
+from prometheus_client import CollectorRegistry
 
 from service import keys
+from service.app import create_app
 from service.relay import Generation, Generations
 from service.routes.generate import GenerateVocabulary
-from service.upstream import CompletionRequest
-from tests.conftest import WAIT, Frames, Gateway, MakeGateway
+from service.upstream import CompletionRequest, OpenAIUpstream
+from tests.conftest import WAIT, Frames, Gateway, MakeGateway, make_settings
 from tests.fake_upstream import Done, Finish, Gate, Step, Text, Usage
 
 NEVER = asyncio.Event
@@ -650,3 +653,76 @@ async def test_a_chat_answer_abandoned_after_the_grace_is_saved_partial(
     assert (answer["content"], answer["status"]) == ("Hi ", "partial")
     assert gateway.outcomes("chat_stream") == {"client_disconnect": 1}
     assert gateway.sample("ai_stream_grace_expiries_total", route="chat_stream") == 1
+
+
+# --- the shared-streams seam --------------------------------------------------------------
+
+
+class FakeRemote:
+    """A stream of another instance: its events come from an async source."""
+
+    def __init__(self, events: list[bytes], ended: bool) -> None:
+        self.route = "generate_stream"
+        self.owner = ""
+        self._events = events
+        self.ended = ended
+        self.more = asyncio.Event()
+        self.closed = False
+
+    @property
+    def length(self) -> int:
+        return len(self._events)
+
+    async def events(self, after: int) -> AsyncIterator[bytes]:
+        for payload in self._events[after:]:
+            yield payload
+        if not self.ended:
+            await self.more.wait()
+            yield b'{"type":"done"}'
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeShared:
+    def __init__(self, streams: dict[str, FakeRemote]) -> None:
+        self.streams = streams
+        self.asked: list[str] = []
+
+    async def open(self, stream_id: str) -> FakeRemote | None:
+        self.asked.append(stream_id)
+        return self.streams.get(stream_id)
+
+
+async def test_a_stream_not_here_is_asked_of_the_shared_streams(
+    aiohttp_client: Any, fake: Any
+) -> None:
+    settings = make_settings(openai_base_url=fake.url, heartbeat_interval_s=0.2)
+    upstream = OpenAIUpstream(settings)
+    app = create_app(settings, upstream=upstream, registry=CollectorRegistry())
+    running, done = "R" * 22, "E" * 22
+    remote = FakeRemote([b'{"type":"start"}', b'{"type":"content"}'], ended=False)
+    finished = FakeRemote([b'{"type":"start"}', b'{"type":"done"}'], ended=True)
+    shared = FakeShared({running: remote, done: finished})
+    app[keys.SHARED_STREAMS] = shared
+    client = await aiohttp_client(app)
+    try:
+        resp = await client.get(
+            STREAMS + running,
+            headers={"Accept": "text/event-stream", "Last-Event-ID": f"{running}:1"},
+        )
+        assert resp.status == 200
+        frames = Frames(resp)
+        assert await frames.frame() == b'id: %b:2\ndata: {"type":"content"}\n\n' % running.encode()
+        await frames.until(b": ping\n")  # the remote is silent: heartbeats go on
+        remote.more.set()
+        await frames.until(b'{"type":"done"}')
+        assert frames.raw.endswith(b'id: %b:3\ndata: {"type":"done"}\n\n' % running.encode())
+        assert (await client.get(f"{STREAMS}{done}?after=2")).status == 204
+        assert (await client.get(f"{STREAMS}{done}?after=3")).status == 400
+        assert (await client.get(STREAMS + "U" * 22)).status == 404
+        assert shared.asked == [running, done, done, "U" * 22]
+        assert remote.closed
+        assert finished.closed
+    finally:
+        await upstream.aclose()
