@@ -726,3 +726,18 @@ async def test_a_stream_not_here_is_asked_of_the_shared_streams(
         assert finished.closed
     finally:
         await upstream.aclose()
+
+
+async def test_a_cancelled_chat_answer_is_saved_partial(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(resume_grace_s=GRACE_S)
+    gateway.fake.queue([Text("Hi "), Gate(NEVER())])
+    _, frames, metadata = await chat_turn(gateway, {"message": "hello"})
+    await frames.event()
+    stop = await gateway.client.post(f"{STREAMS}{metadata['messageId']}/cancel")
+    assert stop.status == 204
+    (error,) = await frames.rest()
+    assert (error["code"], error["reason"]) == ("cancelled", "cancelled")
+    cid = metadata["conversationId"]
+    conversation = await (await gateway.client.get(f"/api/v1/ai/conversations/{cid}")).json()
+    answer = conversation["messages"][-1]
+    assert (answer["content"], answer["status"]) == ("Hi ", "partial")
