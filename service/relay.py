@@ -60,11 +60,13 @@ Design notes:
    once is written by the pump as it reads, not caught up afterwards frame by frame. A reader
    that attaches later (resume) catches up while the pump goes on.
 11. A finished native stream stays findable (`Generations.find`) for `RESUME_TTL_S` after its end,
-   its log and result only: it holds no slot, no account and no task, and the shutdown drain
-   does not wait for it. What is kept is bounded by `RESUME_KEEP_MB` (the bytes of the event
-   payloads, counted once at the end); past it the oldest finished streams are dropped first. A
-   finished log is dropped lazily (at a lookup, at a scrape) and by one sweep timer for the
-   whole registry, armed for the oldest one's expiry: no timer per stream.
+   its log and result only (`shed` lets go of its request's messages, its account and its
+   `on_end`, so a flood of small abandoned streams cannot keep their prompts): it holds no slot
+   and no task, and the shutdown drain does not wait for it. What is kept is bounded by
+   `RESUME_KEEP_MB` (the bytes of the event payloads, counted once at the end); past it the
+   oldest finished streams are dropped first. A finished log is dropped lazily (at a lookup, at
+   a scrape) and by one sweep timer for the whole registry, armed for the oldest one's expiry:
+   no timer per stream.
 12. Seams for streams shared through Redis and for chat checkpoints: `Generations.on_start`
    (hooks called as a native stream starts), `Generation.held_elsewhere`, `Generation.owner`
    (the key id that started it, "" with keys off), `Generation.text_so_far()`, and the
@@ -75,6 +77,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -336,7 +339,8 @@ class Generations:
         size = sum(map(len, generation.log.events))
         if size > self.keep_bytes:
             return
-        now = asyncio.get_running_loop().time()
+        generation.shed()
+        now = time.monotonic()
         self._retained[generation.stream_id] = (generation, now, size)
         self._retained_bytes += size
         while self._retained_bytes > self.keep_bytes:
@@ -351,7 +355,7 @@ class Generations:
         """Drop the finished streams past their `ttl_s` (oldest first: all share one TTL)."""
         if not self._retained:
             return
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         while self._retained:
             _, ended_at, _ = next(iter(self._retained.values()))
             if ended_at + self.ttl_s > now:
@@ -368,7 +372,7 @@ class Generations:
     def _swept(self) -> None:
         self._sweep = None
         self.sweep()
-        self._arm_sweep(asyncio.get_running_loop().time())
+        self._arm_sweep(time.monotonic())
 
     def take(self, cap: int) -> Slot | None:
         """A slot, or None when `cap` (0 = no cap) are taken. No await: the count and the take
@@ -496,6 +500,15 @@ class Generation:
     def readers(self) -> int:
         """Readers attached now."""
         return len(self._readers)
+
+    def shed(self) -> None:
+        """Once ended and kept for readers (note 11): let go of what only the run needed (the
+        request's messages, the account, the chat turn `on_end` holds), so what a finished
+        stream keeps is its log and its result."""
+        self.request = CompletionRequest(self.request.model, [], 0)
+        self.meter = None
+        self.on_end = None
+        self.opening = None
 
     def text_so_far(self) -> str:
         """The answer's text as produced so far (all of it once ended)."""
