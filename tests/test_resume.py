@@ -573,6 +573,8 @@ async def test_a_generation_in_grace_holds_its_slot_and_readers_take_none(
     assert [r.status for r in readers] == [200, 200, 200]
     for reader in readers:
         reader.close()
+    assert (await gateway.client.post(f"{STREAMS}{sid}/cancel")).status == 204
+    await gateway.settled()
 
 
 async def test_shutdown_drains_a_generation_in_grace_and_its_reader_gets_server_shutdown(
@@ -741,3 +743,34 @@ async def test_a_cancelled_chat_answer_is_saved_partial(make_gateway: MakeGatewa
     conversation = await (await gateway.client.get(f"/api/v1/ai/conversations/{cid}")).json()
     answer = conversation["messages"][-1]
     assert (answer["content"], answer["status"]) == ("Hi ", "partial")
+
+
+async def test_a_reader_held_elsewhere_restarts_the_grace(make_gateway: MakeGateway) -> None:
+    """The shared streams' seam: while a reader on another instance holds the stream, the grace
+    timer starts again instead of ending it."""
+    gateway = await make_gateway(resume_grace_s=0.3)
+    asked: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def held() -> bool:
+        asked.append(loop.time())
+        return len(asked) < 3  # held for two windows, then let go
+
+    def hook(g: Generation) -> None:
+        g.held_elsewhere = held
+
+    gateway.client.app[keys.LIVE].on_start.append(hook)
+    gateway.fake.queue([Text("a"), Gate(NEVER())])
+    resp, frames = await gateway.stream({"prompt": "x"})
+    await frames.event()
+    await frames.event()
+    left = loop.time()
+    resp.close()
+    async with asyncio.timeout(WAIT):
+        await gateway.fake.seen[0].ended.wait()
+    assert len(asked) == 3
+    assert asked[-1] - left >= 0.9 * 3 * 0.3
+    await gateway.settled()
+    assert gateway.outcomes() == {"client_disconnect": 1}
+    assert gateway.sample("ai_stream_grace_expiries_total", route="generate_stream") == 1
+    assert gateway.sample("ai_stream_generations_unread", route="generate_stream") == 0
