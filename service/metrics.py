@@ -55,6 +55,11 @@ class Metrics:
     limiter_errors: Counter
     checkpoints: Counter
     checkpoint_answers: Counter
+    resumes: Counter
+    generations_unread: Gauge
+    grace_expiries: Counter
+    retained_streams: Gauge
+    retained_bytes: Gauge
     _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
     def model_label(self, model: str) -> str:
@@ -141,5 +146,33 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
         ),
         checkpoint_answers=Counter(
             f"{PREFIX}_checkpoint_answers", "Open chat answers written by checkpoints", registry=r
+        ),
+        resumes=Counter(
+            f"{PREFIX}_resumes",
+            "Readers coming back to a stream by its cursor, by what they got",
+            ["route", "outcome"],
+            registry=r,
+        ),
+        generations_unread=Gauge(
+            f"{PREFIX}_generations_unread",
+            "Generations running with no reader (in their grace window)",
+            ["route"],
+            registry=r,
+        ),
+        grace_expiries=Counter(
+            f"{PREFIX}_grace_expiries",
+            "Generations ended because no reader came back within the grace window",
+            ["route"],
+            registry=r,
+        ),
+        retained_streams=Gauge(
+            f"{PREFIX}_resume_retained_streams",
+            "Finished streams kept readable for RESUME_TTL_S",
+            registry=r,
+        ),
+        retained_bytes=Gauge(
+            f"{PREFIX}_resume_retained_bytes",
+            "Event bytes of the finished streams kept readable",
+            registry=r,
         ),
     )

@@ -250,6 +250,18 @@ async def test_held_turns_lists_each_holder(store: ConversationStore) -> None:
     assert await store.held_turns() == []
 
 
+async def test_turn_holder_names_who_holds_the_turn(store: ConversationStore) -> None:
+    """A refused turn reads who holds it (the holder's token names the stream to resume)."""
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    assert await store.turn_holder(cid) is None
+    assert await store.take_turn(cid, "answer-id|host", 30)
+    assert await store.turn_holder(cid) == "answer-id|host"
+    await store.release_turn(cid, "answer-id|host")
+    assert await store.turn_holder(cid) is None
+    assert await store.turn_holder(new_conversation_id()) is None
+
+
 async def test_redis_store_answers_the_first_request_after_a_redis_restart() -> None:
     """Pooled connections are stale once Redis restarts; the first calls after it still succeed."""
     server = await start_redis()

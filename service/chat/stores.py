@@ -106,6 +106,10 @@ class ConversationStore(Protocol):
 
     async def release_turn(self, conversation_id: str, turn: str) -> None: ...
 
+    async def turn_holder(self, conversation_id: str) -> str | None:
+        """Who holds the conversation's turn now (None: nobody)."""
+        ...
+
     async def held_turns(self) -> list[tuple[str, str]]:
         """(conversation id, holder) of every turn held now."""
 
@@ -373,6 +377,16 @@ class SqliteStore:
             "UPDATE conversations SET turn = NULL, turn_until = NULL WHERE id = ? AND turn = ?",
             (conversation_id, turn),
         )
+
+    async def turn_holder(self, conversation_id: str) -> str | None:
+        return await self._call(self._turn_holder, conversation_id)
+
+    def _turn_holder(self, conversation_id: str) -> str | None:
+        row = self.db.execute(
+            "SELECT turn FROM conversations WHERE id = ? AND turn_until >= ?",
+            (conversation_id, self._clock()),
+        ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
     async def held_turns(self) -> list[tuple[str, str]]:
         return await self._call(self._held_turns)
@@ -652,6 +666,16 @@ class RedisStore:
             await self._release(keys=[key], args=[turn])
         except RedisError as err:
             raise StoreUnavailable(f"redis: {err}") from err
+
+    async def turn_holder(self, conversation_id: str) -> str | None:
+        _, _, key = self._keys(conversation_id)
+        try:
+            value = await self._redis.get(key)
+        except RedisError as err:
+            raise StoreUnavailable(f"redis: {err}") from err
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     async def held_turns(self) -> list[tuple[str, str]]:
         """Every turn key, found with SCAN (start-up only: one pass over the keyspace)."""

@@ -36,6 +36,7 @@ from ..errors import ApiError, ErrorCode
 from ..metrics import Metrics
 from ..prompts import estimate_tokens
 from ..relay import Meter, Result
+from ..sse import valid_stream_id
 from ..tasks import outlive_cancel
 from .checkpoints import Checkpointer
 from .conversations import (
@@ -47,7 +48,7 @@ from .conversations import (
     status_of,
     valid_conversation_id,
 )
-from .holders import gone, new_holder
+from .holders import gone, new_holder, token_of
 from .stores import ConversationStore, StoreUnavailable
 
 log = structlog.get_logger("service.chat")
@@ -154,12 +155,14 @@ class Chats:
         answer is saved if a generation ended, otherwise the user's message is taken back; then
         the turn is released. That work outlives a cancellation, and `aclose()` waits for it."""
         now = self._clock()
+        answer_id = new_message_id()
         turn = Turn(
             conversation_id or new_conversation_id(),
             owner,
             conversation_id is None,
             Message(new_message_id(), "user", text, "complete", now, now),
-            new_message_id(),
+            answer_id,
+            holder=new_holder(answer_id),  # a refused turn names the stream to resume
         )
         try:
             await self._begin(turn)
@@ -189,10 +192,14 @@ class Chats:
         turn.held = True
         if not await self.store.take_turn(cid, turn.holder, TURN_LEASE_S):
             turn.held = False
+            holder = await self.store.turn_holder(cid)
+            answering = token_of(holder) if holder else ""
             raise ApiError(
                 ErrorCode.CONFLICT,
                 "Another message in this conversation is still being answered; "
                 "send this one when it has finished.",
+                # the answer being written, to resume (GET /api/v1/ai/streams/{streamId})
+                details={"streamId": answering} if valid_stream_id(answering) else None,
             )
         # Read after taking the turn: the previous turn saved its answer before releasing.
         conversation = await self.store.load(cid, HISTORY_WINDOW)
