@@ -53,6 +53,9 @@ class Metrics:
     upstream_retries: Counter
     heartbeats: Counter
     limiter_errors: Counter
+    resume_redis_flushes: Counter
+    resume_redis_events: Counter
+    resume_orphans: Counter
     _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
     def model_label(self, model: str) -> str:
@@ -133,5 +136,18 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
         heartbeats=Counter(f"{PREFIX}_heartbeats", "Heartbeat comments written", registry=r),
         limiter_errors=Counter(
             f"{PREFIX}_limiter_errors", "Rate-limit store (Redis) failures", registry=r
+        ),
+        resume_redis_flushes=Counter(
+            f"{PREFIX}_resume_redis_flushes",
+            "Pipelines of stream events sent to Redis",
+            registry=r,
+        ),
+        resume_redis_events=Counter(
+            f"{PREFIX}_resume_redis_events", "Stream events appended to Redis", registry=r
+        ),
+        resume_orphans=Counter(
+            f"{PREFIX}_resume_orphans",
+            "Streams whose producer was found dead",
+            registry=r,
         ),
     )

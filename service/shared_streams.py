@@ -1,0 +1,508 @@
+"""A stream's events in Redis, so a reader on any instance can resume it (`REDIS_URL`).
+
+The producing instance `publish`es a generation's `EventLog`; one flusher task per instance
+copies every published log's new events into Redis. A reader anywhere `open`s a stream by id and
+`read`s it from a cursor: the events after it, then the live ones, ending after the terminal
+event. Keys of one stream share a hash tag, `aistream:resume:{<id>}:<kind>`:
+
+- `events`: a Redis Stream; event n is entry `"<n>-0"` with field `d` (its payload, one JSON
+  line), so resuming after n events is one `XREAD` from `"<n>-0"`. The end is the entry
+  `"<N>-1"` (field `e`), right after the last event N: a reader stops at an entry whose sequence
+  part is 1. Never trimmed.
+- `meta`: a hash (`StreamMeta`), plus `ended` = N once the end entry is written.
+- `lease`: the producer's lease, TTL `lease_s`, renewed by the flusher.
+- `cancel`: set by `request_cancel`; the producer's flusher sees it and calls `on_cancel` once.
+- `readers`: "a reader is present", TTL `2 * lease_s`, kept alive by `RemoteStream.read`.
+And one set for all instances, `aistream:resume:live`: a sorted set of running stream ids scored
+by their lease deadline (the producer's clock), for the sweep.
+
+Interface (what the relay and the routes call):
+- `SharedStreams(redis, instance=..., flush_ms=..., ttl_s=..., lease_s=3.0, metrics=None,
+  on_orphan=None)`, `await start()`, `await aclose()`.
+- `publish(meta, log, on_cancel) -> Publication`: synchronous, no round trip; the log is read
+  from the flusher's task only. `Publication.remote_readers()` is what the last flush saw;
+  `Publication.claimed` is true when a reader declared the producer dead (note 5).
+- `await open(stream_id) -> RemoteStream | None`; `RemoteStream.meta`,
+  `await RemoteStream.length() -> (events, ended)`, `RemoteStream.read(after)` (async iterator of
+  `(n, payload)`).
+- `await request_cancel(stream_id, owner) -> bool`.
+Redis errors from `open`, `length`, `read` and `request_cancel` propagate (`RedisError`): what a
+failed read means to a client is the route's business. The flusher and the sweep never raise.
+
+Design notes:
+1. One pipeline per flush for all published streams with something to send, never one round
+   trip per token: each stream's step is one `EVALSHA` of `APPEND` (its new events, its expiry,
+   its lease, and back its cancel flag and reader presence). Nothing is sent when nothing
+   changed, except that each stream's lease and expiry are renewed every `lease_s / 3`. The
+   pumps never wait for Redis: a log is only read, in the flusher's task, and what Redis has not
+   taken yet stays in the log (which is authoritative) and goes out at the next flush.
+2. `APPEND` checks that the stream holds exactly the events the producer believes it flushed. A
+   Redis that restarted empty (or lost the stream) answers with its length instead; the
+   producer then sends the meta and every event again at the next flush. A failed pipeline is
+   retried at the next tick, after a backoff that doubles up to `lease_s / 3` (one log line per
+   run of failures, one when it recovers).
+3. Expiry: every key of a running stream expires `ttl_s + lease_s` after its last renewal, so a
+   killed producer leaves nothing after that (the sweep or a reader usually ends it earlier, and
+   then it expires `ttl_s` after that). At the end the expiry becomes `max(ttl_s, lease_s)`: a
+   `RESUME_TTL_S` of 0 still lets readers in flight read the end. The live set expires the same
+   way with its last renewal.
+4. A dead producer: a reader whose `XREAD` waited `lease_s / 3` with nothing, and a sweep every
+   `lease_s` on every instance over the live set's overdue entries, try `CLAIM`: atomically,
+   only when the lease is gone and the stream has not ended, it appends `meta.lost` as the next
+   event and the end entry. Exactly one claimer wins; it reconstructs the text that reached
+   Redis (`relayed_text`) and awaits `on_orphan(meta, text)`. Readers then read the lost event
+   as their terminal one: within `lease_s` plus `lease_s / 3` plus a round trip of the death.
+   A stream whose keys are gone altogether (expired, or a Redis that restarted empty with no
+   producer to fill it again) ends its readers with `meta.lost` too, after `lease_s` of absence.
+5. A producer whose lease lapsed while it was alive (Redis unreachable for over `lease_s`) finds
+   its stream claimed at its next flush: its publication is dropped and marked `claimed`; the
+   local readers go on, the remote ones have their terminal event.
+6. Presence is refreshed by a reader between two reads, not while its consumer holds it
+   suspended at a `yield` (a client slow to take a write), so a reader blocked for over
+   `2 * lease_s` may be seen absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import NoScriptError, RedisError
+
+from .events import EventLog
+from .metrics import Metrics
+
+log = structlog.get_logger("service.shared_streams")
+
+LIVE = "aistream:resume:live"
+SWEEP_BATCH = 100
+KINDS = ("events", "meta", "lease", "cancel", "readers")
+
+# KEYS: events, meta, lease, cancel, readers. ARGV: events flushed so far, lease ms, expiry ms,
+# final (1: write the end entry and drop the lease), lease holder, meta field count, meta
+# fields and values, then the new payloads. Reply: {status, length, cancel, readers}; status 1
+# appended, -1 the stream does not hold `flushed` events (length = what it holds; note 2), -2
+# the stream has ended without us (claimed, note 5).
+APPEND = """
+local flushed, lease_ms, expire_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local final, nmeta = ARGV[4] == '1', tonumber(ARGV[6])
+local cancel = redis.call('EXISTS', KEYS[4])
+local readers = redis.call('EXISTS', KEYS[5])
+if redis.call('HEXISTS', KEYS[2], 'ended') == 1 then return {-2, 0, cancel, readers} end
+local n = redis.call('XLEN', KEYS[1])
+if n ~= flushed then return {-1, n, cancel, readers} end
+if flushed == 0 and nmeta > 0 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 7, 6 + 2 * nmeta))
+end
+local first = 7 + 2 * nmeta
+for i = first, #ARGV do
+  n = n + 1
+  redis.call('XADD', KEYS[1], n .. '-0', 'd', ARGV[i])
+end
+if final then
+  redis.call('XADD', KEYS[1], n .. '-1', 'e', '1')
+  redis.call('HSET', KEYS[2], 'ended', n)
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', lease_ms)
+end
+for i = 1, 5 do
+  if i ~= 3 then redis.call('PEXPIRE', KEYS[i], expire_ms) end
+end
+return {1, n, cancel, readers}
+"""
+
+# KEYS: events, meta, lease, cancel, readers. ARGV: expiry ms. Reply: the lost event's number
+# when this call claimed the stream (note 4), else 0.
+CLAIM = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[2], 'ended') == 1 then return 0 end
+local n = redis.call('XLEN', KEYS[1]) + 1
+redis.call('XADD', KEYS[1], n .. '-0', 'd', redis.call('HGET', KEYS[2], 'lost'))
+redis.call('XADD', KEYS[1], n .. '-1', 'e', '1')
+redis.call('HSET', KEYS[2], 'ended', n)
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1])) end
+return n
+"""
+
+# KEYS: meta, cancel. ARGV: owner. Reply: 1 requested (or already ended), 0 unknown or not the
+# owner's.
+CANCEL = """
+local meta = redis.call('HMGET', KEYS[1], 'owner', 'ended')
+if not meta[1] then return 0 end
+if meta[1] ~= '' and meta[1] ~= ARGV[1] then return 0 end
+if meta[2] then return 1 end
+redis.call('SET', KEYS[2], '1', 'PX', math.max(1, redis.call('PTTL', KEYS[1])))
+return 1
+"""
+
+
+def keys_of(stream_id: str) -> list[str]:
+    """The stream's keys, in the order the scripts take them."""
+    return [f"aistream:resume:{{{stream_id}}}:{kind}" for kind in KINDS]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMeta:
+    stream_id: str
+    route: str
+    owner: str  # the API key's id, "" when keys are off
+    instance: str
+    created: float
+    lost: bytes  # the terminal payload readers get if the producer dies (one JSON line)
+    conversation_id: str | None = None  # chat answers
+    message_id: str | None = None
+
+    def fields(self) -> list[bytes | str]:
+        out: list[bytes | str] = ["route", self.route, "owner", self.owner]
+        out += ["instance", self.instance, "created", repr(self.created), "lost", self.lost]
+        if self.conversation_id is not None:
+            out += ["conversation_id", self.conversation_id]
+        if self.message_id is not None:
+            out += ["message_id", self.message_id]
+        return out
+
+    @classmethod
+    def parse(cls, stream_id: str, raw: dict[bytes, bytes]) -> StreamMeta:
+        def opt(name: bytes) -> str | None:
+            value = raw.get(name)
+            return None if value is None else value.decode()
+
+        return cls(
+            stream_id=stream_id,
+            route=raw[b"route"].decode(),
+            owner=raw[b"owner"].decode(),
+            instance=raw[b"instance"].decode(),
+            created=float(raw[b"created"]),
+            lost=raw[b"lost"],
+            conversation_id=opt(b"conversation_id"),
+            message_id=opt(b"message_id"),
+        )
+
+
+def relayed_text(payloads: list[bytes]) -> str:
+    """The text a stream relayed: chat `token` contents and generate `content` deltas, joined."""
+    parts: list[str] = []
+    for payload in payloads:
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        kind = event.get("type")
+        text = event.get("content") if kind == "token" else event.get("delta")
+        if kind in ("token", "content") and isinstance(text, str):
+            parts.append(text)
+    return "".join(parts)
+
+
+@dataclass(eq=False)
+class Publication:
+    """A published log, as the flusher sees it."""
+
+    meta: StreamMeta
+    log: EventLog
+    on_cancel: Callable[[], None]
+    flushed: int = 0  # events Redis holds
+    renew_at: float = 0.0  # loop time of the next lease renewal when nothing changed
+    readers: bool = False
+    cancelled: bool = False
+    claimed: bool = False  # note 5
+    done: bool = False
+    _sending: int = field(default=0, repr=False)
+    _final: bool = field(default=False, repr=False)
+
+    def remote_readers(self) -> bool:
+        """A reader on any instance was present at the last flush."""
+        return self.readers
+
+    def due(self, now: float) -> bool:
+        return len(self.log.events) > self.flushed or self.log.ended or now >= self.renew_at
+
+    def stage(self, pipe: Any, sha: str, lease_ms: int, ttl_ms: int, expire_ms: int) -> None:
+        events = self.log.events
+        self._sending = len(events)
+        self._final = self.log.ended
+        meta = self.meta.fields() if self.flushed == 0 else []
+        args: list[Any] = [self.flushed, lease_ms, ttl_ms if self._final else expire_ms]
+        args += [1 if self._final else 0, self.meta.instance, len(meta) // 2, *meta]
+        args += events[self.flushed : self._sending]
+        pipe.evalsha(sha, len(KINDS), *keys_of(self.meta.stream_id), *args)
+
+    def apply(self, reply: list[int], now: float, renew_s: float) -> int:
+        """Take the flush's answer; the number of events appended."""
+        status, length, cancel, readers = (int(x) for x in reply)
+        self.readers = bool(readers)
+        if cancel and not self.cancelled:
+            self.cancelled = True
+            try:
+                self.on_cancel()
+            except Exception:
+                log.exception("resume.on_cancel_failed", stream_id=self.meta.stream_id)
+        if status == -2:
+            self.claimed = self.done = True
+            log.warning("resume.stream_claimed", stream_id=self.meta.stream_id)
+            return 0
+        if status == -1:
+            log.warning("resume.stream_lost", stream_id=self.meta.stream_id, length=length)
+            self.flushed = 0  # note 2: everything again at the next flush
+            return 0
+        appended = self._sending - self.flushed
+        self.flushed = self._sending
+        self.renew_at = now + renew_s
+        self.done = self._final
+        return appended
+
+
+class SharedStreams:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        instance: str,
+        flush_ms: int,
+        ttl_s: float,
+        lease_s: float = 3.0,
+        metrics: Metrics | None = None,
+        on_orphan: Callable[[StreamMeta, str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.instance = instance
+        self.flush_s = flush_ms / 1000
+        self.lease_s = lease_s
+        self.renew_s = lease_s / 3
+        self.lease_ms = max(1, round(lease_s * 1000))
+        self.running_ms = max(1, round((ttl_s + lease_s) * 1000))  # note 3
+        self.ended_ms = max(1, round(max(ttl_s, lease_s) * 1000))
+        self.presence_ms = max(1, round(2 * lease_s * 1000))
+        self.metrics = metrics
+        self.on_orphan = on_orphan
+        self.publications: dict[str, Publication] = {}
+        self._append = redis.register_script(APPEND)
+        self._claim = redis.register_script(CLAIM)
+        self._cancel = redis.register_script(CANCEL)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failures = 0
+
+    async def start(self) -> None:
+        """Start the flusher and the sweep (Redis need not be up: the flusher retries)."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.script_load(APPEND)
+        self._tasks = [
+            asyncio.create_task(self._flusher(), name="resume-flusher"),
+            asyncio.create_task(self._sweeper(), name="resume-sweeper"),
+        ]
+
+    async def aclose(self) -> None:
+        """Stop the tasks, after one last bounded flush of what is pending."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(self.lease_s, 1.0)):
+                await self.flush()
+
+    # -- producer side
+
+    def publish(
+        self, meta: StreamMeta, events: EventLog, on_cancel: Callable[[], None]
+    ) -> Publication:
+        """Copy `events` into Redis from now on, until it has ended and all of it is there."""
+        publication = Publication(meta, events, on_cancel)
+        self.publications[meta.stream_id] = publication
+        return publication
+
+    async def flush(self) -> bool:
+        """One pipeline for every publication with something to send; False when Redis failed."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = [p for p in self.publications.values() if p.due(now)]
+        if not due:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        for p in due:
+            p.stage(pipe, self._append.sha, self.lease_ms, self.ended_ms, self.running_ms)
+        deadline = time.time() + self.lease_s
+        if running := {p.meta.stream_id: deadline for p in due if not p._final}:
+            pipe.zadd(LIVE, running)
+            pipe.pexpire(LIVE, self.running_ms)
+        if ended := [p.meta.stream_id for p in due if p._final]:
+            pipe.zrem(LIVE, *ended)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as err:
+            self._failed(err)
+            return False
+        if self.metrics is not None:
+            self.metrics.resume_redis_flushes.inc()
+        now = loop.time()
+        appended = 0
+        unloaded = False
+        for p, reply in zip(due, replies, strict=False):
+            if isinstance(reply, NoScriptError):  # a Redis that restarted: note 2
+                unloaded = True
+                continue
+            if isinstance(reply, Exception):
+                self._failed(reply)
+                continue
+            appended += p.apply(reply, now, self.renew_s)
+            if p.done and self.publications.get(p.meta.stream_id) is p:
+                del self.publications[p.meta.stream_id]
+        if unloaded:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.script_load(APPEND)
+        if self.metrics is not None and appended:
+            self.metrics.resume_redis_events.inc(appended)
+        if self._failures:
+            log.info("resume.redis_recovered", failures=self._failures)
+            self._failures = 0
+        return True
+
+    def _failed(self, err: BaseException) -> None:
+        if not self._failures:
+            log.warning("resume.redis_failed", error=repr(err))
+        self._failures += 1
+
+    async def _flusher(self) -> None:
+        pause = self.flush_s
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                ok = await self.flush()
+            except Exception:  # never let the flusher die; the next tick retries
+                log.exception("resume.flush_error")
+                ok = False
+            pause = self.flush_s if ok else min(max(pause * 2, self.flush_s), self.renew_s)
+
+    # -- any instance
+
+    async def open(self, stream_id: str) -> RemoteStream | None:
+        raw: Any = await self.redis.hgetall(keys_of(stream_id)[1])
+        if not raw or b"lost" not in raw:
+            return None
+        return RemoteStream(self, StreamMeta.parse(stream_id, raw))
+
+    async def request_cancel(self, stream_id: str, owner: str) -> bool:
+        keys = keys_of(stream_id)
+        return bool(await self._cancel(keys=[keys[1], keys[3]], args=[owner]))
+
+    async def claim(self, meta: StreamMeta) -> bool:
+        """End a stream whose producer is gone (note 4); True for the one caller that did."""
+        n = int(await self._claim(keys=keys_of(meta.stream_id), args=[self.ended_ms]))
+        if not n:
+            return False
+        if self.metrics is not None:
+            self.metrics.resume_orphans.inc()
+        await self.redis.zrem(LIVE, meta.stream_id)
+        log.warning("resume.producer_lost", stream_id=meta.stream_id, instance=meta.instance)
+        if self.on_orphan is not None:
+            entries: Any = await self.redis.xrange(keys_of(meta.stream_id)[0], "-", f"{n - 1}-0")
+            text = relayed_text([fields[b"d"] for _, fields in entries if b"d" in fields])
+            try:
+                await self.on_orphan(meta, text)
+            except Exception:
+                log.exception("resume.on_orphan_failed", stream_id=meta.stream_id)
+        return True
+
+    async def sweep(self) -> int:
+        """Claim the overdue streams of the live set; how many this call claimed."""
+        overdue: Any = await self.redis.zrangebyscore(LIVE, "-inf", time.time(), 0, SWEEP_BATCH)
+        claimed = 0
+        for raw_id in overdue:
+            stream_id = raw_id.decode()
+            if stream_id in self.publications:
+                continue  # ours and alive: the flusher renews it
+            remote = await self.open(stream_id)
+            if remote is None:
+                await self.redis.zrem(LIVE, stream_id)
+            elif await self.claim(remote.meta):
+                claimed += 1
+        return claimed
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s)
+            try:
+                await self.sweep()
+            except (RedisError, OSError) as err:
+                log.warning("resume.sweep_failed", error=repr(err))
+
+
+class RemoteStream:
+    """A stream read from Redis, on any instance."""
+
+    def __init__(self, shared: SharedStreams, meta: StreamMeta) -> None:
+        self.shared = shared
+        self.meta = meta
+        self.keys = keys_of(meta.stream_id)
+
+    async def length(self) -> tuple[int, bool]:
+        """Events so far (as far as Redis has them), and whether the last one is the terminal."""
+        pipe = self.shared.redis.pipeline(transaction=False)
+        pipe.hget(self.keys[1], "ended")
+        pipe.xlen(self.keys[0])
+        ended, length = await pipe.execute()
+        if ended is not None:
+            return int(ended), True
+        return int(length), False
+
+    async def read(self, after: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Events `after + 1`... then the live ones, ending after the terminal event."""
+        shared, redis = self.shared, self.shared.redis
+        loop = asyncio.get_running_loop()
+        block_ms = max(1, round(shared.renew_s * 1000))
+        cursor, last_id = after, f"{after}-0"
+        present_at = -float("inf")
+        missing_since: float | None = None
+        while True:
+            now = loop.time()
+            if now - present_at >= shared.renew_s:
+                await redis.set(self.keys[4], b"1", px=shared.presence_ms)
+                present_at = now
+            reply: Any = await redis.xread({self.keys[0]: last_id}, count=1000, block=block_ms)
+            if reply:
+                for entry_id, fields in reply[0][1]:
+                    last_id = entry_id.decode()
+                    seq, part = last_id.split("-")
+                    if part == "1":
+                        return
+                    cursor = int(seq)
+                    yield cursor, fields[b"d"]
+                missing_since = None
+                continue
+            if await self._gone(shared):
+                missing_since = now if missing_since is None else missing_since
+                if now - missing_since >= shared.lease_s:  # note 4
+                    yield cursor + 1, self.meta.lost
+                    return
+            else:
+                missing_since = None
+
+    async def _gone(self, shared: SharedStreams) -> bool:
+        """After a silent wait: claim the stream if its producer is gone; True when the stream
+        itself is gone."""
+        pipe = shared.redis.pipeline(transaction=False)
+        pipe.exists(self.keys[1])
+        pipe.exists(self.keys[2])
+        pipe.hexists(self.keys[1], "ended")
+        has_meta, has_lease, ended = await pipe.execute()
+        if not has_meta:
+            return True
+        if not has_lease and not ended:
+            await shared.claim(self.meta)
+        return False
+
+
+__all__ = ["Publication", "RemoteStream", "SharedStreams", "StreamMeta", "relayed_text"]
