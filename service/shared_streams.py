@@ -17,8 +17,10 @@ And one set for all instances, `aistream:resume:live`: a sorted set of running s
 by their lease deadline (the producer's clock), for the sweep.
 
 Interface (what the relay and the routes call):
+- `connect(url, lease_s=3.0) -> redis.asyncio.Redis`: a client with fitting timeouts.
 - `SharedStreams(redis, instance=..., flush_ms=..., ttl_s=..., lease_s=3.0, metrics=None,
-  on_orphan=None)`, `await start()`, `await aclose()`.
+  on_orphan=None, outage_s=10.0)`, `await start()`, `await aclose()` (the client stays the
+  caller's to close).
 - `publish(meta, log, on_cancel) -> Publication`: synchronous, no round trip; the log is read
   from the flusher's task only. `Publication.remote_readers()` is what the last flush saw;
   `Publication.claimed` is true when a reader declared the producer dead (note 5).
@@ -41,13 +43,15 @@ Design notes:
    producer then sends the meta and every event again at the next flush. A failed pipeline is
    retried at the next tick, after a backoff that doubles up to `lease_s / 3` (one log line per
    run of failures, one when it recovers).
-3. Expiry: every key of a running stream expires `ttl_s + lease_s` after its last renewal, so a
-   killed producer leaves nothing after that (the sweep or a reader usually ends it earlier, and
-   then it expires `ttl_s` after that). At the end the expiry becomes `max(ttl_s, lease_s)`: a
-   `RESUME_TTL_S` of 0 still lets readers in flight read the end. The live set expires the same
-   way with its last renewal.
+3. Expiry: an ended stream's keys expire `max(ttl_s, lease_s)` after the end (a `RESUME_TTL_S`
+   of 0 still lets readers in flight read the end). A running stream's keys expire that plus
+   `lease_s` after their last renewal, which leaves a sweep (every `lease_s / 2`) time to claim
+   a dead producer's stream after its lease lapsed and before its keys go. So a killed
+   producer leaves nothing `max(ttl_s, lease_s) + 1.5 * lease_s` after its death (claimed), or
+   `max(ttl_s, lease_s) + lease_s` (no instance left to claim it). The live set expires with
+   its last renewal the same way.
 4. A dead producer: a reader whose `XREAD` waited `lease_s / 3` with nothing, and a sweep every
-   `lease_s` on every instance over the live set's overdue entries, try `CLAIM`: atomically,
+   `lease_s / 2` on every instance over the live set's overdue entries, try `CLAIM`: atomically,
    only when the lease is gone and the stream has not ended, it appends `meta.lost` as the next
    event and the end entry. Exactly one claimer wins; it reconstructs the text that reached
    Redis (`relayed_text`) and awaits `on_orphan(meta, text)`. Readers then read the lost event
@@ -60,6 +64,9 @@ Design notes:
 6. Presence is refreshed by a reader between two reads, not while its consumer holds it
    suspended at a `yield` (a client slow to take a write), so a reader blocked for over
    `2 * lease_s` may be seen absent.
+7. A reader rides out a Redis it cannot reach for up to `outage_s` (default 10), retrying every
+   `lease_s / 3` from its cursor, then raises: a Redis restart costs a reader a pause, not its
+   stream. The client's `socket_timeout` must exceed `lease_s / 3` (the blocking `XREAD`).
 """
 
 from __future__ import annotations
@@ -74,7 +81,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .events import EventLog
 from .metrics import Metrics
@@ -113,7 +124,7 @@ if final then
 else
   redis.call('SET', KEYS[3], ARGV[5], 'PX', lease_ms)
 end
-for i = 1, 5 do
+for i = 1, 4 do  -- the lease has its own TTL, and so has the readers' presence (note 6)
   if i ~= 3 then redis.call('PEXPIRE', KEYS[i], expire_ms) end
 end
 return {1, n, cancel, readers}
@@ -129,7 +140,7 @@ local n = redis.call('XLEN', KEYS[1]) + 1
 redis.call('XADD', KEYS[1], n .. '-0', 'd', redis.call('HGET', KEYS[2], 'lost'))
 redis.call('XADD', KEYS[1], n .. '-1', 'e', '1')
 redis.call('HSET', KEYS[2], 'ended', n)
-for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1])) end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1])) end
 return n
 """
 
@@ -143,6 +154,17 @@ if meta[2] then return 1 end
 redis.call('SET', KEYS[2], '1', 'PX', math.max(1, redis.call('PTTL', KEYS[1])))
 return 1
 """
+
+
+def connect(url: str, *, lease_s: float = 3.0) -> aioredis.Redis:
+    """A client fit for `SharedStreams`: bytes replies, a read timeout above the readers'
+    blocking wait (note 7), one reconnect on a stale connection (as the stores do)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=lease_s / 3 + 2.0,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )
 
 
 def keys_of(stream_id: str) -> list[str]:
@@ -274,15 +296,17 @@ class SharedStreams:
         lease_s: float = 3.0,
         metrics: Metrics | None = None,
         on_orphan: Callable[[StreamMeta, str], Awaitable[None]] | None = None,
+        outage_s: float = 10.0,
     ) -> None:
         self.redis = redis
+        self.outage_s = outage_s
         self.instance = instance
         self.flush_s = flush_ms / 1000
         self.lease_s = lease_s
         self.renew_s = lease_s / 3
         self.lease_ms = max(1, round(lease_s * 1000))
-        self.running_ms = max(1, round((ttl_s + lease_s) * 1000))  # note 3
-        self.ended_ms = max(1, round(max(ttl_s, lease_s) * 1000))
+        self.ended_ms = max(1, round(max(ttl_s, lease_s) * 1000))  # note 3
+        self.running_ms = self.ended_ms + self.lease_ms
         self.presence_ms = max(1, round(2 * lease_s * 1000))
         self.metrics = metrics
         self.on_orphan = on_orphan
@@ -433,7 +457,7 @@ class SharedStreams:
 
     async def _sweeper(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_s)
+            await asyncio.sleep(self.lease_s / 2)  # note 3
             try:
                 await self.sweep()
             except (RedisError, OSError) as err:
@@ -466,12 +490,22 @@ class RemoteStream:
         cursor, last_id = after, f"{after}-0"
         present_at = -float("inf")
         missing_since: float | None = None
+        failing_since: float | None = None
         while True:
             now = loop.time()
-            if now - present_at >= shared.renew_s:
-                await redis.set(self.keys[4], b"1", px=shared.presence_ms)
-                present_at = now
-            reply: Any = await redis.xread({self.keys[0]: last_id}, count=1000, block=block_ms)
+            try:
+                if now - present_at >= shared.renew_s:
+                    await redis.set(self.keys[4], b"1", px=shared.presence_ms)
+                    present_at = now
+                reply: Any = await redis.xread({self.keys[0]: last_id}, count=1000, block=block_ms)
+                gone = False if reply else await self._gone(shared)
+            except (RedisConnectionError, RedisTimeoutError, OSError):  # note 7
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= shared.outage_s:
+                    raise
+                await asyncio.sleep(shared.renew_s)  # bounded by outage_s: Redis is unreachable
+                continue
+            failing_since = None
             if reply:
                 for entry_id, fields in reply[0][1]:
                     last_id = entry_id.decode()
@@ -482,7 +516,7 @@ class RemoteStream:
                     yield cursor, fields[b"d"]
                 missing_since = None
                 continue
-            if await self._gone(shared):
+            if gone:
                 missing_since = now if missing_since is None else missing_since
                 if now - missing_since >= shared.lease_s:  # note 4
                     yield cursor + 1, self.meta.lost
@@ -505,4 +539,11 @@ class RemoteStream:
         return False
 
 
-__all__ = ["Publication", "RemoteStream", "SharedStreams", "StreamMeta", "relayed_text"]
+__all__ = [
+    "Publication",
+    "RemoteStream",
+    "SharedStreams",
+    "StreamMeta",
+    "connect",
+    "relayed_text",
+]
