@@ -130,18 +130,24 @@ end
 return {1, n, cancel, readers}
 """
 
-# KEYS: events, meta, lease, cancel, readers. ARGV: expiry ms. Reply: the lost event's number
-# when this call claimed the stream (note 4), else 0.
+# KEYS: events, meta, lease, cancel, readers. ARGV: expiry ms. Reply: {n, payloads...} when this
+# call claimed the stream (note 4): n the lost event's number, the payloads those before it;
+# {0} when its producer is alive; {-1} when it has ended or is gone.
 CLAIM = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-if redis.call('HEXISTS', KEYS[2], 'ended') == 1 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
+if redis.call('HEXISTS', KEYS[2], 'ended') == 1 then return {-1} end
+local out = {0}
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  if entry[2][1] == 'd' then out[#out + 1] = entry[2][2] end
+end
 local n = redis.call('XLEN', KEYS[1]) + 1
+out[1] = n
 redis.call('XADD', KEYS[1], n .. '-0', 'd', redis.call('HGET', KEYS[2], 'lost'))
 redis.call('XADD', KEYS[1], n .. '-1', 'e', '1')
 redis.call('HSET', KEYS[2], 'ended', n)
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1])) end
-return n
+return out
 """
 
 # KEYS: meta, cancel. ARGV: owner. Reply: 1 requested (or already ended), 0 unknown or not the
@@ -422,22 +428,23 @@ class SharedStreams:
         keys = keys_of(stream_id)
         return bool(await self._cancel(keys=[keys[1], keys[3]], args=[owner]))
 
-    async def claim(self, meta: StreamMeta) -> bool:
-        """End a stream whose producer is gone (note 4); True for the one caller that did."""
-        n = int(await self._claim(keys=keys_of(meta.stream_id), args=[self.ended_ms]))
-        if not n:
-            return False
+    async def claim(self, meta: StreamMeta) -> bool | None:
+        """End a stream whose producer is gone (note 4): True for the one caller that did, False
+        while its producer is alive, None when it has ended or is gone."""
+        reply: Any = await self._claim(keys=keys_of(meta.stream_id), args=[self.ended_ms])
+        status = int(reply[0])
+        if status <= 0:
+            return None if status < 0 else False
         if self.metrics is not None:
             self.metrics.resume_orphans.inc()
-        await self.redis.zrem(LIVE, meta.stream_id)
         log.warning("resume.producer_lost", stream_id=meta.stream_id, instance=meta.instance)
         if self.on_orphan is not None:
-            entries: Any = await self.redis.xrange(keys_of(meta.stream_id)[0], "-", f"{n - 1}-0")
-            text = relayed_text([fields[b"d"] for _, fields in entries if b"d" in fields])
             try:
-                await self.on_orphan(meta, text)
+                await self.on_orphan(meta, relayed_text(reply[1:]))
             except Exception:
                 log.exception("resume.on_orphan_failed", stream_id=meta.stream_id)
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.zrem(LIVE, meta.stream_id)
         return True
 
     async def sweep(self) -> int:
@@ -449,10 +456,10 @@ class SharedStreams:
             if stream_id in self.publications:
                 continue  # ours and alive: the flusher renews it
             remote = await self.open(stream_id)
-            if remote is None:
+            outcome = None if remote is None else await self.claim(remote.meta)
+            if outcome is None:  # ended or gone: nothing to watch
                 await self.redis.zrem(LIVE, stream_id)
-            elif await self.claim(remote.meta):
-                claimed += 1
+            claimed += bool(outcome)
         return claimed
 
     async def _sweeper(self) -> None:
@@ -483,7 +490,8 @@ class RemoteStream:
         return int(length), False
 
     async def read(self, after: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Events `after + 1`... then the live ones, ending after the terminal event."""
+        """Events `after + 1`... then the live ones, ending after the terminal event (at once
+        for a cursor at or past the end of an ended stream: the caller checks cursors)."""
         shared, redis = self.shared, self.shared.redis
         loop = asyncio.get_running_loop()
         block_ms = max(1, round(shared.renew_s * 1000))
@@ -491,14 +499,19 @@ class RemoteStream:
         present_at = -float("inf")
         missing_since: float | None = None
         failing_since: float | None = None
+        state = "live"
         while True:
             now = loop.time()
             try:
                 if now - present_at >= shared.renew_s:
                     await redis.set(self.keys[4], b"1", px=shared.presence_ms)
                     present_at = now
-                reply: Any = await redis.xread({self.keys[0]: last_id}, count=1000, block=block_ms)
-                gone = False if reply else await self._gone(shared)
+                # once the stream is known to have ended, one more read without waiting
+                block = None if state == "ended" else block_ms
+                reply: Any = await redis.xread({self.keys[0]: last_id}, count=1000, block=block)
+                if not reply and state == "ended":
+                    return  # the cursor is at or past the end
+                state = "live" if reply else await self._check(shared)
             except (RedisConnectionError, RedisTimeoutError, OSError):  # note 7
                 failing_since = now if failing_since is None else failing_since
                 if now - failing_since >= shared.outage_s:
@@ -514,29 +527,29 @@ class RemoteStream:
                         return
                     cursor = int(seq)
                     yield cursor, fields[b"d"]
+            if state != "gone":
                 missing_since = None
                 continue
-            if gone:
-                missing_since = now if missing_since is None else missing_since
-                if now - missing_since >= shared.lease_s:  # note 4
-                    yield cursor + 1, self.meta.lost
-                    return
-            else:
-                missing_since = None
+            missing_since = now if missing_since is None else missing_since
+            if now - missing_since >= shared.lease_s:  # note 4
+                yield cursor + 1, self.meta.lost
+                return
 
-    async def _gone(self, shared: SharedStreams) -> bool:
-        """After a silent wait: claim the stream if its producer is gone; True when the stream
-        itself is gone."""
+    async def _check(self, shared: SharedStreams) -> str:
+        """After a silent wait: "ended", "gone" (no meta), else "live" (after claiming the
+        stream if its producer's lease has lapsed; the lost event then comes in the stream)."""
         pipe = shared.redis.pipeline(transaction=False)
         pipe.exists(self.keys[1])
         pipe.exists(self.keys[2])
         pipe.hexists(self.keys[1], "ended")
         has_meta, has_lease, ended = await pipe.execute()
         if not has_meta:
-            return True
-        if not has_lease and not ended:
+            return "gone"
+        if ended:
+            return "ended"
+        if not has_lease:
             await shared.claim(self.meta)
-        return False
+        return "live"
 
 
 __all__ = [

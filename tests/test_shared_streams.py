@@ -376,3 +376,46 @@ async def test_a_redis_restarted_empty_mid_stream_is_filled_again_and_the_reader
 )
 def test_relayed_text(payloads: list[bytes], text: str) -> None:
     assert relayed_text(payloads) == text
+
+
+async def test_a_producer_whose_lease_lapsed_while_alive_finds_its_stream_claimed(
+    redis_server: RedisServer,
+) -> None:
+    orphans: Orphans = []
+    async with instance(redis_server, "a") as a, instance(redis_server, "b", orphans=orphans) as b:
+        events = EventLog()
+        publication = a.publish(meta("s", "a"), events, lambda: None)
+        events.append(token(1))
+        remote = await opened(b, "s")
+        await until(lambda: _length_is(remote, 1))
+        await b.redis.delete(keys_of("s")[2])  # the lease lapsed (Redis out of reach, say)
+        assert await b.claim(remote.meta) is True
+        assert await b.claim(remote.meta) is None  # one claimer only
+        events.append(token(2))
+        await until(lambda: _true(publication.claimed))
+        assert "s" not in a.publications
+        assert orphans == [(meta("s", "a"), "t1 ")]
+        assert await read_all(remote, 0) == [(1, token(1)), (2, LOST)]
+
+
+async def test_a_reader_of_a_stream_whose_keys_vanished_ends_with_lost_within_the_lease(
+    redis_server: RedisServer,
+) -> None:
+    async with instance(redis_server, "a") as a, instance(redis_server, "b") as b:
+        events = EventLog()
+        a.publish(meta("s", "a"), events, lambda: None)
+        events.append(token(1))
+        remote = await opened(b, "s")
+        got: list[tuple[int, bytes]] = []
+
+        async def consume() -> None:
+            async for event in remote.read(0):
+                got.append(event)
+
+        reader = asyncio.create_task(consume())
+        await until(lambda: _true(len(got) == 1))
+        a.publications.clear()  # no producer to fill Redis again
+        await b.redis.flushall()
+        async with asyncio.timeout(LEASE_S + 1.0):
+            await reader
+        assert got == [(1, token(1)), (2, LOST)]
