@@ -75,7 +75,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -238,7 +238,7 @@ class Publication:
     """A published log, as the flusher sees it."""
 
     meta: StreamMeta
-    log: EventLog
+    events: EventLog
     on_cancel: Callable[[], None]
     flushed: int = 0  # events Redis holds
     renew_at: float = 0.0  # loop time of the next lease renewal when nothing changed
@@ -246,24 +246,24 @@ class Publication:
     cancelled: bool = False
     claimed: bool = False  # note 5
     done: bool = False
-    _sending: int = field(default=0, repr=False)
-    _final: bool = field(default=False, repr=False)
+    sending: int = 0  # events in the flush under way
+    final: bool = False  # the flush under way ends the stream
 
     def remote_readers(self) -> bool:
         """A reader on any instance was present at the last flush."""
         return self.readers
 
     def due(self, now: float) -> bool:
-        return len(self.log.events) > self.flushed or self.log.ended or now >= self.renew_at
+        return len(self.events.events) > self.flushed or self.events.ended or now >= self.renew_at
 
     def stage(self, pipe: Any, sha: str, lease_ms: int, ttl_ms: int, expire_ms: int) -> None:
-        events = self.log.events
-        self._sending = len(events)
-        self._final = self.log.ended
+        events = self.events.events
+        self.sending = len(events)
+        self.final = self.events.ended
         meta = self.meta.fields() if self.flushed == 0 else []
-        args: list[Any] = [self.flushed, lease_ms, ttl_ms if self._final else expire_ms]
-        args += [1 if self._final else 0, self.meta.instance, len(meta) // 2, *meta]
-        args += events[self.flushed : self._sending]
+        args: list[Any] = [self.flushed, lease_ms, ttl_ms if self.final else expire_ms]
+        args += [1 if self.final else 0, self.meta.instance, len(meta) // 2, *meta]
+        args += events[self.flushed : self.sending]
         pipe.evalsha(sha, len(KINDS), *keys_of(self.meta.stream_id), *args)
 
     def apply(self, reply: list[int], now: float, renew_s: float) -> int:
@@ -284,10 +284,10 @@ class Publication:
             log.warning("resume.stream_lost", stream_id=self.meta.stream_id, length=length)
             self.flushed = 0  # note 2: everything again at the next flush
             return 0
-        appended = self._sending - self.flushed
-        self.flushed = self._sending
+        appended = self.sending - self.flushed
+        self.flushed = self.sending
         self.renew_at = now + renew_s
-        self.done = self._final
+        self.done = self.final
         return appended
 
 
@@ -365,10 +365,10 @@ class SharedStreams:
         for p in due:
             p.stage(pipe, self._append.sha, self.lease_ms, self.ended_ms, self.running_ms)
         deadline = time.time() + self.lease_s
-        if running := {p.meta.stream_id: deadline for p in due if not p._final}:
+        if running := {p.meta.stream_id: deadline for p in due if not p.final}:
             pipe.zadd(LIVE, running)
             pipe.pexpire(LIVE, self.running_ms)
-        if ended := [p.meta.stream_id for p in due if p._final]:
+        if ended := [p.meta.stream_id for p in due if p.final]:
             pipe.zrem(LIVE, *ended)
         try:
             replies = await pipe.execute(raise_on_error=False)
@@ -379,13 +379,14 @@ class SharedStreams:
             self.metrics.resume_redis_flushes.inc()
         now = loop.time()
         appended = 0
-        unloaded = False
+        unloaded = failed = False
         for p, reply in zip(due, replies, strict=False):
             if isinstance(reply, NoScriptError):  # a Redis that restarted: note 2
                 unloaded = True
                 continue
             if isinstance(reply, Exception):
                 self._failed(reply)
+                failed = True
                 continue
             appended += p.apply(reply, now, self.renew_s)
             if p.done and self.publications.get(p.meta.stream_id) is p:
@@ -395,7 +396,7 @@ class SharedStreams:
                 await self.redis.script_load(APPEND)
         if self.metrics is not None and appended:
             self.metrics.resume_redis_events.inc(appended)
-        if self._failures:
+        if self._failures and not failed:
             log.info("resume.redis_recovered", failures=self._failures)
             self._failures = 0
         return True
