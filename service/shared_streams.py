@@ -26,7 +26,7 @@ Interface (what the relay and the routes call):
   `Publication.claimed` is true when a reader declared the producer dead (note 5).
 - `await open(stream_id) -> RemoteStream | None`; `RemoteStream.meta`,
   `await RemoteStream.length() -> (events, ended)`, `RemoteStream.read(after)` (async iterator of
-  `(n, payload)`).
+  `(n, payload)`; an async generator: close it, or run it to its end).
 - `await request_cancel(stream_id, owner) -> bool`.
 Redis errors from `open`, `length`, `read` and `request_cancel` propagate (`RedisError`): what a
 failed read means to a client is the route's business. The flusher and the sweep never raise.
@@ -79,7 +79,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -518,7 +518,7 @@ class RemoteStream:
             return int(ended), True
         return int(length), False
 
-    async def read(self, after: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def read(self, after: int) -> AsyncGenerator[tuple[int, bytes], None]:
         """Events `after + 1`... then the live ones, ending after the terminal event (at once
         for a cursor at or past the end of an ended stream: the caller checks cursors)."""
         shared, redis = self.shared, self.shared.redis

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -150,21 +150,31 @@ async def commandstats(redis: aioredis.Redis) -> dict[str, int]:
 async def test_five_hundred_events_in_one_interval_cost_one_pipeline(
     redis_server: RedisServer,
 ) -> None:
+    """One stream with 500 events and 250 streams with one each, appended within one interval:
+    one pipeline (the only round trip), two `APPEND` calls (`BATCH` streams each)."""
     metrics = create_metrics(CollectorRegistry(), ())
     spy = aioredis.Redis(port=redis_server.port)
     async with instance(redis_server, "a", flush_ms=200, lease_s=3.0, metrics=metrics) as a:
         remote = RemoteStream(a, meta("big", "a"))
+        last = RemoteStream(a, meta("small-249", "a"))
         before = await commandstats(spy)
         events = EventLog()
         a.publish(meta("big", "a"), events, lambda: None)
         for n in range(1, 501):  # within one interval: no await in between
             events.append(token(n))
+        for n in range(250):
+            small = EventLog()
+            small.append(token(n))
+            a.publish(meta(f"small-{n}", "a"), small, lambda: None)
         await until(lambda: _length_is(remote, 500))
+        await until(lambda: _length_is(last, 1))
         after = await commandstats(spy)
-        assert after["cmdstat_evalsha"] - before.get("cmdstat_evalsha", 0) == 1
-        assert after["cmdstat_xadd"] - before.get("cmdstat_xadd", 0) == 500
+        assert after["cmdstat_evalsha"] - before.get("cmdstat_evalsha", 0) == 2
+        assert after["cmdstat_xadd"] - before.get("cmdstat_xadd", 0) == 750
         assert metrics.registry.get_sample_value("ai_stream_resume_redis_flushes_total") == 1
-        assert metrics.registry.get_sample_value("ai_stream_resume_redis_events_total") == 500
+        assert metrics.registry.get_sample_value("ai_stream_resume_redis_events_total") == 750
+        async with asyncio.timeout(WAIT), aclosing(last.read(0)) as reading:
+            assert await anext(reading) == (1, token(249))
     await spy.aclose()
 
 
