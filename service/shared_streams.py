@@ -27,9 +27,13 @@ Interface (what the relay and the routes call):
 - `await open(stream_id) -> RemoteStream | None`; `RemoteStream.meta`,
   `await RemoteStream.length() -> (events, ended)`, `RemoteStream.read(after)` (async iterator of
   `(n, payload)`; an async generator: close it, or run it to its end).
-- `await request_cancel(stream_id, owner) -> bool`.
-Redis errors from `open`, `length`, `read` and `request_cancel` propagate (`RedisError`): what a
-failed read means to a client is the route's business. The flusher and the sweep never raise.
+- `await request_cancel(stream_id, owner) -> bool`: the producer's `on_cancel` runs within a
+  flush while its stream produces, within `lease_s / 3` while it is idle.
+- `on_orphan(meta, text)` runs once per dead producer's stream, awaited in the task of whichever
+  claimed it (a reader's `read` or the sweep); `claim(meta)` and `sweep()` are public for tests.
+Redis errors from `open`, `length` and `request_cancel` propagate (`RedisError`), and from
+`read` once Redis has been out of reach for `outage_s` (note 7): what a failed read means to a
+client is the route's business. The flusher and the sweep never raise.
 
 Design notes:
 1. One pipeline per flush for all published streams with something to send, never one round

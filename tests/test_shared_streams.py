@@ -10,6 +10,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,6 +191,7 @@ async def test_a_killed_producer_ends_its_readers_with_lost_and_one_claimer_save
         str(LEASE_S),
         str(TTL_S),
         stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[1],
     )
     orphans: Orphans = []
     try:
