@@ -76,6 +76,9 @@ Design notes:
 7. A reader rides out a Redis it cannot reach for up to `outage_s` (default 10), retrying every
    `lease_s / 3` from its cursor, then raises: a Redis restart costs a reader a pause, not its
    stream. The client's `socket_timeout` must exceed `lease_s / 3` (the blocking `XREAD`).
+8. Memory stays bounded through a long Redis outage: an ended log that the flusher could not
+   hand over within `max(ttl_s, lease_s)` (when Redis would have dropped it anyway) is given
+   up (logged); a reader elsewhere ends with `meta.lost` once the lease has lapsed.
 """
 
 from __future__ import annotations
@@ -270,6 +273,7 @@ class Publication:
     sending: int = 0  # events in the flush under way
     final: bool = False  # the flush under way ends the stream
     keys: list[str] = field(default_factory=list)
+    ended_at: float | None = None  # loop time the flusher first saw the log ended (note 8)
 
     def __post_init__(self) -> None:
         self.keys = keys_of(self.meta.stream_id)
@@ -279,6 +283,8 @@ class Publication:
         return self.readers
 
     def due(self, now: float) -> bool:
+        if self.events.ended and self.ended_at is None:
+            self.ended_at = now
         return len(self.events.events) > self.flushed or self.events.ended or now >= self.renew_at
 
     def stage(self, keys: list[str], args: list[Any]) -> None:
@@ -384,6 +390,11 @@ class SharedStreams:
         loop = asyncio.get_running_loop()
         now = loop.time()
         due = [p for p in self.publications.values() if p.due(now)]
+        for p in due:
+            if p.ended_at is not None and now - p.ended_at > self.ended_ms / 1000:  # note 8
+                log.warning("resume.stream_not_flushed", stream_id=p.meta.stream_id)
+                del self.publications[p.meta.stream_id]
+        due = [p for p in due if self.publications.get(p.meta.stream_id) is p]
         if not due:
             return True
         pipe = self.redis.pipeline(transaction=False)
