@@ -28,7 +28,7 @@ Interface (what the relay and the routes call):
   `await RemoteStream.length() -> (events, ended)`, `RemoteStream.read(after)` (async iterator of
   `(n, payload)`; an async generator: close it, or run it to its end).
 - `await request_cancel(stream_id, owner) -> bool`: the producer's `on_cancel` runs within a
-  flush while its stream produces, within `lease_s / 3` while it is idle.
+  round trip (note 9).
 - `on_orphan(meta, text)` runs once per dead producer's stream, awaited in the task of whichever
   claimed it (a reader's `read` or the sweep); `claim(meta)` and `sweep()` are public for tests.
 Redis errors from `open`, `length` and `request_cancel` propagate (`RedisError`), and from
@@ -79,6 +79,11 @@ Design notes:
 8. Memory stays bounded through a long Redis outage: an ended log that the flusher could not
    hand over within `max(ttl_s, lease_s)` (when Redis would have dropped it anyway) is given
    up (logged); a reader elsewhere ends with `meta.lost` once the lease has lapsed.
+9. Cancel from another instance: `request_cancel` sets the flag and publishes the stream id on
+   the producing instance's channel, `aistream:resume:cancel:<instance>`; each instance
+   listens to its own, so `on_cancel` runs within a round trip. The flag, which the flusher
+   reads back, covers a message lost while the listener was resubscribing: within a flush while
+   the stream produces, within `lease_s / 3` while it is idle.
 """
 
 from __future__ import annotations
@@ -88,11 +93,12 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -174,14 +180,15 @@ for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1])) end
 return out
 """
 
-# KEYS: meta, cancel. ARGV: owner. Reply: 1 requested (or already ended), 0 unknown or not the
-# owner's.
+# KEYS: meta, cancel. ARGV: owner, stream id. Reply: 1 requested (or already ended), 0 unknown or
+# not the owner's. The producer hears it on its instance's channel (note 9), else sees the flag.
 CANCEL = """
-local meta = redis.call('HMGET', KEYS[1], 'owner', 'ended')
+local meta = redis.call('HMGET', KEYS[1], 'owner', 'ended', 'instance')
 if not meta[1] then return 0 end
 if meta[1] ~= '' and meta[1] ~= ARGV[1] then return 0 end
 if meta[2] then return 1 end
 redis.call('SET', KEYS[2], '1', 'PX', math.max(1, redis.call('PTTL', KEYS[1])))
+redis.call('PUBLISH', 'aistream:resume:cancel:' .. meta[3], ARGV[2])
 return 1
 """
 
@@ -195,6 +202,11 @@ def connect(url: str, *, lease_s: float = 3.0) -> aioredis.Redis:
         socket_timeout=lease_s / 3 + 2.0,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
+
+
+async def _close(pubsub: PubSub) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await cast(Any, pubsub).aclose()  # redis-py leaves it untyped
 
 
 def keys_of(stream_id: str) -> list[str]:
@@ -278,6 +290,16 @@ class Publication:
     def __post_init__(self) -> None:
         self.keys = keys_of(self.meta.stream_id)
 
+    def cancel(self) -> None:
+        """Call `on_cancel`, once."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        try:
+            self.on_cancel()
+        except Exception:
+            log.exception("resume.on_cancel_failed", stream_id=self.meta.stream_id)
+
     def remote_readers(self) -> bool:
         """A reader on any instance was present at the last flush."""
         return self.readers
@@ -301,12 +323,8 @@ class Publication:
         """Take the flush's answer; the number of events appended."""
         status, length, cancel, readers = reply
         self.readers = bool(readers)
-        if cancel and not self.cancelled:
-            self.cancelled = True
-            try:
-                self.on_cancel()
-            except Exception:
-                log.exception("resume.on_cancel_failed", stream_id=self.meta.stream_id)
+        if cancel:
+            self.cancel()
         if status == -2:
             self.claimed = self.done = True
             log.warning("resume.stream_claimed", stream_id=self.meta.stream_id)
@@ -348,6 +366,7 @@ class SharedStreams:
         self.metrics = metrics
         self.on_orphan = on_orphan
         self.publications: dict[str, Publication] = {}
+        self.channel = f"aistream:resume:cancel:{instance}"
         self._append = redis.register_script(APPEND)
         self._claim = redis.register_script(CLAIM)
         self._cancel = redis.register_script(CANCEL)
@@ -358,9 +377,17 @@ class SharedStreams:
         """Start the flusher and the sweep (Redis need not be up: the flusher retries)."""
         with contextlib.suppress(RedisError, OSError):
             await self.redis.script_load(APPEND)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        subscribed: PubSub | None = pubsub
+        try:
+            await pubsub.subscribe(self.channel)
+        except (RedisError, OSError):
+            await _close(pubsub)
+            subscribed = None  # the listener subscribes when Redis is back
         self._tasks = [
             asyncio.create_task(self._flusher(), name="resume-flusher"),
             asyncio.create_task(self._sweeper(), name="resume-sweeper"),
+            asyncio.create_task(self._listener(subscribed), name="resume-cancels"),
         ]
 
     async def aclose(self) -> None:
@@ -470,7 +497,31 @@ class SharedStreams:
 
     async def request_cancel(self, stream_id: str, owner: str) -> bool:
         keys = keys_of(stream_id)
-        return bool(await self._cancel(keys=[keys[1], keys[3]], args=[owner]))
+        return bool(await self._cancel(keys=[keys[1], keys[3]], args=[owner, stream_id]))
+
+    async def _listener(self, pubsub: PubSub | None) -> None:
+        """Cancels published to this instance's channel (note 9); resubscribes after a failure."""
+        pause = self.flush_s
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    pause = self.flush_s
+                    if message is not None and message["type"] == "message":
+                        found = self.publications.get(message["data"].decode())
+                        if found is not None:
+                            found.cancel()
+            except (RedisError, OSError) as err:
+                log.warning("resume.cancels_failed", error=repr(err))
+            finally:
+                if pubsub is not None:
+                    await _close(pubsub)
+                    pubsub = None
+            await asyncio.sleep(pause)  # bounded backoff before subscribing again
+            pause = min(pause * 2, self.renew_s)
 
     async def claim(self, meta: StreamMeta) -> bool | None:
         """End a stream whose producer is gone (note 4): True for the one caller that did, False

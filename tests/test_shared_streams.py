@@ -445,3 +445,23 @@ async def test_an_ended_log_redis_cannot_take_is_given_up_after_the_ttl(
         window = max(TTL_S, LEASE_S)
         await until(lambda: _true("s" not in a.publications), within=window + 2.0)
         await redis_server.start()
+
+
+async def test_cancel_reaches_an_idle_producer_within_a_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    """With a 30 s lease the flag alone would be read back only every 10 s while the stream is
+    idle (waiting for its first token, say); the producer's channel brings it at once."""
+    async with (
+        instance(redis_server, "a", lease_s=30.0) as a,
+        instance(redis_server, "b", lease_s=30.0) as b,
+    ):
+        cancelled = asyncio.Event()
+        events = EventLog()
+        publication = a.publish(meta("s", "a"), events, cancelled.set)
+        await opened(b, "s")
+        assert await b.request_cancel("s", "")
+        async with asyncio.timeout(1.0):
+            await cancelled.wait()
+        assert publication.cancelled
+        events.end(END)
