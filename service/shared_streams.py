@@ -374,7 +374,8 @@ class SharedStreams:
         self._failures = 0
 
     async def start(self) -> None:
-        """Start the flusher and the sweep (Redis need not be up: the flusher retries)."""
+        """Start the flusher, the sweep and the cancel listener (Redis need not be up: each
+        retries on its own)."""
         with contextlib.suppress(RedisError, OSError):
             await self.redis.script_load(APPEND)
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
