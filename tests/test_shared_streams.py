@@ -272,7 +272,7 @@ async def test_keys_expire_ttl_after_the_end(redis_server: RedisServer) -> None:
         await until(lambda: _no_keys(a.redis), within=max(1.0, 2 * LEASE_S) + 1.0)
 
 
-async def test_a_running_streams_keys_expire_ttl_plus_lease_after_the_last_renewal(
+async def test_a_running_streams_keys_expire_a_lease_later_than_an_ended_streams(
     redis_server: RedisServer,
 ) -> None:
     async with instance(redis_server, "a") as a:
