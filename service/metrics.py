@@ -60,6 +60,9 @@ class Metrics:
     grace_expiries: Counter
     retained_streams: Gauge
     retained_bytes: Gauge
+    resume_redis_flushes: Counter
+    resume_redis_events: Counter
+    resume_orphans: Counter
     _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
     def model_label(self, model: str) -> str:
@@ -173,6 +176,18 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
         retained_bytes=Gauge(
             f"{PREFIX}_resume_retained_bytes",
             "Event bytes of the finished streams kept readable",
+        ),
+        resume_redis_flushes=Counter(
+            f"{PREFIX}_resume_redis_flushes",
+            "Pipelines of stream events sent to Redis",
+            registry=r,
+        ),
+        resume_redis_events=Counter(
+            f"{PREFIX}_resume_redis_events", "Stream events appended to Redis", registry=r
+        ),
+        resume_orphans=Counter(
+            f"{PREFIX}_resume_orphans",
+            "Streams whose producer was found dead",
             registry=r,
         ),
     )
