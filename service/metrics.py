@@ -176,6 +176,7 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
         retained_bytes=Gauge(
             f"{PREFIX}_resume_retained_bytes",
             "Event bytes of the finished streams kept readable",
+            registry=r,
         ),
         resume_redis_flushes=Counter(
             f"{PREFIX}_resume_redis_flushes",
