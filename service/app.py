@@ -22,7 +22,7 @@ from .limits.core import LimitConfig, Limiter, MemoryLimiter
 from .limits.redis_backend import LimiterUnavailable, RedisLimiter
 from .metrics import create_metrics
 from .relay import Generations
-from .routes import chat, generate, health, probe, streams
+from .routes import chat, generate, health, openai_compat, probe, streams
 from .upstream import OpenAIUpstream, Upstream
 from .web import errors, on_prepare, require_key, vary_on_origin
 
@@ -62,6 +62,7 @@ def create_app(
     generate.setup(app)
     chat.setup(app)
     streams.setup(app)
+    openai_compat.setup(app)
     probe.setup(app)
     health.setup(app)
     _cors(app, settings)
@@ -86,7 +87,7 @@ def _cors(app: web.Application, settings: Settings) -> None:
     )
     cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(settings.allowed_origins, options))
     for route in list(app.router.routes()):
-        if route.resource is not None and route.resource.canonical.startswith("/api/"):
+        if route.resource is not None and route.resource.canonical.startswith(("/api/", "/v1/")):
             cors.add(route)
 
 

@@ -20,6 +20,15 @@ Design notes:
    reason becomes `refusal`.
 5. The upstream's words never reach a client through an exception: `UpstreamReportedError`
    carries the upstream's error object only as `detail`, for a length-capped log field.
+6. `ChunkRelay` (the OpenAI-compatible routes) also keeps each chunk's own JSON in `chunks`, to
+   be relayed as it came, and counts a chunk that carries only tool-call arguments as a delta.
+   What it changes, and why: the `[DONE]` line is the gateway's to write (only after a whole
+   answer); a usage-only chunk (`choices: []`) is dropped unless the client asked for usage (the
+   gateway always asks, for its accounting); the chunks from the first one that carries a
+   `finish_reason` on are held in `tail` until the upstream's stream has ended whole, so a
+   stream cut in between never shows a finish reason that claims success; a chunk whose JSON
+   spans lines, was read leniently (note 1) or holds a raw U+2028, U+2029 or U+0085 is written
+   again as one safe line. `read_whole` reads a non-stream answer the same way, kept as given.
 """
 
 from __future__ import annotations
@@ -85,6 +94,7 @@ class ChunkParser:
         "_held_deltas",
         "_lenient",
         "_tail",
+        "chunks",
         "done",
         "failure",
         "finish_reason",
@@ -105,6 +115,7 @@ class ChunkParser:
         self.model: str | None = None
         self.refused = False
         self.usage: dict[str, Any] | None = None
+        self.chunks: list[bytes] | None = None  # the chunks to relay as they came (note 6)
 
     @property
     def finished(self) -> bool:
@@ -205,7 +216,14 @@ class ChunkParser:
                 raise MalformedChunk("delta refusal is not a string")
             self.refused = True  # design note 4
             content = refusal if content is None else content + refusal
+        if self.chunks is not None:
+            self._relay(payload, obj, choices, delta, content, lenient)
         return content
+
+    def _relay(
+        self, payload: bytes, obj: Any, choices: Any, delta: Any, text: str | None, lenient: bool
+    ) -> None:
+        """Note 6: nothing to relay here (a plain parser keeps no chunks)."""
 
 
 def _reason(value: object) -> str:
@@ -220,3 +238,79 @@ def _error_text(error: object) -> str:
         parts = (error.get(k) for k in ("type", "code", "message"))
         return " ".join(str(p) for p in parts if p) or "error"
     return str(error)
+
+
+_UNSAFE: Final = re.compile(rb"[\r\n]|\xe2\x80[\xa8\xa9]|\xc2\x85")
+
+
+class ChunkRelay(ChunkParser):
+    """A parser that also keeps each chunk's JSON to relay it as it came (design note 6)."""
+
+    __slots__ = ("_tool_deltas", "forward_usage", "tail")
+
+    def __init__(self, *, forward_usage: bool) -> None:
+        super().__init__()
+        self.chunks = []
+        self.tail: list[bytes] = []  # from the first chunk with a finish reason on (note 6)
+        self.forward_usage = forward_usage
+        self._tool_deltas = 0
+
+    def feed(self, data: bytes) -> tuple[str, int]:
+        text, count = super().feed(data)
+        if self._tool_deltas:
+            count, self._tool_deltas = count + self._tool_deltas, 0
+        return text, count
+
+    def _relay(
+        self, payload: bytes, obj: Any, choices: Any, delta: Any, text: str | None, lenient: bool
+    ) -> None:
+        if not text and delta and (delta.get("tool_calls") or delta.get("function_call")):
+            self._tool_deltas += 1
+        if not choices and obj.get("usage") and not self.forward_usage:
+            return
+        if lenient or _UNSAFE.search(payload):
+            payload = _safe_line(orjson.dumps(obj))
+        assert self.chunks is not None
+        (self.tail if self.finish_reason is not None else self.chunks).append(payload)
+
+
+def _safe_line(data: bytes) -> bytes:
+    return (
+        data.replace(b"\xe2\x80\xa8", b"\\u2028")
+        .replace(b"\xe2\x80\xa9", b"\\u2029")
+        .replace(b"\xc2\x85", b"\\u0085")
+    )
+
+
+def read_whole(body: bytes) -> tuple[str, ChunkParser]:
+    """A non-stream answer (`chat.completion`): its text (content and refusal) and a parser
+    holding its usage, model and finish reason, with the body itself, kept as given, as its one
+    chunk (design note 6)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = _read_leniently(body)
+    parser = ChunkParser()
+    parser.chunks = [body]
+    parser.done = True
+    try:
+        if not isinstance(obj, dict):
+            raise TypeError
+        if obj.get("error"):
+            raise UpstreamReportedError(capped(_error_text(obj["error"])))
+        model, usage = obj.get("model"), obj.get("usage")
+        parser.model = model if isinstance(model, str) else None
+        parser.usage = usage if isinstance(usage, dict) else None
+        choices = obj.get("choices") or []
+        choice = choices[0] if choices else {}
+        message = choice.get("message") or {}
+        content, refusal = message.get("content"), message.get("refusal")
+        if choice.get("finish_reason"):
+            parser.finish_reason = _reason(choice["finish_reason"])
+    except (AttributeError, TypeError, KeyError, IndexError) as err:
+        raise MalformedChunk(f"malformed answer: {body[:80]!r}") from err
+    text = content if isinstance(content, str) else ""
+    if isinstance(refusal, str) and refusal:
+        parser.refused = True
+        text += refusal
+    return text, parser

@@ -121,3 +121,28 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, dict[str, Any]]:
         return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+    def openai_body(self) -> dict[str, dict[str, Any]]:
+        """The error in OpenAI's shape, for the OpenAI-compatible routes (`openai_error`)."""
+        param = self.details.get("param")
+        return openai_error(self.code, self.message, self.status, param, self.details.get("code"))
+
+
+# OpenAI's error `type` by HTTP status (the SDKs map the status to their exception classes).
+_OPENAI_TYPE_BY_STATUS: dict[int, str] = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(
+    code: ErrorCode, message: str, status: int, param: str | None = None, detail: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """`{"error": {"message", "type", "param", "code"}}`: `type` is OpenAI's class of error
+    (`invalid_request_error` for a 4xx, `server_error` for a 5xx, or the status's own), `code`
+    the contract's word unless a more precise one is given (`model_not_found`)."""
+    fallback = "invalid_request_error" if status < 500 else "server_error"
+    kind = _OPENAI_TYPE_BY_STATUS.get(status, fallback)
+    return {"error": {"message": message, "type": kind, "param": param, "code": detail or code}}

@@ -71,6 +71,14 @@ Design notes:
    (hooks called as a native stream starts), `Generation.held_elsewhere`, `Generation.owner`
    (the key id that started it, "" with keys off), `Generation.text_so_far()`, and the
    `SharedStreams`/`RemoteStream` protocols the stream route asks when a stream is not here.
+13. A passthrough generation (the OpenAI-compatible routes: no vocabulary, so never resumed,
+   retained or mirrored, and cancelled at once when its reader leaves, note 9) appends each
+   upstream chunk's own JSON as an event (`chunks` design note 6) and the held tail once the
+   upstream's stream has ended whole; tokens are counted, charged and timed as on the native
+   routes. `answered()` tells its handler when the upstream has answered 200, so the response's
+   headers go out only then (a failure before is a real status); the terminal line (`[DONE]` or
+   an error chunk) is the handler's to write. `clocks` replaces the settings' clocks (a
+   non-stream answer arrives whole: only the total clock bounds it).
 """
 
 from __future__ import annotations
@@ -86,6 +94,7 @@ from typing import Any, NamedTuple, Protocol
 import structlog
 
 from . import sse
+from .chunks import ChunkRelay
 from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, ApiError, ErrorCode, Outcome
 from .events import EventLog
@@ -457,6 +466,8 @@ class Generation:
     on_end: Callable[[Result], Awaitable[None]] | None = None  # before the terminal event
     owner: str = ""  # the API key id that started it ("" with keys off): who may stop it
     held_elsewhere: Callable[[], bool] | None = None  # a reader elsewhere keeps it (note 9)
+    passthrough: bool = False  # each upstream chunk relayed as its own event (note 13)
+    clocks: Clocks | None = None  # instead of the settings' (note 13)
     known: bool = field(default=False, init=False)  # a client has its stream id (note 9)
     log: EventLog = field(default_factory=EventLog, init=False)
     result: Result = field(init=False)
@@ -464,6 +475,7 @@ class Generation:
     _following: tuple[Follower, ...] = field(default=(), init=False)
     _first_reader: asyncio.Future[None] | None = field(default=None, init=False)  # note 10
     _done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _answered: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # note 13
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
     _attempts: Attempts = field(default_factory=Attempts, init=False)
@@ -565,6 +577,17 @@ class Generation:
     def ended(self) -> bool:
         """Its outcome is counted and its terminal event appended."""
         return self._done.is_set()
+
+    async def answered(self) -> bool:
+        """Wait until the upstream has answered 200 (True) or the generation has ended before
+        it did (False): note 13."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._answered, self._done)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self._answered.is_set()
 
     async def finished(self) -> Result:
         """The result, once the generation has ended (its terminal event appended)."""
@@ -685,7 +708,13 @@ class Generation:
             await self._first_reader
         called = loop_time()
         async with self.upstream.stream(self.request) as stream:
+            self._answered.set()
+            relay = stream.parser.chunks if self.passthrough else None  # note 13
             async for text, count in stream:
+                if relay:
+                    await self._relay(relay)
+                if not count:
+                    continue
                 now = loop_time()
                 first = not result.deltas
                 if first:
@@ -713,14 +742,33 @@ class Generation:
                         loop_time() - self.arrived
                     )
             parser = stream.parser
+            if self.passthrough and parser.chunks:  # a whole answer's one chunk
+                await self._relay(parser.chunks)
+            if isinstance(parser, ChunkRelay) and parser.tail:  # ended whole: note 13
+                await self._relay(parser.tail)
             result.usage = parser.usage
             result.finish_reason = parser.reason
             if parser.model:
                 result.model = parser.model
 
+    async def _relay(self, chunks: list[bytes]) -> None:
+        """Append a passthrough stream's chunks as events and write them to the readers that
+        follow (note 13)."""
+        append = self.log.append
+        for payload in chunks:
+            seq = append(payload)
+            for reader in self._following:
+                try:
+                    await reader.deliver(seq, payload)
+                except ConnectionError:
+                    self.leave(reader)
+                    if self._forced is not None:
+                        raise
+        chunks.clear()
+
     async def _watch(self) -> None:
         s, loop = self.settings, asyncio.get_running_loop()
-        clocks = Clocks(s.first_token_timeout_s, s.idle_timeout_s, s.max_stream_s)
+        clocks = self.clocks or Clocks(s.first_token_timeout_s, s.idle_timeout_s, s.max_stream_s)
         while True:
             now = loop.time()
             last = self._last_token if self.result.deltas else None
@@ -766,6 +814,7 @@ class Generation:
             upstream_error=result.upstream_error_kind,
             upstream_detail=result.upstream_error_detail,
             finish_reason=result.finish_reason,
+            usage_estimated=result.usage is None,
             readers=self._attached,
             resumes=self._resumes,
         )

@@ -28,11 +28,16 @@ Design notes:
    timeout). So that the stream then ends naming the upstream's failure rather than a timeout,
    each try's result is noted in the calling task's `Attempts` (a context variable the relay
    sets) by the HTTP client's `send`, which sees every try: its status, or its transport error.
+6. A request from the OpenAI-compatible routes carries the client's own `body`: every field the
+   gateway does not read goes to the upstream as the client sent it; the gateway sets `model`,
+   `messages`, the token cap (when the client set none) and, for a stream, `stream_options.
+   include_usage` (always asked, for accounting). Its chunks are read by a `ChunkRelay`
+   (`chunks` design note 6); a non-stream answer is read whole, as one chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -42,7 +47,14 @@ import aiohttp
 import httpx2
 import openai
 
-from .chunks import ChunkParser, MalformedChunk, UpstreamReportedError, capped
+from .chunks import (
+    ChunkParser,
+    ChunkRelay,
+    MalformedChunk,
+    UpstreamReportedError,
+    capped,
+    read_whole,
+)
 from .config import Settings
 
 
@@ -52,6 +64,13 @@ class CompletionRequest:
     messages: list[dict[str, Any]]
     max_tokens: int
     temperature: float | None = None
+    body: Mapping[str, Any] | None = None  # an OpenAI-compatible client's own (design note 6)
+    forward_usage: bool = False  # that client asked for the usage chunk
+
+    @property
+    def streamed(self) -> bool:
+        """The upstream is asked for a stream (always, but for a client's non-stream body)."""
+        return self.body is None or self.body.get("stream") is True
 
 
 # What a client is told for each kind of failure: the gateway's own words, never the upstream's.
@@ -171,9 +190,9 @@ class _SdkStream:
 
     __slots__ = ("_body", "parser")
 
-    def __init__(self, body: httpx2.Response) -> None:
+    def __init__(self, body: httpx2.Response, parser: ChunkParser) -> None:
         self._body = body
-        self.parser = ChunkParser()
+        self.parser = parser
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, int]]:
         parser = self.parser
@@ -181,7 +200,7 @@ class _SdkStream:
         try:
             async for data in self._body.aiter_bytes():
                 text, count = feed(data)
-                if count:
+                if count or parser.chunks:  # chunks: a relay's (design note 6)
                     yield text, count
                 if parser.failure is not None:  # after the text that came before it
                     raise parser.failure
@@ -189,6 +208,47 @@ class _SdkStream:
             raise translate(err) from err
         if not parser.finished:
             raise UpstreamError("truncated")
+
+
+class _WholeAnswer:
+    """A non-stream answer, read whole and yielded once (design note 6)."""
+
+    __slots__ = ("_body", "parser")
+
+    def __init__(self, body: httpx2.Response) -> None:
+        self._body = body
+        self.parser = ChunkParser()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, int]]:
+        try:
+            text, self.parser = read_whole(await self._body.aread())
+        except (httpx2.HTTPError, MalformedChunk, UpstreamReportedError) as err:
+            raise translate(err) from err
+        usage = self.parser.usage or {}
+        tokens = usage.get("completion_tokens")
+        yield text, tokens if isinstance(tokens, int) and tokens > 0 else len(text) // 4 + 1
+
+
+def _body(request: CompletionRequest) -> dict[str, Any]:
+    """The upstream request's JSON body (design note 6 for a client's own)."""
+    if request.body is None:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": request.messages,
+            "max_completion_tokens": request.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        return body
+    body = {**request.body, "model": request.model, "messages": request.messages}
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_completion_tokens"] = request.max_tokens
+    if request.streamed:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options or {}), "include_usage": True}
+    return body
 
 
 class _NotingClient(openai.DefaultAioHttpClient):
@@ -260,15 +320,7 @@ class OpenAIUpstream:
 
     @asynccontextmanager
     async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
-        body: dict[str, Any] = {
-            "model": request.model,
-            "messages": request.messages,
-            "max_completion_tokens": request.max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
+        body = _body(request)
         try:
             # design note 4: the generic post, not chat.completions.create
             response = await self.client.post(
@@ -281,7 +333,12 @@ class OpenAIUpstream:
         except (openai.OpenAIError, httpx2.HTTPError) as err:
             raise translate(err) from err
         try:
-            yield _SdkStream(response)
+            if not request.streamed:
+                yield _WholeAnswer(response)
+            elif request.body is not None:
+                yield _SdkStream(response, ChunkRelay(forward_usage=request.forward_usage))
+            else:
+                yield _SdkStream(response, ChunkParser())
         finally:
             await response.aclose()
 

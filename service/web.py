@@ -55,27 +55,35 @@ def json_response(
     )
 
 
-def error_response(err: ApiError) -> web.Response:
-    return json_response(err.body(), status=err.status, headers=err.headers or None)
+def error_response(err: ApiError, *, openai: bool = False) -> web.Response:
+    """The error's answer: the contract's JSON shape, or OpenAI's (`openai`)."""
+    body = err.openai_body() if openai else err.body()
+    return json_response(body, status=err.status, headers=err.headers or None)
+
+
+def _openai_path(request: web.Request) -> bool:
+    """The OpenAI-compatible routes (under `/v1/`) answer errors in OpenAI's shape."""
+    return request.path.startswith("/v1/")
 
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """ApiError and aiohttp's own HTTP errors become JSON; anything else a 500 without details."""
+    openai = _openai_path(request)
     try:
         response = await handler(request)
     except ApiError as err:
-        response = error_response(err)
+        response = error_response(err, openai=openai)
         if isinstance(err, BodyUnread):
             _read_no_more(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = code_for_status(exc.status)
-        response = error_response(ApiError(code, exc.reason, status=exc.status))
+        response = error_response(ApiError(code, exc.reason, status=exc.status), openai=openai)
     except Exception:
         log.exception("request.failed")
-        response = error_response(ApiError(ErrorCode.INTERNAL, "Internal error."))
+        response = error_response(ApiError(ErrorCode.INTERNAL, "Internal error."), openai=openai)
     return response
 
 
@@ -98,13 +106,13 @@ KEYLESS_ROUTES = frozenset({"read_stream"})
 
 @web.middleware
 async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With API_KEYS set, every /api/ route needs `Authorization: Bearer <key>` (a CORS
-    preflight carries no credentials and passes), but for `KEYLESS_ROUTES`; probes and /metrics
-    need none."""
+    """With API_KEYS set, every /api/ and /v1/ route needs `Authorization: Bearer <key>` (a
+    CORS preflight carries no credentials and passes), but for `KEYLESS_ROUTES`; probes and
+    /metrics need none."""
     access = request.app[keys.ACCESS]
     if (
         access.auth_required
-        and request.path.startswith("/api/")
+        and request.path.startswith(("/api/", "/v1/"))
         and request.method != "OPTIONS"
         and request.match_info.route.name not in KEYLESS_ROUTES
     ):

@@ -13,6 +13,12 @@ A test queues one script per expected request. A script is a list of steps:
     Repeat("x", 0.002)       the text every 2 ms until the connection ends
     Sleep(0.002)             pace the answer
     Echo()                   one chunk per message received: "role: content\n" (the context)
+    Chunk({...})             a chunk with these fields over the usual ones (tool-call deltas,
+                             refusal, logprobs, system_fingerprint: any chunk a server sends)
+    Whole({...})             answer a non-stream request with this JSON body, as it is
+
+A request with no `"stream": true` (a non-stream call) is answered with one JSON body: Whole's,
+else one built from the script's Text, Finish and Usage steps.
 
 Headers go out with the first step that writes, so a Gate first keeps the upstream silent before
 it has even answered. Each request is recorded with its JSON body and an Event set when the
@@ -95,7 +101,35 @@ class Echo:
     """Answer with the messages the request carried, one delta each: `role: content\n`."""
 
 
-Step = Text | Gate | Status | Raw | Drop | Finish | Usage | Done | Repeat | Sleep | Echo
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk whose fields are these over the usual ones (`id`, `object`, `created`, `model`)."""
+
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Whole:
+    """A non-stream answer's JSON body, as it is."""
+
+    body: dict[str, Any]
+
+
+Step = (
+    Text
+    | Gate
+    | Status
+    | Raw
+    | Drop
+    | Finish
+    | Usage
+    | Done
+    | Repeat
+    | Sleep
+    | Echo
+    | Chunk
+    | Whole
+)
 
 
 def echoed(messages: list[dict[str, Any]]) -> str:
@@ -200,6 +234,8 @@ class FakeUpstream:
                     assert request.transport is not None
                     request.transport.abort()
                     return resp
+                if seen.body.get("stream") is not True:
+                    return web.json_response(self._whole(script, model))
                 if not resp.prepared:
                     await resp.prepare(request)
                 if isinstance(step, Echo):
@@ -220,7 +256,41 @@ class FakeUpstream:
             seen.ended.set()
 
     @staticmethod
+    def _whole(script: Sequence[Step], model: str) -> dict[str, Any]:
+        """A non-stream answer: Whole's body, or one built from the script's steps."""
+        for step in script:
+            if isinstance(step, Whole):
+                return step.body
+        text = "".join(s.text for s in script if isinstance(s, Text))
+        finish = next((s.reason for s in script if isinstance(s, Finish)), None)
+        usage = next((s for s in script if isinstance(s, Usage)), None)
+        body: dict[str, Any] = {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+        }
+        if usage is not None:
+            body["usage"] = {
+                "prompt_tokens": usage.prompt,
+                "completion_tokens": usage.completion,
+                "total_tokens": usage.prompt + usage.completion,
+            }
+        return body
+
+    @staticmethod
     def _encode(step: Step, model: str) -> bytes:
+        if isinstance(step, Chunk):
+            base = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0}
+            return b"data: " + orjson.dumps({**base, "model": model, **step.fields}) + b"\n\n"
         if isinstance(step, Text):
             return chunk({"content": step.text}, model=model)
         if isinstance(step, Finish):
