@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 
@@ -273,6 +274,33 @@ async def test_a_stream_silent_longer_than_the_read_timeout_survives_on_heartbea
     assert pings >= 4
     events = [orjson.loads(f[6:]) for f in frames if f.startswith(b"data: ")]
     assert [e["type"] for e in events] == ["start", "content", "done"]
+
+
+async def test_an_openai_sdk_stream_survives_on_heartbeats_through_the_proxy(
+    front: Front,
+) -> None:
+    """The official SDK, pointed at the proxy's /v1/: the model list, then a stream whose first
+    token comes after the proxy's read timeout (the `: ping` blocks keep it open, unseen)."""
+    http = openai.DefaultAsyncHttpxClient(verify=False, headers=front.api_host)
+    client = openai.AsyncOpenAI(
+        base_url=f"{front.api}/v1", api_key="unused", max_retries=0, http_client=http
+    )
+    async with client:
+        model = (await client.models.list()).data[0].id
+        started = time.monotonic()
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Write about proxies"}],
+            stream=True,
+            max_tokens=1,
+        )
+        async with asyncio.timeout(20):
+            chunks = [c async for c in stream]
+        elapsed = time.monotonic() - started
+    assert elapsed > READ_TIMEOUT_S + 0.5  # the premise: silence beyond the timeout
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
 async def test_a_silent_json_answer_is_cut_by_the_same_read_timeout(front: Front) -> None:
