@@ -13,6 +13,7 @@ import openai
 import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from structlog.testing import capture_logs
 
 from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway
 from tests.fake_upstream import (
@@ -534,3 +535,37 @@ async def test_shutdown_ends_open_streams_with_an_error_chunk(gateway: Gateway) 
     assert chunks_of(rest)[-1]["error"]["code"] == "server_shutdown"
     assert DONE not in rest
     await ended_within(gateway)
+
+
+async def test_golden_bytes_of_a_stream_cut_short(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(idle_timeout_s=0.2)
+    gateway.fake.queue([Text("Hello"), Gate(NEVER())])
+    with capture_logs() as captured:
+        status, wire = await raw_stream(gateway, {"stream": True})
+        await gateway.settled()
+    assert status == 200
+    assert wire == (
+        b'data: {"id":"chatcmpl-test","object":"chat.completion.chunk","created":0,'
+        b'"model":"test-model","choices":[{"index":0,"delta":{"content":"Hello"},'
+        b'"finish_reason":null}]}\n\n'
+        b'data: {"error":{"message":"The model stopped sending text for too long.",'
+        b'"type":"server_error","param":null,"code":"timeout"}}\n\n'
+    )
+    line = next(e for e in captured if e["event"] == "stream.finished")
+    assert line["route"] == "openai_chat_stream"
+    assert line["usage_estimated"] is True
+    assert line["completion_tokens"] == 1
+
+
+async def test_whole_answer_usage_is_exact_in_the_log(gateway: Gateway) -> None:
+    gateway.fake.queue(answer("a", "b", prompt=21, completion=5))
+    with capture_logs() as captured:
+        resp = await gateway.client.post(
+            "/v1/chat/completions", json={"model": "test-model", "messages": USER}
+        )
+        assert resp.status == 200
+        await gateway.settled()
+    line = next(e for e in captured if e["event"] == "stream.finished")
+    assert (line["route"], line["usage_estimated"]) == ("openai_chat", False)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (21, 5)
+    assert (await resp.json())["choices"][0]["message"]["content"] == "ab"
