@@ -21,6 +21,7 @@ from tests.fake_upstream import (
     Done,
     Finish,
     Gate,
+    Raw,
     Repeat,
     Status,
     Text,
@@ -455,8 +456,13 @@ async def test_heartbeats_are_comment_blocks_the_sdk_skips(make_gateway: MakeGat
         ({"idle_timeout_s": 0.2}, [Text("a")], "idle_timeout"),
         ({"max_stream_s": 0.3, "idle_timeout_s": 30}, [Repeat("a", 0.01)], "total_timeout"),
         ({"idle_timeout_s": 0.2}, [Text("a"), Finish("stop")], "idle_timeout"),
+        (
+            {"first_token_timeout_s": 0.2},
+            [Raw(b": answered, says nothing\n\n")],
+            "first_token_timeout",
+        ),
     ],
-    ids=["idle", "total", "after-finish"],
+    ids=["idle", "total", "after-finish", "first-token-after-headers"],
 )
 async def test_a_stream_cut_short_ends_with_an_error_chunk_never_success(
     make_gateway: MakeGateway, settings: dict[str, float], before: list[Any], reason: str
@@ -504,8 +510,12 @@ async def test_first_token_timeout_before_the_upstream_answers_is_a_status(
     await ended_within(gateway)
 
 
-async def test_token_budget_cut_mid_stream(make_gateway: MakeGateway) -> None:
-    gateway = await make_gateway(rate_limit_tpm=60, rate_limit_charge_interval_s=0.0)
+async def test_token_budget_cut_mid_stream(
+    make_gateway: MakeGateway, limit_store: str | None
+) -> None:
+    gateway = await make_gateway(
+        rate_limit_tpm=60, rate_limit_charge_interval_s=0.0, redis_url=limit_store
+    )
     gateway.fake.queue([Repeat("tok", 0.002)])
     status, wire = await raw_stream(gateway, {"stream": True, "max_tokens": 50})
     assert status == 200
@@ -569,3 +579,19 @@ async def test_whole_answer_usage_is_exact_in_the_log(gateway: Gateway) -> None:
     assert (line["route"], line["usage_estimated"]) == ("openai_chat", False)
     assert (line["prompt_tokens"], line["completion_tokens"]) == (21, 5)
     assert (await resp.json())["choices"][0]["message"]["content"] == "ab"
+
+
+async def test_browsers_from_an_allowed_origin_may_call_the_surface(gateway: Gateway) -> None:
+    origin = "http://localhost:3300"
+    preflight = await gateway.client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Authorization, Content-Type",
+        },
+    )
+    assert preflight.status == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin
+    models = await gateway.client.get("/v1/models", headers={"Origin": origin})
+    assert models.headers["Access-Control-Allow-Origin"] == origin

@@ -37,10 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from .. import keys, sse
 from ..admission import admitted
+from ..config import Settings
 from ..errors import ApiError, ErrorCode, Outcome, openai_error
 from ..readers import SseReader, collect
 from ..readers import generation_for as _generation_for
-from ..relay import Clocks, Generation, Result
+from ..relay import Clocks, Generation, Meter, Result
 from ..tasks import outlive_cancel
 from ..upstream import CompletionRequest
 from ..web import json_response, read_json
@@ -74,7 +75,7 @@ def _bad(message: str, param: str, code: str | None = None) -> ApiError:
     return ApiError(ErrorCode.BAD_REQUEST, message, details={"param": param, "code": code})
 
 
-def completion_request(body: ChatCompletionBody, settings: Any) -> CompletionRequest:
+def completion_request(body: ChatCompletionBody, settings: Settings) -> CompletionRequest:
     """Check the body against this deployment (400 naming the field), as the upstream request."""
     if body.model not in settings.model_allowlist:
         raise _bad(
@@ -119,7 +120,7 @@ def error_chunk(result: Result) -> bytes:
 
 
 def _generation(
-    request: web.Request, route: str, upstream_request: CompletionRequest, account: Any
+    request: web.Request, route: str, upstream_request: CompletionRequest, account: Meter
 ) -> Generation:
     generation = _generation_for(request, route, upstream_request, account)
     generation.passthrough = True
