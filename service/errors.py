@@ -3,7 +3,8 @@
 An outcome is one word used alike by the log line, the metrics and the `error` event's `reason`.
 An error code is one of the contract's words (the README's "Error codes and statuses"): an
 ApiError raised before a stream starts becomes its HTTP status with a JSON body; once a stream
-has started, the same code travels in an `error` event instead.
+has started, the same code travels in an `error` event instead. The OpenAI-compatible routes
+render the same ApiError in OpenAI's shape (`openai_error`: `message`, `type`, `param`, `code`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ Design notes:
    content or chunked encoding is broken) is answered, and then nothing more is read from the
    connection, which closes after the answer: aiohttp would otherwise linger up to 10 s more
    reading what is left of it, the very hold on a descriptor a slow-body client is after.
+2. Under `/v1/` (the OpenAI-compatible routes) the key check applies as under `/api/`, and every
+   error, the HTTP layer's included, is rendered in OpenAI's shape (`ApiError.openai_body`), so
+   the SDKs raise their own exception class with its `type`, `param` and `code`.
 """
 
 from __future__ import annotations
