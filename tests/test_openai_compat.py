@@ -595,3 +595,25 @@ async def test_browsers_from_an_allowed_origin_may_call_the_surface(gateway: Gat
     assert preflight.headers["Access-Control-Allow-Origin"] == origin
     models = await gateway.client.get("/v1/models", headers={"Origin": origin})
     assert models.headers["Access-Control-Allow-Origin"] == origin
+
+
+async def test_an_upstream_error_inside_its_stream_becomes_the_gateways_own(
+    gateway: Gateway,
+) -> None:
+    secret = b'data: {"error":{"message":"key sk-live-ABC123 is over quota","type":"x"}}\n\n'
+    gateway.fake.queue([Text("a"), Raw(secret)])
+    status, wire = await raw_stream(gateway, {"stream": True})
+    assert status == 200
+    assert b"sk-live" not in wire
+    assert DONE not in wire
+    assert chunks_of(wire)[-1]["error"]["code"] == "upstream_error"
+    await gateway.settled()
+    assert gateway.outcomes("openai_chat_stream") == {"upstream_error": 1}
+
+
+async def test_a_whole_answer_without_done_still_ends_with_done(gateway: Gateway) -> None:
+    """An upstream that ends after its finish reason without `[DONE]` answered whole."""
+    gateway.fake.queue([Text("a"), Finish("length")])
+    status, wire = await raw_stream(gateway, {"stream": True})
+    assert status == 200
+    assert wire.endswith(b'"finish_reason":"length"}]}\n\n' + DONE)
