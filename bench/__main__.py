@@ -39,7 +39,17 @@ import redis
 
 from . import nginx
 from .common import raise_nofile
-from .procs import ROOT, Child, child_env, cpu_plan, cpu_seconds, free_port, memory_kb, open_fds
+from .procs import (
+    ROOT,
+    Child,
+    child_env,
+    cpu_plan,
+    cpu_seconds,
+    cpu_seconds_fine,
+    free_port,
+    memory_kb,
+    open_fds,
+)
 from .scenarios import (
     MODELS,
     RESUME_VARIANTS,
@@ -334,7 +344,7 @@ class Bench:
                 proc["open_fds_before"] = peak_fds
             if with_redis and self.redis is not None:
                 redis_before = self.redis_info()
-                proc["redis_cpu_before_s"] = cpu_seconds(self.redis.pid)
+                proc["redis_cpu_before_s"] = cpu_seconds_fine(self.redis.pid)
         self.load = load = Child("load", argv, log=self.logs / "load.log", env=child_env({}))
         deadline = time.monotonic() + scenario.run_timeout_s + 30
         while load.running() and time.monotonic() < deadline:  # bounded by the deadline
@@ -353,7 +363,7 @@ class Bench:
             time.sleep(0.25)  # let the relay finish tearing the streams down
             mem = rss_of(relay.pid)
             proc.update(
-                cpu_s=round(cpu_of(relay.pid) - proc["cpu_before_s"], 3),
+                cpu_s=round(cpu_of(relay.pid) - proc["cpu_before_s"], 6),
                 rss_peak_kb=max(peak_rss, mem["VmRSS"]),
                 rss_after_kb=mem["VmRSS"],
                 vm_hwm_kb=mem["VmHWM"],
@@ -368,7 +378,7 @@ class Bench:
                 proc["redis_commands"] = sum(delta.values())
                 proc["redis_commandstats"] = delta
                 proc["redis_cpu_s"] = round(
-                    cpu_seconds(self.redis.pid) - proc.pop("redis_cpu_before_s"), 3
+                    cpu_seconds_fine(self.redis.pid) - proc.pop("redis_cpu_before_s"), 6
                 )
         try:
             summary: dict[str, Any] = json.loads(out.read_text())

@@ -14,17 +14,18 @@ the bench upstream, so every scenario can be measured through nginx beside the s
    with no line per request either), and `worker_connections` / `worker_rlimit_nofile` raised
    when a scenario needs more than the shipped 16,384 connections.
 3. nginx's CPU and memory are those of its master and workers together (`/proc/<pid>/task/<pid>/
-   children`); CPU from `/proc/<pid>/schedstat` (nanoseconds; each nginx process is one thread),
-   since nginx's cost in a short run is a few of `/proc/<pid>/stat`'s 10 ms ticks.
+   children`); CPU from `/proc/<pid>/task/*/schedstat` (nanoseconds), since nginx's cost in a
+   short run is a few of `/proc/<pid>/stat`'s 10 ms ticks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
 
-from .procs import ROOT, cpu_seconds, memory_kb
+from .procs import ROOT, cpu_seconds_fine, memory_kb
 
 SHIPPED = ROOT / "nginx.conf"
 UPSTREAM_NAME = "bench_upstream"
@@ -177,18 +178,11 @@ def family(pid: int) -> list[int]:
 
 
 def cpu_of(pid: int) -> float:
-    """CPU seconds of the master and workers: nanoseconds from `/proc/<pid>/schedstat` (each is
-    one thread), so short runs are not rounded to the 10 ms clock ticks of `/proc/<pid>/stat`."""
+    """CPU seconds of the master and workers (design note 3)."""
     total = 0.0
     for p in family(pid):
-        try:
-            with open(f"/proc/{p}/schedstat") as f:
-                total += int(f.read().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            try:
-                total += cpu_seconds(p)
-            except OSError:
-                continue  # a worker that just exited
+        with contextlib.suppress(OSError):  # a worker that just exited
+            total += cpu_seconds_fine(p)
     return total
 
 

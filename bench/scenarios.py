@@ -431,7 +431,9 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value * 100:.1f}%"
     if unit == "count":
         return f"{value:,.0f}" if abs(value) >= 10 or value == int(value) else f"{value:.3g}"
-    if abs(value) >= 1000:
+    if value and abs(value) < 0.001:
+        text = f"{value:.6f}"
+    elif abs(value) >= 1000:
         text = f"{value:,.0f}"
     elif abs(value) >= 10:
         text = f"{value:.1f}"
