@@ -1,18 +1,29 @@
-"""`python -m bench`: run the scenarios against the service and against the upstream directly.
+"""`python -m bench`: run the scenarios against the service, nginx and the upstream directly.
 
-Starts `bench.upstream`, then `python -m service` pointed at it, waits for `/health`, and runs each
-scenario for `--rounds` rounds, alternating a direct run (load generator straight to the upstream)
-and a service run, the order swapped every round. Around each service run it reads the service's
-CPU time from /proc and samples its RSS every 0.5 s. The scale scenarios (S3, S4) get a fresh,
-warmed-up service process for every run, so RSS growth is not hidden by memory the allocator kept
-from earlier runs. Prints a table of medians and writes everything to `bench/results/<UTC>.json`
-(logs of every process next to it, in `<UTC>-logs/`). Children are always stopped on exit.
+Starts `bench.upstream`, nginx in front of it (`bench.nginx`, one worker on the service's CPU),
+then `python -m service` pointed at the upstream (and one more service process per `--variant`),
+waits for each to be ready, and runs each scenario for `--rounds` rounds against every target
+(`bench.scenarios` design note 1), a different target first every round. Around each nginx or
+service run it reads that relay's CPU time from /proc and samples its RSS every 0.5 s. The scale
+scenarios (S3, S4) get a fresh, warmed-up service (and nginx) process for every run, so RSS growth
+is not hidden by memory the allocator kept from earlier runs. Prints a table of medians and writes
+everything to `bench/results/<UTC>.json` (logs of every process next to it, in `<UTC>-logs/`).
+Children are always stopped on exit (Ctrl-C and SIGTERM included).
 
 The service's per-client rate limits are off by default (`RATE_LIMIT_RPM`, `_CONCURRENT`, `_TPM`
 set to 0): all bench traffic comes from one loopback client, which the default limits would turn
 away with 429 after a handful of streams. To measure with limits on, pass them back with
 `--service-env` and spread the streams over many client addresses with `--clients`, e.g.
 `--clients 20000 --service-env RATE_LIMIT_CONCURRENT=8 --service-env RATE_LIMIT_RPM=120`.
+
+Variants (`--variant NAME[@S1,S2]:K=V,...`, `--resume-rows` for the resume feature's two) are
+service processes of their own, kept running side by side (idle ones cost nothing measurable) and
+restarted like the default one for the scale scenarios. `REDIS_URL=@redis` points a variant at a
+`redis-server` the bench starts on the bench CPU (no persistence); around each run of such a
+variant the runner reads `INFO commandstats` (without INFO's own calls) and the server's CPU, so
+the table shows Redis commands and Redis CPU per token or per stream. The reconnect scenario (R1)
+runs against the services only; when the service answers its reconnects with 404 or 405 (a
+version without the resume route) R1 is reported as skipped, not failed.
 """
 
 from __future__ import annotations
