@@ -24,7 +24,16 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Settings of the parent environment that would point the service somewhere else.
-_CLEARED = ("OPENAI_", "AZURE_OPENAI_", "PORT", "HOST", "ADMIN_PORT")
+_CLEARED = (
+    "OPENAI_",
+    "AZURE_OPENAI_",
+    "PORT",
+    "HOST",
+    "ADMIN_PORT",
+    "REDIS_URL",
+    "API_KEYS",
+    "RESUME_",
+)
 
 
 def free_port() -> int:
