@@ -380,6 +380,7 @@ class Bench:
                 vm_hwm_kb=mem["VmHWM"],
             )
             proc["rss_growth_kb"] = proc["rss_peak_kb"] - proc["rss_before_kb"]
+            proc["rss_kept_kb"] = max(0, proc["rss_after_kb"] - proc["rss_before_kb"])
             if count_fds:
                 proc["open_fds_peak"] = peak_fds
             if with_redis and self.redis is not None:

@@ -114,7 +114,8 @@ def relay_rules(source: str) -> dict[str, list[str]]:
 
 
 def render(prefix: Path, *, port: int, upstream_port: int, connections: int, nofile: int) -> Path:
-    """The bench's nginx config under `prefix` (design note 2); returns its path."""
+    """The bench's nginx config under `prefix` (design note 2); returns its path. `connections`
+    is what the scenario needs, `nofile` the descriptor limit the worker may ask for."""
     rules = relay_rules(SHIPPED.read_text())
     shipped_conns = int(rules["worker_connections"][0].split()[1].rstrip(";"))
     conns = max(shipped_conns, connections)
@@ -132,7 +133,7 @@ def render(prefix: Path, *, port: int, upstream_port: int, connections: int, nof
     text = (
         "# Rendered by bench/nginx.py from the shipped nginx.conf's relay rules.\n"
         "worker_processes 1;\n"
-        f"worker_rlimit_nofile {max(nofile, conns + 64)};\n"
+        f"worker_rlimit_nofile {nofile};\n"
         f"error_log {prefix}/error.log warn;\n"
         f"events {{\n    worker_connections {conns};\n}}\n"
         "http {\n"

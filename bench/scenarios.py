@@ -14,7 +14,10 @@
    service against nginx (ratio, for costs), and a variant against the default service (ratio for
    costs, added amount for latencies). The table shows medians over rounds; error and mismatch
    counts are totals over all rounds.
-4. Variant rows carry only the key metrics (cost, first token, memory, errors); their targets are
+4. Memory is RSS growth from before a run to its peak, per stream; for the scale scenarios also
+   what is still held after every stream ended (finished streams kept for `RESUME_TTL_S`), in
+   total and per stream.
+5. Variant rows carry only the key metrics (cost, first token, memory, errors); their targets are
    the resume feature's bounds where the variant is one of the `--resume-rows` presets
    (`VARIANT_TARGETS`), none otherwise.
 """
@@ -291,6 +294,13 @@ def _cost(amount: str, scale: float, denominator: str) -> Getter:
 CPU_PER_TOKEN = _cost("cpu_s", 1e6, "tokens_received")
 CPU_PER_STREAM = _cost("cpu_s", 1e3, "streams")
 RSS_PER_STREAM = _cost("rss_growth_kb", 1, "streams")
+RSS_KEPT_PER_STREAM = _cost("rss_kept_kb", 1, "streams")
+
+
+def _rss_kept_mb(summary: Summary | None, proc: dict[str, Any]) -> float | None:
+    kept = proc.get("rss_kept_kb")
+    return kept / 1024 if isinstance(kept, int | float) else None
+
 
 # (variant, scenario, metric) -> (target text, check on the medians), for `--resume-rows`.
 # vs_default is variant / default: resume off at 0.87 means resume on costs 15 % more.
@@ -310,7 +320,7 @@ def rows_for(scenario: Scenario, rounds: list[Round], variant: str = "") -> list
 
     def add(metric: str, get: Getter, *, key: bool = False, **kwargs: Any) -> None:
         if is_variant and not key:
-            return  # variant rows: the key metrics only (design note 4)
+            return  # variant rows: the key metrics only (design note 5)
         if is_variant:
             kwargs.pop("target", None)
             kwargs.pop("check", None)
@@ -379,6 +389,10 @@ def rows_for(scenario: Scenario, rounds: list[Round], variant: str = "") -> list
             "RSS per stream", RSS_PER_STREAM, key=True, unit="KB",
             target="≤ 25 KB" if is_s3 else "", check=_at_most(25) if is_s3 else None, **cost,
         )  # fmt: skip
+        # What stays after every stream ended (finished streams kept for RESUME_TTL_S): RSS after
+        # the run minus before it, 0.25 s after the last stream closed.
+        add("RSS kept after the end, total", _rss_kept_mb, key=True, unit="MB", **cost)
+        add("RSS kept after the end, per stream", RSS_KEPT_PER_STREAM, key=True, unit="KB", **cost)
     else:  # reconnect
         add(
             "reconnect to first missed p50", _path("resume_ms", "p50"), key=True,
