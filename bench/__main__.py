@@ -22,8 +22,10 @@ restarted like the default one for the scale scenarios. `REDIS_URL=@redis` point
 `redis-server` the bench starts on the bench CPU (no persistence); around each run of such a
 variant the runner reads `INFO commandstats` (without INFO's own calls) and the server's CPU, so
 the table shows Redis commands and Redis CPU per token or per stream. The reconnect scenario (R1)
-runs against the services only; when the service answers its reconnects with 404 or 405 (a
-version without the resume route) R1 is reported as skipped, not failed.
+runs against the services only; for a variant on the bench's Redis each client reconnects to a
+second process of that variant on the same Redis (`+peer`), so the resume is read through Redis
+by another instance. When the service answers its reconnects with 404 or 405 (a version without
+the resume route) R1 is reported as skipped, not failed.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ class Bench:
 
     def start_service(self, target: str) -> None:
         self.stop_service(target)
-        variant = self.variants[target.split(":", 1)[1]] if ":" in target else None
+        variant = self.variant_of(target)
         port = free_port()
         self.service_runs += 1
         name = target.replace(":", "-")
@@ -296,6 +298,13 @@ class Bench:
 
     # -- runs -----------------------------------------------------------------------------------
 
+    def variant_of(self, target: str) -> Variant | None:
+        """The variant a service target runs: `service:NAME`, or `service:NAME+peer` (a second
+        process of the same variant, the reconnect scenario's other instance)."""
+        if ":" not in target:
+            return None
+        return self.variants.get(target.split(":", 1)[1].removesuffix(PEER))
+
     def targets(self, scenario: Scenario) -> list[str]:
         """What a round of `scenario` runs against (scenarios design note 1)."""
         variants = [f"service:{v.name}" for v in self.variants.values() if v.applies(scenario.key)]
@@ -315,6 +324,7 @@ class Bench:
         else:
             url = self.service_urls[target]
             mode = "resume" if scenario.kind == "reconnect" else "service"
+        peer = self.service_urls.get(target + PEER) if mode == "resume" else None
         out = self.logs / f"{scenario.key}-{tag}-{target.replace(':', '-')}.json"
         argv = [
             *self.bench_pin,
@@ -332,6 +342,7 @@ class Bench:
             f"--timeout={scenario.run_timeout_s}",
             f"--clients={self.clients}",
             f"--out={out}",
+            *([f"--resume-url={peer}"] if peer else []),
         ]
         relay: Child | None = None
         cpu_of: Callable[[int], float] = cpu_seconds
@@ -423,6 +434,12 @@ class Bench:
                         self.start_service(target)
                     if not scenario.fresh_service:
                         self.warm_pool(target, scenario.concurrency)
+                    variant = self.variant_of(target)
+                    if scenario.kind == "reconnect" and variant and variant.uses_redis:
+                        # Streams in Redis: reconnect to another instance on the same Redis.
+                        if target + PEER not in self.services:
+                            self.start_service(target + PEER)
+                        self.warm_pool(target + PEER, scenario.concurrency)
                 started = time.monotonic()
                 got[target] = self.run_load(scenario, target, f"r{i + 1}")
                 summary, proc = got[target]
@@ -450,13 +467,12 @@ class Bench:
 
 
 RoundRuns = dict[str, tuple[dict[str, Any], dict[str, Any]]]  # target -> (summary, proc)
+PEER = "+peer"
 ROUTE_MISSING = "the service does not serve GET /api/v1/ai/streams/{streamId} (404/405)"
 
 
 def _uses_redis(bench: Bench, target: str) -> bool:
-    if ":" not in target:
-        return False
-    variant = bench.variants.get(target.split(":", 1)[1])
+    variant = bench.variant_of(target)
     return variant is not None and variant.uses_redis
 
 

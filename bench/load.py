@@ -22,7 +22,8 @@ shape of a burst of new users rather than all at once.
 (`Accept: text/event-stream`), cuts the connection after a random number of content events (1 to
 two thirds of the tokens; bytes after the last whole event in that read are dropped, so the cut
 may fall inside a frame), stays away a random 30-100 ms (so events are missed at model pace),
-then reconnects with `GET /api/v1/ai/streams/{X-Stream-ID}` and `Last-Event-ID: <last id seen>`.
+then reconnects with `GET /api/v1/ai/streams/{X-Stream-ID}` and `Last-Event-ID: <last id seen>`
+(to `--resume-url` when given: another instance sharing the streams through Redis).
 It times the reconnect, from sending it to the first event received (the first missed one), and
 checks that the joined text of both connections equals `done.content` and the expected text, and
 that the first resumed cursor comes after the last one seen. A reconnect answered 404 or 405 means
@@ -80,6 +81,7 @@ class Run:
         self.tokens: int = args.tokens
         self.model: str = args.model
         self.base = base = args.url.rstrip("/")
+        self.resume_base = (args.resume_url or base).rstrip("/")
         self.rng = random.Random(args.seed)
         self.away = (args.away_min_s, max(args.away_min_s, args.away_max_s))
         self.route_missing = 0  # reconnects answered 404/405: the resume route is not served
@@ -174,7 +176,7 @@ class Run:
             return
         last_seq = _seq(last_id)
         await asyncio.sleep(away)  # the client's time away (not synchronisation): events pile up
-        url = f"{self.base}/api/v1/ai/streams/{stream_id}"
+        url = f"{self.resume_base}/api/v1/ai/streams/{stream_id}"
         headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
         events = SseEvents()
         done: dict[str, Any] | None = None
@@ -506,6 +508,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--away-max-s", type=float, default=0.1, help="resume mode: longest time away"
     )
     parser.add_argument("--seed", type=int, default=1, help="resume mode: cut points and time away")
+    parser.add_argument(
+        "--resume-url",
+        default="",
+        help="resume mode: reconnect to this base URL (another instance)",
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--streams", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=100)

@@ -156,6 +156,7 @@ class ResumeServer:
         self.changed: dict[str, asyncio.Event] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.resumes: list[str] = []
+        self.resume_hosts: set[str] = set()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -210,22 +211,29 @@ class ResumeServer:
         cursor = request.headers["Last-Event-ID"]
         assert cursor.startswith(sid + ":")
         self.resumes.append(cursor)
+        self.resume_hosts.add(request.host)
         return await self.follow(request, sid, int(cursor.rsplit(":", 1)[1]) + 1)
 
 
 @contextlib.asynccontextmanager
 async def resume_server(server: ResumeServer) -> AsyncIterator[str]:
+    """The server on a loopback port; a second port (`instances[server]`) serves the same
+    streams, as two instances sharing them through Redis would."""
     runner = web.AppRunner(server.app())
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    ports = [free_port(), free_port()]
+    for port in ports:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    instances[server] = f"http://127.0.0.1:{ports[1]}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{ports[0]}"
     finally:
         for task in list(server.tasks):
             task.cancel()
         await runner.cleanup()
+
+
+instances: dict[ResumeServer, str] = {}
 
 
 def resume_args(url: str, streams: int) -> argparse.Namespace:
@@ -248,6 +256,17 @@ async def test_reconnect_client_cuts_resumes_from_its_cursor_and_checks_the_text
     assert len(server.resumes) == 12
     # Cut points vary: at least two different cursors among the streams' own numbering.
     assert len({cursor.rsplit(":", 1)[1] for cursor in server.resumes}) > 1
+    assert server.resume_hosts == {url.removeprefix("http://")}
+
+
+async def test_reconnect_client_resumes_on_another_instance_with_resume_url() -> None:
+    server = ResumeServer()
+    async with resume_server(server) as url:
+        args = resume_args(url, 4)
+        args.resume_url = instances[server]
+        summary = await load.drive(args)
+    assert (summary["resumed"], summary["mismatches"], summary["error_count"]) == (4, 0, 0)
+    assert server.resume_hosts == {instances[server].removeprefix("http://")}
 
 
 async def test_reconnect_client_sees_a_repeated_event_as_a_mismatch() -> None:
