@@ -448,9 +448,7 @@ class Bench:
                     f"{time.monotonic() - started:5.1f} s: {_brief(summary, proc)}"
                 )
                 if _route_missing(summary):
-                    log(f"{scenario.key}: {ROUTE_MISSING}; skipping its other targets")
-                    results.append(got)
-                    return
+                    log(f"{scenario.key} {target}: {ROUTE_MISSING}")
             results.append(got)
 
     def check_fds(self, scenario: Scenario) -> None:
@@ -680,10 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.close()
     for key, done in results.items():
-        if any(_route_missing(summary) for got in done for summary, _ in got.values()):
-            bench.notes.append(f"{key} skipped: {ROUTE_MISSING}")
-            continue
         for target in ("service", *(f"service:{name}" for name in bench.variants)):
+            if any(_route_missing(got[target][0]) for got in done if target in got):
+                peer = " (reconnecting to a second instance on the same Redis)"
+                where = peer if _uses_redis(bench, target) else ""
+                bench.notes.append(f"{key} {target} skipped{where}: {ROUTE_MISSING}")
+                continue
             seen = views(done, target)
             if seen:
                 all_rows.extend(rows_for(scenarios[key], seen, target.partition(":")[2]))
