@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -391,7 +392,8 @@ class Bench:
                 vm_hwm_kb=mem["VmHWM"],
             )
             proc["rss_growth_kb"] = proc["rss_peak_kb"] - proc["rss_before_kb"]
-            proc["rss_kept_kb"] = max(0, proc["rss_after_kb"] - proc["rss_before_kb"])
+            if target.startswith("service") and scenario.kind == "scale":
+                proc.update(retained_gauges(self.service_urls[target]))
             if count_fds:
                 proc["open_fds_peak"] = peak_fds
             if with_redis and self.redis is not None:
@@ -467,6 +469,27 @@ class Bench:
 RoundRuns = dict[str, tuple[dict[str, Any], dict[str, Any]]]  # target -> (summary, proc)
 PEER = "+peer"
 ROUTE_MISSING = "the service does not serve GET /api/v1/ai/streams/{streamId} (404/405)"
+
+
+RETAINED = {
+    "ai_stream_resume_retained_streams": "retained_streams",
+    "ai_stream_resume_retained_bytes": "retained_bytes",
+}
+
+
+def retained_gauges(url: str) -> dict[str, float]:
+    """The service's gauges of finished streams kept for `RESUME_TTL_S` (none on a version
+    without them), read from its `/metrics` once the run's streams have ended."""
+    found: dict[str, float] = {}
+    with (
+        contextlib.suppress(OSError, ValueError),
+        urllib.request.urlopen(url + "/metrics", timeout=5.0) as resp,  # noqa: S310 - loopback
+    ):
+        for line in resp.read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in RETAINED:
+                found[RETAINED[name]] = float(value)
+    return found
 
 
 def _uses_redis(bench: Bench, target: str) -> bool:

@@ -14,9 +14,11 @@
    service against nginx (ratio, for costs), and a variant against the default service (ratio for
    costs, added amount for latencies). The table shows medians over rounds; error and mismatch
    counts are totals over all rounds.
-4. Memory is RSS growth from before a run to its peak, per stream; for the scale scenarios also
-   what is still held after every stream ended (finished streams kept for `RESUME_TTL_S`), in
-   total and per stream.
+4. Memory is RSS growth from before a run to its peak, per stream. What finished streams keep
+   for `RESUME_TTL_S` once every stream ended cannot be read from RSS (the allocator keeps freed
+   memory): the scale scenarios report the service's own gauges
+   (`ai_stream_resume_retained_streams`, `ai_stream_resume_retained_bytes`, from `/metrics`), in
+   total and per stream; a version without them shows none.
 5. Variant rows carry only the key metrics (cost, first token, memory, errors); their targets are
    the resume feature's bounds where the variant is one of the `--resume-rows` presets
    (`VARIANT_TARGETS`), none otherwise.
@@ -294,12 +296,15 @@ def _cost(amount: str, scale: float, denominator: str) -> Getter:
 CPU_PER_TOKEN = _cost("cpu_s", 1e6, "tokens_received")
 CPU_PER_STREAM = _cost("cpu_s", 1e3, "streams")
 RSS_PER_STREAM = _cost("rss_growth_kb", 1, "streams")
-RSS_KEPT_PER_STREAM = _cost("rss_kept_kb", 1, "streams")
+RETAINED_PER_STREAM = _cost("retained_bytes", 1 / 1024, "streams")
 
 
-def _rss_kept_mb(summary: Summary | None, proc: dict[str, Any]) -> float | None:
-    kept = proc.get("rss_kept_kb")
-    return kept / 1024 if isinstance(kept, int | float) else None
+def _retained(key: str, scale: float) -> Getter:
+    def get(summary: Summary | None, proc: dict[str, Any]) -> float | None:
+        value = proc.get(key)
+        return value * scale if isinstance(value, int | float) else None
+
+    return get
 
 
 # (variant, scenario, metric) -> (target text, check on the medians), for `--resume-rows`.
@@ -389,10 +394,12 @@ def rows_for(scenario: Scenario, rounds: list[Round], variant: str = "") -> list
             "RSS per stream", RSS_PER_STREAM, key=True, unit="KB",
             target="≤ 25 KB" if is_s3 else "", check=_at_most(25) if is_s3 else None, **cost,
         )  # fmt: skip
-        # What stays after every stream ended (finished streams kept for RESUME_TTL_S): RSS after
-        # the run minus before it, 0.25 s after the last stream closed.
-        add("RSS kept after the end, total", _rss_kept_mb, key=True, unit="MB", **cost)
-        add("RSS kept after the end, per stream", RSS_KEPT_PER_STREAM, key=True, unit="KB", **cost)
+        # Finished streams kept for RESUME_TTL_S once every stream ended: the service's own
+        # gauges (RSS cannot show it: the allocator keeps freed memory).
+        keep: dict[str, Any] = {"key": True, "relayed": False, "vs_default": "ratio"}
+        add("finished streams retained", _retained("retained_streams", 1), unit="count", **keep)
+        add("retained bytes, total", _retained("retained_bytes", 1 / 1024**2), unit="MB", **keep)
+        add("retained bytes, per stream", RETAINED_PER_STREAM, unit="KB", **keep)
     else:  # reconnect
         add(
             "reconnect to first missed p50", _path("resume_ms", "p50"), key=True,

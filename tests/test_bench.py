@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from bench import load, nginx
+from bench.__main__ import retained_gauges
 from bench.procs import Child, child_env, free_port
 from bench.scenarios import (
     RESUME_VARIANTS,
@@ -377,3 +378,31 @@ def test_reconnect_rows_have_no_direct_or_nginx() -> None:
     p99 = rows["reconnect to first missed p99"]
     assert (p99.direct, p99.nginx, p99.service, p99.met) == (None, None, 4.0, True)
     assert rows["streams resumed (all rounds)"].service == 10
+
+
+async def test_retained_gauges_are_read_from_the_services_metrics() -> None:
+    body = (
+        "# HELP ai_stream_resume_retained_streams Finished streams kept readable for RESUME_TTL_S\n"
+        "# TYPE ai_stream_resume_retained_streams gauge\n"
+        "ai_stream_resume_retained_streams 12.0\n"
+        "ai_stream_resume_retained_bytes 3456.0\n"
+        'ai_stream_streams_active{route="generate"} 0.0\n'
+    )
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=body)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        found = await asyncio.to_thread(retained_gauges, url)
+        missing = await asyncio.to_thread(retained_gauges, f"http://127.0.0.1:{free_port()}")
+    finally:
+        await runner.cleanup()
+    assert found == {"retained_streams": 12.0, "retained_bytes": 3456.0}
+    assert missing == {}
