@@ -160,6 +160,11 @@ class Bench:
             code = proc.stop(signal.SIGTERM, 10.0)
             if code not in (0, -signal.SIGTERM):
                 self.notes.append(f"nginx {proc.log.name} exited with code {code}")
+            errors = self.logs / f"nginx-{self.nginx_runs}" / "error.log"
+            with contextlib.suppress(OSError):
+                lines = [line for line in errors.read_text().splitlines() if line.strip()]
+                if lines:
+                    self.notes.append(f"nginx {errors}: {len(lines)} lines at warn or above")
 
     def redis_url(self) -> str:
         """The bench's own redis-server (on the bench CPU, no persistence), started once."""
