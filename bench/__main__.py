@@ -20,8 +20,9 @@ Variants (`--variant NAME[@S1,S2]:K=V,...`, `--resume-rows` for the resume featu
 service processes of their own, kept running side by side (idle ones cost nothing measurable) and
 restarted like the default one for the scale scenarios. `REDIS_URL=@redis` points a variant at a
 `redis-server` the bench starts on the bench CPU (no persistence); around each run of such a
-variant the runner reads `INFO commandstats` (without INFO's own calls) and the server's CPU, so
-the table shows Redis commands and Redis CPU per token or per stream. The reconnect scenario (R1)
+variant the runner reads `INFO` (commands by name without INFO's own, and `total_reads_processed`:
+socket reads, so a pipelined batch is one round trip) and the server's CPU, so the table shows
+Redis commands, round trips and CPU per token or per stream. The reconnect scenario (R1)
 runs against the services only; for a variant on the bench's Redis each client reconnects to a
 second process of that variant on the same Redis (`+peer`), so the resume is read through Redis
 by another instance. When the service answers its reconnects with 404 or 405 (a version without
@@ -104,6 +105,7 @@ class Bench:
         self.nginx_runs = 0
         self.redis: Child | None = None
         self.redis_port = 0
+        self.redis_client: redis.Redis | None = None
         self.services: dict[str, Child] = {}  # by target: "service" or "service:<variant>"
         self.service_urls: dict[str, str] = {}
         self.service_runs = 0
@@ -197,20 +199,23 @@ class Bench:
             log(f"redis-server pid {self.redis.pid} on port {self.redis_port}")
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def redis_info(self) -> dict[str, int]:
-        """Calls per command since redis started (`INFO commandstats`), without INFO's own."""
-        client = redis.Redis(port=self.redis_port, socket_timeout=5.0, socket_connect_timeout=1.0)
-        try:
-            stats = client.info("commandstats")
-        finally:
-            client.close()
+    def redis_info(self) -> tuple[dict[str, int], int]:
+        """Calls per command since redis started (`INFO commandstats`, without INFO's own), and
+        `total_reads_processed`: socket reads, so a pipelined batch counts once (a round trip).
+        One connection for the whole run, so the bench's own connection setup is counted once,
+        before any run."""
+        if self.redis_client is None:
+            self.redis_client = redis.Redis(
+                port=self.redis_port, socket_timeout=5.0, socket_connect_timeout=1.0
+            )
+        stats = self.redis_client.info("all")
         calls = {
             key.removeprefix("cmdstat_"): int(value["calls"])
             for key, value in stats.items()
-            if isinstance(value, dict) and "calls" in value
+            if key.startswith("cmdstat_") and isinstance(value, dict) and "calls" in value
         }
         calls.pop("info", None)
-        return calls
+        return calls, int(stats.get("total_reads_processed", 0))
 
     def service_environment(self, port: int, variant: Variant | None = None) -> dict[str, str]:
         env = {
@@ -296,6 +301,10 @@ class Bench:
                 self.stop_service(target)
         with contextlib.suppress(Exception):
             self.stop_nginx()
+        if self.redis_client is not None:
+            with contextlib.suppress(Exception):
+                self.redis_client.close()
+            self.redis_client = None
         for name in ("redis", "upstream"):
             child = getattr(self, name)
             if child is not None:
@@ -363,7 +372,7 @@ class Bench:
         proc: dict[str, Any] = {}
         count_fds = scenario.kind == "scale"
         peak_rss = peak_fds = 0
-        redis_before: dict[str, int] = {}
+        redis_before: tuple[dict[str, int], int] = ({}, 0)
         if relay is not None:
             mem = rss_of(relay.pid)
             proc.update(cpu_before_s=cpu_of(relay.pid), rss_before_kb=mem["VmRSS"])
@@ -402,11 +411,12 @@ class Bench:
             if count_fds:
                 proc["open_fds_peak"] = peak_fds
             if with_redis and self.redis is not None:
-                after = self.redis_info()
-                delta = {k: v - redis_before.get(k, 0) for k, v in after.items()}
+                calls, reads = self.redis_info()
+                delta = {k: v - redis_before[0].get(k, 0) for k, v in calls.items()}
                 delta = {k: v for k, v in sorted(delta.items()) if v}
                 proc["redis_commands"] = sum(delta.values())
                 proc["redis_commandstats"] = delta
+                proc["redis_reads"] = reads - redis_before[1] - 1  # less this INFO's own read
                 proc["redis_cpu_s"] = round(
                     cpu_seconds_fine(self.redis.pid) - proc.pop("redis_cpu_before_s"), 6
                 )
@@ -551,7 +561,7 @@ def _brief(summary: dict[str, Any], proc: dict[str, Any]) -> str:
     if "cpu_s" in proc:
         parts.append(f"CPU {proc['cpu_s']:.2f} s, RSS +{proc['rss_growth_kb']:,} KB")
     if "redis_commands" in proc:
-        parts.append(f"Redis commands {proc['redis_commands']:,}")
+        parts.append(f"Redis commands {proc['redis_commands']:,}, reads {proc['redis_reads']:,}")
     resume = summary.get("resume_ms") or {}
     if resume.get("p99") is not None:
         parts.append(f"resumed {summary.get('resumed')}, first missed p99 {resume['p99']:.1f} ms")
