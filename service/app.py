@@ -22,7 +22,7 @@ from .limits.core import LimitConfig, Limiter, MemoryLimiter
 from .limits.redis_backend import LimiterUnavailable, RedisLimiter
 from .metrics import create_metrics
 from .relay import Generations
-from .routes import chat, generate, health, probe
+from .routes import chat, generate, health, probe, streams
 from .upstream import OpenAIUpstream, Upstream
 from .web import errors, on_prepare, require_key, vary_on_origin
 
@@ -43,7 +43,10 @@ def create_app(
     )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = create_metrics(registry or CollectorRegistry(), settings.model_allowlist)
-    app[keys.LIVE] = Generations()
+    live = app[keys.LIVE] = Generations(settings.resume_ttl_s, settings.resume_keep_bytes)
+    metrics = app[keys.METRICS]
+    metrics.retained_streams.set_function(lambda: live.retained)
+    metrics.retained_bytes.set_function(lambda: live.retained_bytes)
     app[keys.ACCESS] = Access.build(settings.api_keys, settings.trusted_proxies)
     if upstream is not None:
         app[keys.UPSTREAM] = upstream
@@ -58,6 +61,7 @@ def create_app(
     app.on_shutdown.append(_drain)
     generate.setup(app)
     chat.setup(app)
+    streams.setup(app)
     probe.setup(app)
     health.setup(app)
     _cors(app, settings)
@@ -122,12 +126,17 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     store: ConversationStore
     if settings.redis_url:
-        store = RedisStore(settings.redis_url)
+        redis = RedisStore(settings.redis_url)
+        try:
+            await redis.open()  # records the layout's version
+        except StoreUnavailable as err:  # requests answer 503 until Redis answers
+            log.warning("chat.store_unavailable", error=str(err))
+        store = redis
     else:
         sqlite = SqliteStore(settings.chat_db_path)
         await sqlite.open()
         store = sqlite
-    chats = app[keys.CHATS] = Chats(store, settings)
+    chats = app[keys.CHATS] = Chats(store, settings, metrics=app[keys.METRICS])
     await chats.recover()  # turns held by a killed process of this host are free at once
     try:
         yield

@@ -4,7 +4,8 @@ The variables come in groups, each a frozen dataclass read by its own typed pars
 `ServerSettings` (where the processes listen), `UpstreamSettings` (the model server),
 `ClockSettings` (every deadline), `RequestSettings` (what one request may ask for),
 `AccessSettings` (who may call), `LimitSettings`, `StoreSettings` (where state lives),
-`ChatSettings` and `LogSettings`. `Settings` is all of them at once (it inherits each group), so
+`ChatSettings`, `ResumeSettings` (streams that outlive their connection) and `LogSettings`.
+`Settings` is all of them at once (it inherits each group), so
 tests build it flat, `Settings(port=0, ...)`, and code that needs one slice takes just that type.
 
 `from_env(mapping)` reads every group's variables with the typed parsers of `parsers` (each
@@ -131,6 +132,20 @@ class ChatSettings:
     chat_system_prompt: str = CHAT_SYSTEM_PROMPT
     chat_context_tokens: int = 8000  # system prompt + history + the new message, estimated
     chat_message_max_chars: int = 8000
+    checkpoint_s: float = 1.0  # an open answer's text saved this often; 0 = only at its end
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeSettings:
+    resume_grace_s: float = 30.0  # a native stream's generation with no reader goes on (0 = not)
+    resume_ttl_s: float = 300.0  # a finished stream stays readable (0 = not kept)
+    resume_max_readers: int = 4  # readers of one stream at once
+    resume_keep_mb: float = 64.0  # finished streams' event bytes kept in all; oldest dropped first
+    resume_flush_ms: int = 50  # how often new events are appended to Redis (shared streams)
+
+    @property
+    def resume_keep_bytes(self) -> int:
+        return int(self.resume_keep_mb * 1024 * 1024)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +157,7 @@ class LogSettings:
 @dataclass(frozen=True, kw_only=True)
 class Settings(
     LogSettings,
+    ResumeSettings,
     ChatSettings,
     StoreSettings,
     LimitSettings,
@@ -306,6 +322,24 @@ def _chat(read: parse.Reader) -> ChatSettings:
             parse.between(parse.integer, 1, 1_000_000),
             d.chat_message_max_chars,
         ),
+        checkpoint_s=read("CHECKPOINT_S", parse.seconds, d.checkpoint_s),
+    )
+
+
+def _resume(read: parse.Reader) -> ResumeSettings:
+    d = ResumeSettings()
+    return ResumeSettings(
+        resume_grace_s=read("RESUME_GRACE_S", parse.seconds, d.resume_grace_s),
+        resume_ttl_s=read("RESUME_TTL_S", parse.seconds, d.resume_ttl_s),
+        resume_max_readers=read(
+            "RESUME_MAX_READERS", parse.between(parse.integer, 1, 1000), d.resume_max_readers
+        ),
+        resume_keep_mb=read(
+            "RESUME_KEEP_MB", parse.between(parse.number, 0.0, 1_000_000.0), d.resume_keep_mb
+        ),
+        resume_flush_ms=read(
+            "RESUME_FLUSH_MS", parse.between(parse.integer, 1, 60_000), d.resume_flush_ms
+        ),
     )
 
 
@@ -403,6 +437,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         **vars(_limits(read)),
         **vars(_stores(read)),
         **vars(_chat(read)),
+        **vars(_resume(read)),
         **vars(_logging(read)),
     )
     problems = read.problems | problems_of(settings, frozenset(read.problems))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
 
 
 class Outcome(StrEnum):
@@ -104,8 +105,10 @@ class ApiError(Exception):
         status: int | None = None,
         retry_after_s: int | None = None,
         headers: Mapping[str, str] | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
+        self.details = dict(details or {})  # more fields of the error object (a 409's streamId)
         self.code = code
         self.message = message
         self.status = status if status is not None else STATUS_BY_CODE[code]
@@ -116,5 +119,5 @@ class ApiError(Exception):
         if retry_after_s is not None:
             self.headers["Retry-After"] = str(retry_after_s)
 
-    def body(self) -> dict[str, dict[str, str]]:
-        return {"error": {"code": self.code, "message": self.message}}
+    def body(self) -> dict[str, dict[str, Any]]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}

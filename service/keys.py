@@ -12,7 +12,7 @@ from .limits.access import Access
 from .limits.accounts import Limits
 from .limits.core import Admission
 from .metrics import Metrics
-from .relay import Generations
+from .relay import Generations, SharedStreams
 from .upstream import Upstream
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -23,6 +23,8 @@ READINESS = web.AppKey("readiness", ReadinessProbe)
 ACCESS = web.AppKey("access", Access)
 LIMITS = web.AppKey("limits", Limits)
 CHATS = web.AppKey("chats", Chats)
+# Streams of other instances (through Redis), asked before a stream route's 404; absent = none.
+SHARED_STREAMS = web.AppKey("shared_streams", SharedStreams)
 
 REQUEST_ID = logs.REQUEST_ID
 ARRIVED = logs.ARRIVED

@@ -53,6 +53,16 @@ class Metrics:
     upstream_retries: Counter
     heartbeats: Counter
     limiter_errors: Counter
+    checkpoints: Counter
+    checkpoint_answers: Counter
+    resumes: Counter
+    generations_unread: Gauge
+    grace_expiries: Counter
+    retained_streams: Gauge
+    retained_bytes: Gauge
+    resume_redis_flushes: Counter
+    resume_redis_events: Counter
+    resume_orphans: Counter
     _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
 
     def model_label(self, model: str) -> str:
@@ -133,5 +143,52 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
         heartbeats=Counter(f"{PREFIX}_heartbeats", "Heartbeat comments written", registry=r),
         limiter_errors=Counter(
             f"{PREFIX}_limiter_errors", "Rate-limit store (Redis) failures", registry=r
+        ),
+        checkpoints=Counter(
+            f"{PREFIX}_checkpoints", "Checkpoint writes of open chat answers", registry=r
+        ),
+        checkpoint_answers=Counter(
+            f"{PREFIX}_checkpoint_answers", "Open chat answers written by checkpoints", registry=r
+        ),
+        resumes=Counter(
+            f"{PREFIX}_resumes",
+            "Readers coming back to a stream by its cursor, by what they got",
+            ["route", "outcome"],
+            registry=r,
+        ),
+        generations_unread=Gauge(
+            f"{PREFIX}_generations_unread",
+            "Generations running with no reader (in their grace window)",
+            ["route"],
+            registry=r,
+        ),
+        grace_expiries=Counter(
+            f"{PREFIX}_grace_expiries",
+            "Generations ended because no reader came back within the grace window",
+            ["route"],
+            registry=r,
+        ),
+        retained_streams=Gauge(
+            f"{PREFIX}_resume_retained_streams",
+            "Finished streams kept readable for RESUME_TTL_S",
+            registry=r,
+        ),
+        retained_bytes=Gauge(
+            f"{PREFIX}_resume_retained_bytes",
+            "Event bytes of the finished streams kept readable",
+            registry=r,
+        ),
+        resume_redis_flushes=Counter(
+            f"{PREFIX}_resume_redis_flushes",
+            "Pipelines of stream events sent to Redis",
+            registry=r,
+        ),
+        resume_redis_events=Counter(
+            f"{PREFIX}_resume_redis_events", "Stream events appended to Redis", registry=r
+        ),
+        resume_orphans=Counter(
+            f"{PREFIX}_resume_orphans",
+            "Streams whose producer was found dead",
+            registry=r,
         ),
     )

@@ -10,6 +10,12 @@ meanwhile), then follows: the generation's pump writes the next events to it dir
 design note 8). Its task then only sleeps until its next heartbeat or write deadline, or the end
 of the log, and writes the terminal event itself.
 
+A reader that comes back (`resume`: the stream route, or a POST retried with `Last-Event-ID`)
+is the same SSE reader started at its cursor: it catches up from event cursor + 1, then follows.
+It holds nothing of the generation's (no slot, no account): its handler returns when it leaves.
+A stream read from another instance (`RemoteStream`) is written by `serve_remote` with the same
+framing, heartbeat and write deadline.
+
 Design notes:
 1. A frame's write returns once the transport has drained below its high-water mark (a flag
    check, no system call), so for a reader that stops reading the write blocks once a bounded
@@ -29,7 +35,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from . import keys, sse, tcp
-from .relay import Generation, Meter, Result, Vocabulary
+from .relay import Generation, Meter, RemoteStream, Result, Vocabulary
 from .tasks import outlive_cancel
 from .upstream import CompletionRequest
 
@@ -49,6 +55,7 @@ class SseReader:
         "heartbeat_s",
         "last_write",
         "lost",
+        "resumed",
         "write_timeout_s",
         "writing_since",
     )
@@ -62,6 +69,8 @@ class SseReader:
         write_timeout_s: float,
         heartbeat_s: float,
         on_ping: Callable[[], None],
+        cursor: int = 0,
+        resumed: bool = False,
     ) -> None:
         self._request = request
         self._resp = response
@@ -72,7 +81,8 @@ class SseReader:
         self.framing = sse.Framing.for_accept(request.headers.get("Accept"), generation.stream_id)
         self.write_timeout_s = write_timeout_s
         self.heartbeat_s = heartbeat_s
-        self.cursor = 0  # the last event written
+        self.cursor = cursor  # the last event written (or read before: a resumed reader's)
+        self.resumed = resumed
         self.last_write = self._loop.time()
         self.writing_since = 0.0
         self.lost = False
@@ -104,7 +114,7 @@ class SseReader:
     async def run(self) -> None:
         """Send the headers, then the generation's events until its end or the client's."""
         generation = self._generation
-        generation.attach(self)
+        generation.attach(self, resumed=self.resumed)
         try:
             await self._resp.prepare(self._request)
             await self._catch_up()
@@ -121,7 +131,8 @@ class SseReader:
 
     async def _catch_up(self) -> None:
         """Write what the log holds past the cursor, each frame within the write deadline."""
-        events = self._generation.log.events
+        generation = self._generation
+        events = generation.log.events
         while self.cursor < len(events) and not self.lost:
             seq = self.cursor + 1
             try:
@@ -131,6 +142,7 @@ class SseReader:
                 self._drop()
                 return
             self.cursor = seq
+            generation.known = True  # the client has the stream id: relay design note 9
 
     async def _watch(self) -> None:
         """Sleep until the end of the log, pinging when the stream has been silent for the
@@ -184,6 +196,81 @@ class Collector:
 # --- a handler's generation and its reader -------------------------------------------------
 
 
+def sse_response(request: web.Request, stream_id: str) -> web.StreamResponse:
+    """An SSE answer's response: the SSE headers and `X-Stream-ID`."""
+    return web.StreamResponse(headers={**sse.HEADERS, sse.STREAM_ID_HEADER: stream_id})
+
+
+def _reader(
+    request: web.Request,
+    response: web.StreamResponse,
+    generation: Generation,
+    cursor: int = 0,
+    resumed: bool = False,
+) -> SseReader:
+    app = request.app
+    settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
+    return SseReader(
+        request,
+        response,
+        generation,
+        write_timeout_s=settings.write_timeout_s,
+        heartbeat_s=settings.heartbeat_interval_s,
+        on_ping=metrics.heartbeats.inc,
+        cursor=cursor,
+        resumed=resumed,
+    )
+
+
+async def resume(request: web.Request, generation: Generation, cursor: int) -> web.StreamResponse:
+    """Answer with a reader of `generation` from event `cursor` + 1 (already checked against its
+    log): the log's events past it, then the live ones, the terminal event last. Returns when the
+    reader leaves; it held nothing of the generation's."""
+    response = sse_response(request, generation.stream_id)
+    await _reader(request, response, generation, cursor, resumed=True).run()
+    return response
+
+
+async def serve_remote(
+    request: web.Request, stream_id: str, remote: RemoteStream, cursor: int
+) -> web.StreamResponse:
+    """Answer with the events of a stream read from elsewhere, from event `cursor` + 1 (already
+    checked), framed as a local reader's, with its heartbeat and write deadline."""
+    settings, metrics = request.app[keys.SETTINGS], request.app[keys.METRICS]
+    heartbeat_s, write_timeout_s = settings.heartbeat_interval_s, settings.write_timeout_s
+    framing = sse.Framing.for_accept(request.headers.get("Accept"), stream_id)
+    response = sse_response(request, stream_id)
+    events = remote.events(cursor)
+    pending: asyncio.Future[bytes] | None = None
+    seq = cursor
+    try:
+        await response.prepare(request)
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=heartbeat_s or None)
+            if not done:
+                async with asyncio.timeout(write_timeout_s or None):
+                    await response.write(framing.ping)
+                metrics.heartbeats.inc()
+                continue
+            try:
+                payload = pending.result()
+            except StopAsyncIteration:
+                break
+            pending = None
+            seq += 1
+            async with asyncio.timeout(write_timeout_s or None):
+                await response.write(framing.frame(seq, payload))
+    except (ConnectionError, TimeoutError):
+        pass  # the client is gone or did not take a write in time
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+        await outlive_cancel(remote.aclose())
+    return response
+
+
 def generation_for(
     request: web.Request,
     route: str,
@@ -209,6 +296,7 @@ def generation_for(
         request_id=request[keys.REQUEST_ID],
         arrived=request[keys.ARRIVED],
         stream_id=stream_id or sse.new_stream_id(),
+        owner=request.get(keys.KEY_ID) or "",
         vocabulary=vocabulary,
         opening=opening,
         meter=meter,
@@ -220,19 +308,9 @@ async def stream(request: web.Request, generation: Generation) -> web.StreamResp
     """Start `generation` and answer with an SSE reader of it (the SSE headers and
     `X-Stream-ID`); returns once the generation has ended, so what the handler holds around it
     (a slot, an account, a chat turn) is given back after, whatever ended it."""
-    app = request.app
-    settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
-    headers = {**sse.HEADERS, sse.STREAM_ID_HEADER: generation.stream_id}
-    response = web.StreamResponse(headers=headers)
-    reader = SseReader(
-        request,
-        response,
-        generation,
-        write_timeout_s=settings.write_timeout_s,
-        heartbeat_s=settings.heartbeat_interval_s,
-        on_ping=metrics.heartbeats.inc,
-    )
-    app[keys.LIVE].start(generation)
+    response = sse_response(request, generation.stream_id)
+    reader = _reader(request, response, generation)
+    request.app[keys.LIVE].start(generation)
     try:
         await reader.run()
     finally:

@@ -8,7 +8,8 @@ id), not by the HTTP handler that started it. Inside it, two tasks: the pump (up
 events) and a watchdog that sleeps until the next clock deadline (first token, idle, total; the
 decision is the pure `next_step`). The watchdog or the registry (shutdown) or the limits (a cut)
 end a generation by recording the outcome and cancelling the pump; so does its last reader
-leaving, after a grace of zero (design note 9). Either way the upstream request is closed by the
+leaving, once its grace window has passed with nobody back (design note 9), and the cancel route
+(`expire(Outcome.CANCELLED)`). Either way the upstream request is closed by the
 pump's `async with` before `run()` returns, and the outcome is counted once.
 
 Hand-off between a generation and its readers: a reader `attach`es (reader count + 1), catches up
@@ -44,21 +45,41 @@ Design notes:
    turn each at model pace), and a reader that stops reading holds the generation back as it
    did when the response was the pump's (readers design note 1 bounds that). A reader still
    catching up is not waited for; it joins once it reaches the end of the log.
-9. The last reader leaving cancels the generation at once (a grace of zero): the upstream
-   request is closed within a second of a disconnect, in every window, as when the handler owned
-   the pump. The resume grace window belongs here, in `leave`.
+9. The last reader leaving starts the generation's grace window (`RESUME_GRACE_S`) once the
+   client has its stream id (a reader wrote the first event, or came back with the id): one
+   timer per generation, armed when the last reader leaves and disarmed when one attaches, never
+   a timer per token. With no reader back when it fires, the generation ends
+   `client_disconnect` as before. A native stream whose reader left before its first event, the
+   JSON routes (no vocabulary: their collector leaves only when its client does) and a grace of
+   zero cancel at once: the upstream request is closed within a second of a disconnect, in every
+   window, as when the handler owned the pump. `held_elsewhere` (a reader on another instance,
+   the shared streams' seam) makes the timer start again instead of ending the generation.
 10. The upstream is called once the reader that started a streamed generation has written its
    first event and follows (or has left), as when that write came first in the handler: the
    first event still leaves before the upstream answers, and a stream whose upstream answers at
    once is written by the pump as it reads, not caught up afterwards frame by frame. A reader
    that attaches later (resume) catches up while the pump goes on.
+11. A finished native stream stays findable (`Generations.find`) for `RESUME_TTL_S` after its end,
+   its log and result only (`shed` lets go of its request's messages, its account and its
+   `on_end`, so a flood of small abandoned streams cannot keep their prompts): it holds no slot
+   and no task, and the shutdown drain does not wait for it. What is kept is bounded by
+   `RESUME_KEEP_MB` (the bytes of the event payloads, counted once at the end); past it the
+   oldest finished streams are dropped first. A finished log is dropped lazily (at a lookup, at
+   a scrape) and by one sweep timer for the whole registry, armed for the oldest one's expiry:
+   no timer per stream.
+12. Seams for streams shared through Redis and for chat checkpoints: `Generations.on_start`
+   (hooks called as a native stream starts), `Generation.held_elsewhere`, `Generation.owner`
+   (the key id that started it, "" with keys off), `Generation.text_so_far()`, and the
+   `SharedStreams`/`RemoteStream` protocols the stream route asks when a stream is not here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -158,6 +179,35 @@ class Meter(Protocol):
     async def settle(self, used: int | None) -> None: ...
 
 
+class RemoteStream(Protocol):
+    """A stream read from elsewhere (another instance's, through Redis): what the stream route
+    needs to check a cursor and serve it. `events(after)` yields the payloads after event
+    `after`, in order, the terminal event last, waiting for new ones while the stream runs."""
+
+    @property
+    def route(self) -> str: ...
+
+    @property
+    def owner(self) -> str: ...
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def ended(self) -> bool: ...
+
+    def events(self, after: int) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SharedStreams(Protocol):
+    """Streams of other instances (`keys.SHARED_STREAMS`): the stream route asks it before a
+    404 when a stream is not running or retained here."""
+
+    async def open(self, stream_id: str) -> RemoteStream | None: ...
+
+
 class Follower(Protocol):
     """A reader the pump writes to once it has caught up (design note 8). `deliver` writes event
     `seq` and raises ConnectionError when the client is gone."""
@@ -233,9 +283,16 @@ class Slot:
 class Generations:
     """The app's generations, by stream id, each run as a task owned here; the `MAX_STREAMS`
     slots (taken synchronously at admission, so a burst cannot walk past the cap while earlier
-    requests await the stores); and the shutdown drain."""
+    requests await the stores); the shutdown drain; and the finished native streams kept
+    readable for `ttl_s` within `keep_bytes` (design note 11)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ttl_s: float = 0.0, keep_bytes: int = 0) -> None:
+        self.ttl_s = ttl_s
+        self.keep_bytes = keep_bytes
+        self.on_start: list[Callable[[Generation], None]] = []  # native streams (note 12)
+        self._retained: OrderedDict[str, tuple[Generation, float, int]] = OrderedDict()
+        self._retained_bytes = 0
+        self._sweep: asyncio.TimerHandle | None = None
         self._running: dict[str, Generation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = 0
@@ -252,6 +309,70 @@ class Generations:
 
     def get(self, stream_id: str) -> Generation | None:
         return self._running.get(stream_id)
+
+    def find(self, stream_id: str) -> Generation | None:
+        """The native stream `stream_id`, running or finished and retained; None when unknown,
+        expired or a JSON route's."""
+        running = self._running.get(stream_id)
+        if running is not None:
+            return running if running.vocabulary is not None else None
+        self.sweep()
+        kept = self._retained.get(stream_id)
+        return kept[0] if kept is not None else None
+
+    @property
+    def retained(self) -> int:
+        """Finished streams kept readable now."""
+        self.sweep()
+        return len(self._retained)
+
+    @property
+    def retained_bytes(self) -> int:
+        """The event bytes of the finished streams kept readable now."""
+        self.sweep()
+        return self._retained_bytes
+
+    def _retain(self, generation: Generation) -> None:
+        """Keep a finished native stream for `ttl_s` (note 11); the oldest go past the cap."""
+        if not self.ttl_s or generation.vocabulary is None:
+            return
+        size = sum(map(len, generation.log.events))
+        if size > self.keep_bytes:
+            return
+        generation.shed()
+        now = time.monotonic()
+        self._retained[generation.stream_id] = (generation, now, size)
+        self._retained_bytes += size
+        while self._retained_bytes > self.keep_bytes:
+            self._drop_oldest()
+        self._arm_sweep(now)
+
+    def _drop_oldest(self) -> None:
+        _, (_, _, size) = self._retained.popitem(last=False)
+        self._retained_bytes -= size
+
+    def sweep(self) -> None:
+        """Drop the finished streams past their `ttl_s` (oldest first: all share one TTL)."""
+        if not self._retained:
+            return
+        now = time.monotonic()
+        while self._retained:
+            _, ended_at, _ = next(iter(self._retained.values()))
+            if ended_at + self.ttl_s > now:
+                break
+            self._drop_oldest()
+
+    def _arm_sweep(self, now: float) -> None:
+        if self._sweep is not None or not self._retained:
+            return
+        _, ended_at, _ = next(iter(self._retained.values()))
+        delay = max(0.0, ended_at + self.ttl_s - now)
+        self._sweep = asyncio.get_running_loop().call_later(delay, self._swept)
+
+    def _swept(self) -> None:
+        self._sweep = None
+        self.sweep()
+        self._arm_sweep(time.monotonic())
 
     def take(self, cap: int) -> Slot | None:
         """A slot, or None when `cap` (0 = no cap) are taken. No await: the count and the take
@@ -273,12 +394,16 @@ class Generations:
         task = asyncio.create_task(self._run(generation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if generation.vocabulary is not None:
+            for hook in self.on_start:
+                hook(generation)
 
     async def _run(self, generation: Generation) -> None:
         try:
             await generation.run()
         finally:
             del self._running[generation.stream_id]
+            self._retain(generation)
             self._settle_empty()
 
     def _settle_empty(self) -> None:
@@ -330,6 +455,9 @@ class Generation:
     opening: dict[str, Any] | None = None  # the first event, in the log before anything else
     meter: Meter | None = None
     on_end: Callable[[Result], Awaitable[None]] | None = None  # before the terminal event
+    owner: str = ""  # the API key id that started it ("" with keys off): who may stop it
+    held_elsewhere: Callable[[], bool] | None = None  # a reader elsewhere keeps it (note 9)
+    known: bool = field(default=False, init=False)  # a client has its stream id (note 9)
     log: EventLog = field(default_factory=EventLog, init=False)
     result: Result = field(init=False)
     _readers: set[object] = field(default_factory=set, init=False)
@@ -342,6 +470,9 @@ class Generation:
     _pieces: list[str] = field(default_factory=list, init=False)
     _first_token: float = field(default=0.0, init=False)
     _last_token: float = field(default=0.0, init=False)
+    _grace: asyncio.TimerHandle | None = field(default=None, init=False)  # note 9
+    _attached: int = field(default=0, init=False)  # readers in all, for the log line
+    _resumes: int = field(default=0, init=False)  # of which came back by a cursor
 
     def __post_init__(self) -> None:
         self.result = Result(
@@ -354,8 +485,34 @@ class Generation:
 
     # --- readers (design notes 8 and 9) ---
 
-    def attach(self, reader: object) -> None:
+    def attach(self, reader: object, *, resumed: bool = False) -> None:
+        """`reader` reads the log; one that came back by a cursor (`resumed`) knows the stream
+        id, and any reader ends a grace window (note 9)."""
         self._readers.add(reader)
+        self._attached += 1
+        if resumed:
+            self._resumes += 1
+            self.known = True
+        if self._grace is not None:
+            self._disarm()
+
+    @property
+    def readers(self) -> int:
+        """Readers attached now."""
+        return len(self._readers)
+
+    def shed(self) -> None:
+        """Once ended and kept for readers (note 11): let go of what only the run needed (the
+        request's messages, the account, the chat turn `on_end` holds), so what a finished
+        stream keeps is its log and its result."""
+        self.request = CompletionRequest(self.request.model, [], 0)
+        self.meter = None
+        self.on_end = None
+        self.opening = None
+
+    def text_so_far(self) -> str:
+        """The answer's text as produced so far (all of it once ended)."""
+        return self.result.text if self._done.is_set() else "".join(self._pieces)
 
     def follow(self, reader: Follower) -> None:
         """`reader` has caught up with the log: the pump writes the next events to it."""
@@ -369,14 +526,40 @@ class Generation:
             gate.set_result(None)
 
     def leave(self, reader: object) -> None:
-        """`reader` is gone; the last one leaving ends the generation (grace zero: note 9)."""
+        """`reader` is gone; the last one leaving starts the grace window, or ends the generation
+        at once (note 9)."""
         if reader not in self._readers:
             return
         self._readers.discard(reader)
         self._following = tuple(r for r in self._following if r is not reader)
         self._open_gate()
-        if not self._readers and not self.log.ended:
+        if self._readers or self.log.ended:
+            return
+        grace_s = self.settings.resume_grace_s
+        if grace_s and self.known and self.vocabulary is not None and self._forced is None:
+            if self._grace is None:
+                self.metrics.child(self.metrics.generations_unread, self.route).inc()
+                self._grace = asyncio.get_running_loop().call_later(grace_s, self._grace_over)
+        else:
             self.expire(Outcome.CLIENT_DISCONNECT)
+
+    def _disarm(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+            self.metrics.child(self.metrics.generations_unread, self.route).dec()
+
+    def _grace_over(self) -> None:
+        """Nobody came back within the grace window: end, unless a reader elsewhere holds it."""
+        held = self.held_elsewhere
+        if held is not None and held():
+            self._grace = asyncio.get_running_loop().call_later(
+                self.settings.resume_grace_s, self._grace_over
+            )
+            return
+        self._disarm()
+        self.metrics.child(self.metrics.grace_expiries, self.route).inc()
+        self.expire(Outcome.CLIENT_DISCONNECT)
 
     @property
     def ended(self) -> bool:
@@ -397,7 +580,10 @@ class Generation:
 
     def expire(self, outcome: Outcome) -> None:
         """End the generation from outside the pump (a clock, a reader leaving, a cut,
-        shutdown); the first reason given is the outcome."""
+        shutdown, the cancel route); the first reason given is the outcome. Nothing changes once
+        it has ended."""
+        if self.log.ended:
+            return
         if self._forced is None:
             self._forced = outcome
         if self._pump_task is not None:
@@ -441,6 +627,7 @@ class Generation:
             try:
                 await settle(*tasks)
             finally:
+                self._disarm()
                 self._finish(outcome, loop.time())
                 labels.dec()
                 try:
@@ -448,6 +635,7 @@ class Generation:
                 finally:
                     self._end_log()
                     self._done.set()
+                    self._pieces.clear()  # the text is the result's now (`text_so_far`)
         return self.result
 
     async def _close(self) -> None:
@@ -578,4 +766,6 @@ class Generation:
             upstream_error=result.upstream_error_kind,
             upstream_detail=result.upstream_error_detail,
             finish_reason=result.finish_reason,
+            readers=self._attached,
+            resumes=self._resumes,
         )

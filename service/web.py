@@ -91,12 +91,23 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+# Routes (by name) whose capability is in their path, not a key: reading a stream by its id, which
+# a browser EventSource (which cannot send `Authorization`) must be able to do.
+KEYLESS_ROUTES = frozenset({"read_stream"})
+
+
 @web.middleware
 async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With API_KEYS set, every /api/ route needs `Authorization: Bearer <key>` (a CORS
-    preflight carries no credentials and passes); probes and /metrics need none."""
+    preflight carries no credentials and passes), but for `KEYLESS_ROUTES`; probes and /metrics
+    need none."""
     access = request.app[keys.ACCESS]
-    if access.auth_required and request.path.startswith("/api/") and request.method != "OPTIONS":
+    if (
+        access.auth_required
+        and request.path.startswith("/api/")
+        and request.method != "OPTIONS"
+        and request.match_info.route.name not in KEYLESS_ROUTES
+    ):
         ident = access.authenticate(request.headers.get("Authorization"))
         if ident is None:
             raise ApiError(

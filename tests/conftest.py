@@ -41,6 +41,8 @@ def make_settings(**overrides: Any) -> Settings:
         rate_limit_concurrent=0,
         rate_limit_tpm=0,
         chat_db_path=":memory:",
+        # today's disconnect behaviour (cancel at once); the resume tests inject a small grace
+        resume_grace_s=0.0,
     )
     return dataclasses.replace(base, **overrides)
 

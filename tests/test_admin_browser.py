@@ -119,7 +119,9 @@ def running_stack(tmp: Path, **env: str) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Chat answers are DEFAULT_MAX_TOKENS long: about 1.3 s each at the demo's pace.
-    with running_stack(tmp_path_factory.mktemp("admin"), DEFAULT_MAX_TOKENS=CHAT_TOKENS) as running:
+    # The page's Stop aborts its request: with no grace that ends the generation at once.
+    tmp = tmp_path_factory.mktemp("admin")
+    with running_stack(tmp, DEFAULT_MAX_TOKENS=CHAT_TOKENS, RESUME_GRACE_S="0") as running:
         yield running
 
 

@@ -241,9 +241,12 @@ async def test_control_characters_are_removed_before_saving_and_sending(gateway:
     assert (await saved(gateway, cid))[0] == ("user", "complete", clean)
 
 
+@pytest.mark.parametrize("grace_s", [0.0, 0.5], ids=["no-grace", "grace"])
 async def test_a_disconnect_mid_answer_saves_the_text_produced_as_partial(
-    gateway: Gateway,
+    make_gateway: MakeGateway, grace_s: float
 ) -> None:
+    """At once, or once nobody has come back within the grace window."""
+    gateway = await make_gateway(resume_grace_s=grace_s)
     gate = asyncio.Event()
     gateway.fake.queue([Text("The first"), Text(" half"), Gate(gate)])
     resp, frames = await chat_stream(gateway, {"message": "Tell me a long story"})

@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from service.chat.conversations import Message, new_conversation_id, new_message_id
 from service.chat.stores import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
-from tests.conftest import WAIT, start_redis
+from tests.conftest import WAIT, RedisServer, start_redis
 
 
 class Clock:
@@ -249,6 +250,18 @@ async def test_held_turns_lists_each_holder(store: ConversationStore) -> None:
     assert await store.held_turns() == []
 
 
+async def test_turn_holder_names_who_holds_the_turn(store: ConversationStore) -> None:
+    """A refused turn reads who holds it (the holder's token names the stream to resume)."""
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    assert await store.turn_holder(cid) is None
+    assert await store.take_turn(cid, "answer-id|host", 30)
+    assert await store.turn_holder(cid) == "answer-id|host"
+    await store.release_turn(cid, "answer-id|host")
+    assert await store.turn_holder(cid) is None
+    assert await store.turn_holder(new_conversation_id()) is None
+
+
 async def test_redis_store_answers_the_first_request_after_a_redis_restart() -> None:
     """Pooled connections are stale once Redis restarts; the first calls after it still succeed."""
     server = await start_redis()
@@ -268,3 +281,191 @@ async def test_redis_store_answers_the_first_request_after_a_redis_restart() -> 
     finally:
         await redis.aclose()
         await server.stop()
+
+
+def opening(content: str = "") -> Message:
+    return Message(new_message_id(), "assistant", content, "streaming", 1.5)
+
+
+async def test_an_open_answer_streams_then_is_closed_in_place(store: ConversationStore) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    user = message("user", "question")
+    await store.append(cid, user, 2.0)
+    assert await store.take_turn(cid, "holder", 30)
+    answer = opening()
+    assert await store.open_answer(cid, answer, 2.0)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert loaded.messages == [user, answer]
+    assert loaded.messages[1].wire()["status"] == "streaming"
+
+    answer.content = "Half an"
+    assert await store.checkpoint([(cid, answer)], 3.0) == 1
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert (loaded.updated_at, loaded.messages) == (3.0, [user, answer])
+
+    final = Message(
+        answer.message_id,
+        "assistant",
+        "Half an answer, whole.",
+        "complete",
+        1.5,
+        4.0,
+        model="m",
+        usage={"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+        finish_reason="stop",
+    )
+    assert await store.close_answer(cid, final, 4.0)
+    later = message("user", "next question")
+    await store.append(cid, later, 5.0)
+    await store.release_turn(cid, "holder")
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert loaded.messages == [user, final, later]  # same id, same place
+    # Closed: neither a checkpoint nor a second close touches it.
+    assert await store.checkpoint([(cid, answer)], 6.0) == 0
+    assert not await store.close_answer(cid, answer, 6.0)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert (loaded.updated_at, loaded.messages) == (5.0, [user, final, later])
+
+
+async def test_one_checkpoint_writes_many_answers_and_skips_a_deleted_conversation(
+    store: ConversationStore,
+) -> None:
+    answers: list[tuple[str, Message]] = []
+    for n in range(5):
+        cid = new_conversation_id()
+        await store.create(cid, "", 1.0)
+        await store.append(cid, message("user", f"q{n}"), 1.0)
+        assert await store.take_turn(cid, f"holder{n}", 30)
+        answer = opening()
+        assert await store.open_answer(cid, answer, 1.0)
+        answers.append((cid, answer))
+    gone_cid = answers[2][0]
+    assert await store.delete(gone_cid)
+    for n, (_, answer) in enumerate(answers):
+        answer.content = f"text of answer {n}"
+    assert await store.checkpoint(answers, 2.0) == 4
+    assert await store.checkpoint([], 3.0) == 0
+    for n, (cid, _) in enumerate(answers):
+        loaded = await store.load(cid)
+        if cid == gone_cid:
+            assert loaded is None  # the checkpoint made nothing again
+            continue
+        assert loaded is not None
+        assert [(m.content, m.status) for m in loaded.messages] == [
+            (f"q{n}", "complete"),
+            (f"text of answer {n}", "streaming"),
+        ]
+        assert loaded.updated_at == 2.0
+
+
+async def test_an_open_answer_under_no_turn_reads_as_partial_until_closed(
+    store: ConversationStore,
+) -> None:
+    """Its process died: the conversation shows the checkpointed text as `partial`, and
+    `close_abandoned` closes it for good, unless another holder's turn is running."""
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    user = message("user", "question")
+    await store.append(cid, user, 1.0)
+    assert await store.take_turn(cid, "dead", 30)
+    answer = opening()
+    await store.open_answer(cid, answer, 1.0)
+    answer.content = "checkpointed"
+    await store.checkpoint([(cid, answer)], 2.0)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert loaded.messages[1].status == "streaming"
+
+    assert await store.close_abandoned(cid, "another", 3.0) == 0  # "dead" holds it still
+    await store.release_turn(cid, "dead")
+    loaded = await store.load(cid)
+    assert loaded is not None
+    shown = loaded.messages[1]
+    assert (shown.message_id, shown.content, shown.status) == (
+        answer.message_id,
+        "checkpointed",
+        "partial",
+    )
+    assert await store.take_turn(cid, "next", 30)  # held by the taker: it may close them
+    assert await store.close_abandoned(cid, "next", 3.0) == 1
+    assert await store.close_abandoned(cid, "next", 4.0) == 0
+    assert not await store.close_answer(cid, answer, 4.0)  # the dead turn's end cannot reopen it
+    loaded = await store.load(cid)
+    assert loaded is not None
+    closed = Message(answer.message_id, "assistant", "checkpointed", "partial", 1.5, 3.0)
+    assert loaded.messages == [user, closed]  # closed, and shown so while "next" holds the turn
+
+
+async def test_an_open_answer_taken_back_is_gone(store: ConversationStore) -> None:
+    cid = new_conversation_id()
+    await store.create(cid, "", 1.0)
+    kept, user = message(content="kept"), message(content="taken back")
+    await store.append(cid, kept, 1.0)
+    await store.append(cid, user, 2.0)
+    answer = opening()
+    await store.open_answer(cid, answer, 2.0)
+    await store.remove(cid, user)
+    await store.remove(cid, answer)
+    loaded = await store.load(cid)
+    assert loaded is not None
+    assert loaded.messages == [kept]
+    assert await store.checkpoint([(cid, answer)], 3.0) == 0
+    assert not await store.open_answer(new_conversation_id(), opening(), 3.0)
+
+
+async def test_sqlite_checkpoints_many_answers_in_one_transaction(tmp_path: Path) -> None:
+    sqlite = SqliteStore(str(tmp_path / "chat.db"))
+    await sqlite.open()
+    try:
+        answers = []
+        for _ in range(20):
+            cid = new_conversation_id()
+            await sqlite.create(cid, "", 1.0)
+            answer = opening()
+            await sqlite.open_answer(cid, answer, 1.0)
+            answer.content = "some text"
+            answers.append((cid, answer))
+        statements: list[str] = []
+        await sqlite._call(sqlite.db.set_trace_callback, statements.append)
+        assert await sqlite.checkpoint(answers, 2.0) == 20
+        await sqlite._call(sqlite.db.set_trace_callback, None)
+        assert [s for s in statements if s.startswith(("BEGIN", "COMMIT"))] == [
+            "BEGIN IMMEDIATE",
+            "COMMIT",
+        ]
+    finally:
+        await sqlite.aclose()
+
+
+async def test_redis_checkpoints_many_answers_in_one_command(redis_server: RedisServer) -> None:
+    redis = RedisStore(redis_server.url)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        answers = []
+        for _ in range(20):
+            cid = new_conversation_id()
+            await redis.create(cid, "", 1.0)
+            answer = opening()
+            await redis.open_answer(cid, answer, 1.0)
+            answer.content = "some text"
+            answers.append((cid, answer))
+        assert await redis.checkpoint(answers[:1], 2.0) == 1  # the script is loaded once
+
+        async def calls() -> dict[str, int]:
+            stats = await raw.info("commandstats")
+            return {k: int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info"}
+
+        before = await calls()
+        assert await redis.checkpoint(answers, 3.0) == 20
+        after = await calls()
+        sent = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+        # One command from the client; what the script ran inside Redis is counted too.
+        assert sent == {"cmdstat_evalsha": 1, "cmdstat_hexists": 20, "cmdstat_hset": 40}
+    finally:
+        await redis.aclose()
+        await raw.aclose()

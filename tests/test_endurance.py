@@ -37,6 +37,15 @@ pytestmark = pytest.mark.slow
 STREAMS = 10_000
 CONCURRENCY = 400
 TOKENS = 20
+RETAINED_S = 1.0
+
+
+async def forgotten(served: Served) -> None:
+    """Wait (bounded) until every finished stream kept for readers has been swept."""
+    live = served.app[keys.LIVE]
+    async with asyncio.timeout(RETAINED_S + 10):
+        while live.retained:  # noqa: ASYNC110 (the sweep has no event to wait on)
+            await asyncio.sleep(0.05)
 
 
 def fds() -> int:
@@ -94,6 +103,7 @@ async def served(fake: FakeUpstream, limit_store: str | None) -> AsyncIterator[S
         rate_limit_rpm=1_000_000,
         rate_limit_concurrent=CONCURRENCY * 2,
         rate_limit_tpm=10**9,
+        resume_ttl_s=RETAINED_S,  # finished streams kept for readers, then swept
     )
     # info lines filtered, as in production, but without caching loggers process-wide
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -118,6 +128,7 @@ async def test_ten_thousand_streams_leave_nothing_behind(
     warm = await load(served.url, 1_000, seed=1)
     assert warm["failed"] == 0
     await asyncio.wait_for(served.app[keys.LIVE].idle(), 10)
+    await forgotten(served)
     gc.collect()
 
     def net() -> tuple[int, int]:
@@ -130,6 +141,7 @@ async def test_ten_thousand_streams_leave_nothing_behind(
     counts = await load(served.url, STREAMS, seed=2)
 
     await asyncio.wait_for(served.app[keys.LIVE].idle(), 10)
+    await forgotten(served)
     gc.collect()
     assert counts["failed"] == 0, counts
     assert counts["completed"] + counts["cancelled"] == STREAMS

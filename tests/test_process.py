@@ -141,17 +141,24 @@ async def test_signal_drains_open_streams_then_ends_the_rest(
     assert fake.seen[1].cancelled
 
 
+@pytest.mark.parametrize("grace_s", [0.0, 0.5], ids=["no-grace", "grace"])
 async def test_a_client_leaving_the_real_process_cancels_the_upstream(
-    fake: FakeUpstream, tmp_path: Path
+    fake: FakeUpstream, tmp_path: Path, grace_s: float
 ) -> None:
+    """Within a second of the client leaving, or of the end of its grace window."""
     never = asyncio.Event()
     fake.queue([Text("a"), Gate(never)])
-    env = {"OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": API_KEY, "OPENAI_MODEL": "test-model"}
+    env = {
+        "OPENAI_BASE_URL": fake.url,
+        "OPENAI_API_KEY": API_KEY,
+        "OPENAI_MODEL": "test-model",
+        "RESUME_GRACE_S": str(grace_s),
+    }
     async with service(env, tmp_path) as svc, aiohttp.ClientSession() as session:
         resp = await session.post(f"{svc.url}/api/ai/generate-stream", json={"prompt": "x"})
         assert len(await read_events(resp, 2)) == 2
         resp.close()
-        async with asyncio.timeout(1):
+        async with asyncio.timeout(grace_s + 1):
             await fake.seen[0].ended.wait()
         assert fake.seen[0].cancelled
         metrics = await (await session.get(f"{svc.url}/metrics")).text()

@@ -15,6 +15,7 @@ from service.config import (
     LimitSettings,
     LogSettings,
     RequestSettings,
+    ResumeSettings,
     ServerSettings,
     Settings,
     SettingsError,
@@ -34,6 +35,7 @@ GROUPS = (
     StoreSettings,
     ChatSettings,
     LogSettings,
+    ResumeSettings,
 )
 
 SECONDS = "must be a finite number of seconds, 0 or more (0 turns it off)"
@@ -87,6 +89,12 @@ EVERY_VARIABLE: dict[str, tuple[str, str, Any]] = {
     "CHAT_SYSTEM_PROMPT": ("Be brief.", "chat_system_prompt", "Be brief."),
     "CHAT_CONTEXT_TOKENS": ("300", "chat_context_tokens", 300),
     "CHAT_MESSAGE_MAX_CHARS": ("100", "chat_message_max_chars", 100),
+    "CHECKPOINT_S": ("0.25", "checkpoint_s", 0.25),
+    "RESUME_GRACE_S": ("0", "resume_grace_s", 0.0),
+    "RESUME_TTL_S": ("0.5", "resume_ttl_s", 0.5),
+    "RESUME_MAX_READERS": ("2", "resume_max_readers", 2),
+    "RESUME_KEEP_MB": ("0.25", "resume_keep_mb", 0.25),
+    "RESUME_FLUSH_MS": ("10", "resume_flush_ms", 10),
     "LOG_FORMAT": ("console", "log_format", "console"),
     "LOG_LEVEL": (" WARNING ", "log_level", "warning"),
 }
@@ -133,6 +141,10 @@ def test_every_variable_lands_in_its_field_and_every_field_has_one() -> None:
         ("UPSTREAM_MAX_RETRIES", "99", "must be from 0 to 10"),
         ("RATE_LIMIT_LEASE_S", "nan", "must be from 1 to 3600"),
         ("RATE_LIMIT_CHARGE_INTERVAL_S", "0.001", "must be from 0.01 to 60"),
+        ("RESUME_GRACE_S", "-1", SECONDS),
+        ("RESUME_MAX_READERS", "0", "must be from 1 to 1000"),
+        ("RESUME_KEEP_MB", "-1", "must be from 0.0 to 1000000.0"),
+        ("RESUME_FLUSH_MS", "0", "must be from 1 to 60000"),
         ("OPENAI_BASE_URL", "ftp://x", "must be an http:// or https:// URL"),
         ("AZURE_OPENAI_ENDPOINT", "https://k@a.example", CREDENTIALS),
         ("OPENAI_BASE_URL", "http:///v1", "must name a host"),

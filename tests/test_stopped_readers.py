@@ -254,6 +254,7 @@ async def test_the_real_process_cuts_a_frozen_reader(fake: FakeUpstream, tmp_pat
         "WRITE_TIMEOUT_S": str(FROZEN_WRITE_TIMEOUT_S),
         "HEARTBEAT_INTERVAL_S": "1",
         "RATE_LIMIT_RPM": "0",
+        "RESUME_GRACE_S": "0",  # a dropped reader's generation would otherwise wait for it
     }
     async with service(env, tmp_path) as svc:
         frozen = await freeze_reader(fake, "127.0.0.1", svc.port)

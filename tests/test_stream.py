@@ -183,10 +183,13 @@ async def test_each_timeout_ends_with_an_error_event(
     assert gateway.outcomes() == {reason: 1}
 
 
+@pytest.mark.parametrize("grace_s", [0.0, 0.5], ids=["no-grace", "grace"])
 @pytest.mark.parametrize("window", ["before-answer", "while-silent", "while-streaming"])
 async def test_client_disconnect_cancels_the_upstream_within_a_second(
-    gateway: Gateway, window: str
+    make_gateway: MakeGateway, window: str, grace_s: float
 ) -> None:
+    """With a grace window (RESUME_GRACE_S) the upstream is closed within a second of its end."""
+    gateway = await make_gateway(resume_grace_s=grace_s)
     script = {
         "before-answer": [Gate(NEVER())],
         "while-silent": [Text("a"), Gate(NEVER())],
@@ -201,16 +204,19 @@ async def test_client_disconnect_cancels_the_upstream_within_a_second(
     else:
         await frames.event()
     resp.close()
-    await ended_within(gateway)
+    await ended_within(gateway, seconds=grace_s + 1)
     assert gateway.fake.seen[0].cancelled
     await gateway.settled()
     assert gateway.outcomes() == {"client_disconnect": 1}
     assert gateway.sample("ai_stream_streams_active", route="generate_stream") == 0
 
 
+@pytest.mark.parametrize("grace_s", [0.0, 5.0], ids=["no-grace", "grace"])
 async def test_client_disconnect_cancels_the_upstream_for_the_json_endpoint(
-    gateway: Gateway,
+    make_gateway: MakeGateway, grace_s: float
 ) -> None:
+    """The JSON routes have no grace window: their client cannot come back."""
+    gateway = await make_gateway(resume_grace_s=grace_s)
     gateway.fake.queue([Gate(NEVER())])
     request = asyncio.create_task(gateway.post("/api/ai/generate", {"prompt": "x"}))
     async with asyncio.timeout(WAIT):

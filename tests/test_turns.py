@@ -295,12 +295,20 @@ def test_the_context_leaves_out_user_messages_no_answer_followed(
     assert [m["content"] for m in context] == ["S", *sent, "New"]
 
 
+@pytest.mark.parametrize(("status", "sent"), [("streaming", []), ("partial", ["Q1", "So far"])])
+def test_the_context_never_holds_an_answer_still_streaming(status: str, sent: list[str]) -> None:
+    streaming = Message("m_a", "assistant", "So far", status, 0.0)  # type: ignore[arg-type]
+    context = build_context("S", [_message("user", "Q1"), streaming], "New", 10_000)
+    assert [m["content"] for m in context] == ["S", *sent, "New"]
+
+
 def upstream_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
     return {
         "OPENAI_BASE_URL": fake.url,
         "OPENAI_API_KEY": API_KEY,
         "OPENAI_MODEL": "test-model",
         "RATE_LIMIT_RPM": "0",
+        "CHECKPOINT_S": "0",  # saved only at the end: a kill leaves no text (test_chat_crash)
         **extra,
     }
 

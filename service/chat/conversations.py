@@ -8,6 +8,11 @@ assistant answers that follow it; history is trimmed from the oldest turn and ne
 message, so the model never sees half a sentence or an answer without its question. Sizes are
 `prompts.estimate_tokens` (4 characters a token, 4 a message), the same estimate the token limit
 reserves with. A user message with no answer that has text is not a turn, and is left out.
+
+Statuses: an answer is `streaming` from its turn's start (saved open, its text checkpointed every
+`CHECKPOINT_S`) until its turn closes it `complete`, `partial` or `error`; an open answer whose
+turn is no longer held (its process died) reads back `partial` with its checkpointed text. The
+model never sees a `streaming` answer.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from ..prompts import estimate_tokens
 from ..sse import new_stream_id
 
 Role = Literal["user", "assistant"]
-Status = Literal["complete", "partial", "error"]
+Status = Literal["complete", "partial", "error", "streaming"]
 
 # Control characters are removed from a message; tab and newline are kept, CR LF becomes LF.
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
@@ -152,7 +157,8 @@ def build_context(
     system_prompt: str, history: Sequence[Message], message: str, budget: int
 ) -> list[dict[str, Any]]:
     """The messages sent upstream: system prompt, the newest whole turns within `budget`
-    tokens (estimated), then `message`. Empty answers (a failure before any text) are left out,
+    tokens (estimated), then `message`. Empty answers (a failure before any text) and answers
+    still `streaming` (another turn's, never whole) are left out,
     and so is a user message that no answer with text followed (its turn was cut before the
     model said anything, or its process was killed): the model never sees a question twice."""
     system = {"role": "system", "content": system_prompt}
@@ -162,7 +168,7 @@ def build_context(
     turn: list[dict[str, Any]] = []
     for item in reversed(history):
         if item.role != "user":
-            if item.content:
+            if item.content and item.status != "streaming":
                 turn.insert(0, {"role": item.role, "content": item.content})
             continue
         if not turn:  # unanswered

@@ -73,11 +73,19 @@ def this_process() -> Process:
     return _identity(os.getpid())  # keyed by pid: a forked child is another holder
 
 
-def new_holder() -> str:
-    """A fresh turn holder of this process: `token|host|boot|pidns|pid|start`."""
+def new_holder(token: str | None = None) -> str:
+    """A fresh turn holder of this process: `token|host|boot|pidns|pid|start`. The token is the
+    turn's answer id (its stream id, so a turn refused for this one can name the stream to
+    resume), or random."""
     me = this_process()
-    parts = (secrets.token_hex(8), me.host, me.boot, me.pidns, str(me.pid), str(me.start))
+    token = token or secrets.token_hex(8)
+    parts = (token, me.host, me.boot, me.pidns, str(me.pid), str(me.start))
     return SEP.join(parts)
+
+
+def token_of(holder: str) -> str:
+    """The token part of a holder (the whole of an older, bare one)."""
+    return holder.split(SEP, 1)[0]
 
 
 def parse(holder: str) -> Process | None:

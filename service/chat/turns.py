@@ -10,6 +10,13 @@ stop (a client that leaves, even before the generation, cancels the handler at w
 in; its turn must still be released and its `partial` answer written, or its unanswered message
 taken back). `aclose()` waits for exits still in flight, so shutdown loses none. A save that fails
 is retried a few times with backoff, then logged with the conversation id.
+
+Crash durability: the answer is opened (`streaming`, no text) with the user's message, before the
+upstream is called; while it streams, the `checkpoints` task saves its text (read from the turn's
+`progress`, the generation's `text_so_far`) every `CHECKPOINT_S`; its end closes it in place. A
+process killed mid-answer leaves it open: at start-up `recover` closes the open answers of the
+turns it frees as `partial`, and a turn that takes a conversation whose last lease lapsed closes
+them before reading the history (`stores`, notes 1 to 3).
 """
 
 from __future__ import annotations
@@ -26,9 +33,12 @@ import structlog
 
 from ..config import Settings
 from ..errors import ApiError, ErrorCode
+from ..metrics import Metrics
 from ..prompts import estimate_tokens
 from ..relay import Meter, Result
+from ..sse import valid_stream_id
 from ..tasks import outlive_cancel
+from .checkpoints import Checkpointer
 from .conversations import (
     Conversation,
     Message,
@@ -38,7 +48,7 @@ from .conversations import (
     status_of,
     valid_conversation_id,
 )
-from .holders import gone, new_holder
+from .holders import gone, new_holder, token_of
 from .stores import ConversationStore, StoreUnavailable
 
 log = structlog.get_logger("service.chat")
@@ -92,6 +102,8 @@ class Turn:
     meter: Meter | None = None  # the turn's account with the limits, once admitted
     result: Result | None = None  # its generation's, once ended: saved as the answer
     answer: Message | None = None
+    opened: bool = False  # the answer may have been opened (`streaming`)
+    progress: Callable[[], str] | None = None  # the answer's text so far, for checkpoints
     renewer: asyncio.Task[None] | None = None
     ending: asyncio.Task[None] | None = None  # the turn's end, run once (`Chats._end`)
 
@@ -116,11 +128,13 @@ class Chats:
         store: ConversationStore,
         settings: Settings,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self._settings = settings
         self._clock = clock
         self._saving: set[asyncio.Task[Any]] = set()
+        self.checkpoints = Checkpointer(store, settings.checkpoint_s, clock, metrics)
 
     @_answerable
     async def visible(self, conversation_id: str, owner: str) -> bool:
@@ -141,12 +155,14 @@ class Chats:
         answer is saved if a generation ended, otherwise the user's message is taken back; then
         the turn is released. That work outlives a cancellation, and `aclose()` waits for it."""
         now = self._clock()
+        answer_id = new_message_id()
         turn = Turn(
             conversation_id or new_conversation_id(),
             owner,
             conversation_id is None,
             Message(new_message_id(), "user", text, "complete", now, now),
-            new_message_id(),
+            answer_id,
+            holder=new_holder(answer_id),  # a refused turn names the stream to resume
         )
         try:
             await self._begin(turn)
@@ -176,15 +192,25 @@ class Chats:
         turn.held = True
         if not await self.store.take_turn(cid, turn.holder, TURN_LEASE_S):
             turn.held = False
+            holder = await self.store.turn_holder(cid)
+            answering = token_of(holder) if holder else ""
             raise ApiError(
                 ErrorCode.CONFLICT,
                 "Another message in this conversation is still being answered; "
                 "send this one when it has finished.",
+                # the answer being written, to resume (GET /api/v1/ai/streams/{streamId})
+                details={"streamId": answering} if valid_stream_id(answering) else None,
             )
         # Read after taking the turn: the previous turn saved its answer before releasing.
         conversation = await self.store.load(cid, HISTORY_WINDOW)
         if conversation is None:  # deleted in between
             raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
+        if any(m.status == "streaming" for m in conversation.messages):
+            # Open answers under our turn are a lapsed turn's: its process died. Close them.
+            await self.store.close_abandoned(cid, turn.holder, self._clock())
+            conversation = await self.store.load(cid, HISTORY_WINDOW)
+            if conversation is None:
+                raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
         turn.context = build_context(
             settings.chat_system_prompt,
             conversation.messages,
@@ -207,6 +233,10 @@ class Chats:
         turn.user_saved = True
         if not await store.append(cid, turn.user, self._clock()):
             raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
+        turn.opened = True
+        if not await store.open_answer(cid, self._opening(turn), self._clock()):
+            raise ApiError(ErrorCode.NOT_FOUND, "No such conversation.")
+        self.checkpoints.track(turn)
         turn.renewer = asyncio.create_task(self._renew(turn))
 
     async def _renew(self, turn: Turn) -> None:
@@ -230,6 +260,7 @@ class Chats:
         await outlive_cancel(turn.ending)
 
     async def _ending(self, turn: Turn) -> None:
+        self.checkpoints.forget(turn)
         if turn.renewer is not None:
             turn.renewer.cancel()
         try:
@@ -252,13 +283,20 @@ class Chats:
                 await self.store.delete(turn.conversation_id)
             else:
                 await self.store.remove(turn.conversation_id, turn.user)
+                if turn.opened:
+                    await self.store.remove(turn.conversation_id, self._opening(turn))
         except StoreUnavailable as err:
             log.warning(
                 "chat.take_back_failed", conversation_id=turn.conversation_id, error=str(err)
             )
 
+    @staticmethod
+    def _opening(turn: Turn) -> Message:
+        return Message(turn.answer_id, "assistant", "", "streaming", turn.started)
+
     async def _save_answer(self, turn: Turn, result: Result) -> None:
-        """Save the answer once, retried with backoff; the turn is released after it."""
+        """Close the open answer once with its final text, retried with backoff; the turn is
+        released after it."""
         turn.answer = answer = Message(
             turn.answer_id,
             "assistant",
@@ -272,7 +310,7 @@ class Chats:
         )
         for attempt in range(SAVE_ATTEMPTS):
             try:
-                saved = await self.store.append(turn.conversation_id, answer, self._clock())
+                saved = await self.store.close_answer(turn.conversation_id, answer, self._clock())
             except StoreUnavailable as err:
                 if attempt + 1 == SAVE_ATTEMPTS:
                     log.error(
@@ -290,13 +328,15 @@ class Chats:
 
     async def recover(self) -> int:
         """At start-up: free at once the turns whose holder process is gone from this host (a
-        SIGKILL, an OOM kill) instead of after their lease. How many were freed."""
+        SIGKILL, an OOM kill) instead of after their lease, and close the answers they left open
+        as `partial`, with their checkpointed text. How many turns were freed."""
         try:
             held = await self.store.held_turns()
             freed = 0
             for conversation_id, holder in held:
                 if gone(holder):
                     await self.store.release_turn(conversation_id, holder)
+                    await self.store.close_abandoned(conversation_id, "", self._clock())
                     freed += 1
         except StoreUnavailable as err:
             log.warning("chat.recover_failed", error=str(err))
@@ -314,7 +354,8 @@ class Chats:
         await self.store.delete(conversation_id)
 
     async def aclose(self) -> None:
-        """Wait for answers still being saved, then close the store."""
+        """Stop the checkpoints, wait for answers still being saved, then close the store."""
+        await self.checkpoints.aclose()
         if self._saving:
             await asyncio.wait(set(self._saving), timeout=10)
         await self.store.aclose()

@@ -27,6 +27,7 @@ from ..readers import collect, generation_for, stream
 from ..relay import Generation, Result
 from ..web import json_response, read_json
 from .options import MaxTokens, Model, Options, Temperature, options
+from .streams import resume_post
 
 
 class ChatBody(BaseModel):
@@ -117,10 +118,14 @@ async def _turn(
             stream_id=turn.answer_id,
             on_end=functools.partial(chats.answered, turn),
         )
+        turn.progress = generation.text_so_far  # the answer's checkpoints read it
         yield turn, generation
 
 
 async def chat_stream(request: web.Request) -> web.StreamResponse:
+    resumed = await resume_post(request, "chat_stream", {})  # before anything else
+    if resumed is not None:
+        return resumed
     read = await _read(request)
     with take_slot(request):
         async with _turn(request, "chat_stream", read, streamed=True) as (_, generation):

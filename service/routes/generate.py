@@ -1,7 +1,8 @@
 """`POST /api/ai/generate` (JSON) and `POST /api/ai/generate-stream` (SSE "generate" events).
 
 Both run the same generation; the JSON endpoint's reader is a collector that answers once at the
-end, so disconnects, timeouts and shutdown behave alike for both.
+end, so disconnects, timeouts and shutdown behave alike for both. A streaming POST that carries
+`Last-Event-ID` resumes the stream it names instead (`streams.resume_post`), checked first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..relay import Result
 from ..upstream import CompletionRequest
 from ..web import json_response, read_json
 from .options import MaxTokens, Model, Temperature, options
+from .streams import resume_post
 
 _IMAGE_URL = re.compile(
     r"https?://[^\s]{1,4096}|data:image/[a-z0-9.+-]{1,32};base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE
@@ -99,6 +101,10 @@ def _answer(result: Result) -> dict[str, Any]:
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
+    ids = {"requestId": request[keys.REQUEST_ID], "elapsedMs": 0}
+    resumed = await resume_post(request, "generate_stream", ids)  # before anything else
+    if resumed is not None:
+        return resumed
     upstream_request = completion_request(await read_json(request, GenerateBody), request)
     async with admitted(request, estimate_tokens(upstream_request.messages)) as account:
         stream_id = sse.new_stream_id()
