@@ -15,6 +15,20 @@ streams that were between their first token and their end at the same instant.
 With `--clients K` the streams carry `X-Forwarded-For` addresses 10.x.y.z of K different clients
 (round robin), so a service that limits per client can be measured with its limits on.
 
+With `--ramp-s T` the streams arrive evenly over T seconds (stream i starts at i*T/S), the
+shape of a burst of new users rather than all at once.
+
+`--mode resume` (the reconnect scenario) opens each stream through the service in full SSE
+(`Accept: text/event-stream`), cuts the connection after a random number of content events (1 to
+two thirds of the tokens; bytes after the last whole event in that read are dropped, so the cut
+may fall inside a frame), stays away a random 30-100 ms (so events are missed at model pace),
+then reconnects with `GET /api/v1/ai/streams/{X-Stream-ID}` and `Last-Event-ID: <last id seen>`
+(to `--resume-url` when given: another instance sharing the streams through Redis).
+It times the reconnect, from sending it to the first event received (the first missed one), and
+checks that the joined text of both connections equals `done.content` and the expected text, and
+that the first resumed cursor comes after the last one seen. A reconnect answered 404 or 405 means
+the route is not served: the run stops taking new streams and reports `route_missing`.
+
 Everything is bounded: a timeout per stream and one for the whole run.
 """
 
@@ -23,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import random
 import resource
 import sys
 import time
@@ -55,6 +70,7 @@ class Stream:
     completed: bool = False
     error: str | None = None
     mismatch: str | None = None
+    resume_s: float = 0.0  # reconnect sent -> first missed event received (resume mode)
 
 
 class Run:
@@ -64,8 +80,13 @@ class Run:
         self.mode: str = args.mode
         self.tokens: int = args.tokens
         self.model: str = args.model
-        base = args.url.rstrip("/")
-        if self.mode == "service":
+        self.base = base = args.url.rstrip("/")
+        self.resume_base = (args.resume_url or base).rstrip("/")
+        self.rng = random.Random(args.seed)
+        self.away = (args.away_min_s, max(args.away_min_s, args.away_max_s))
+        self.route_missing = 0  # reconnects answered 404/405: the resume route is not served
+        self.resumed = 0
+        if self.mode in ("service", "resume"):
             self.url = base + "/api/ai/generate-stream"
             body: dict[str, Any] = {
                 "prompt": "bench",
@@ -105,6 +126,104 @@ class Run:
                 await self._read_service(resp, rec)
             else:
                 await self._read_direct(resp, rec)
+
+    async def one_resume(self, session: aiohttp.ClientSession, index: int, rec: Stream) -> None:
+        """Open a stream in full SSE, cut the connection after a random number of content
+        events, stay away a moment, reconnect with `GET /api/v1/ai/streams/{id}` and
+        `Last-Event-ID`, read to the end, and check the joined text (module docstring)."""
+        clock = time.monotonic
+        cut_after = self.rng.randint(1, max(1, self.tokens * 2 // 3))
+        away = self.rng.uniform(*self.away)
+        headers = {**self.headers(index), "Accept": "text/event-stream"}
+        pieces: list[str] = []
+        events = SseEvents()
+        stream_id = ""
+        last_id = ""
+        cut = False
+        rec.start = clock()
+        resp = await session.post(self.url, data=self.body, headers=headers)
+        try:
+            if resp.status != 200:
+                rec.error = f"http_{resp.status}"
+                return
+            stream_id = resp.headers.get("X-Stream-ID", "")
+            async for data in resp.content.iter_any():  # bounded by the stream's own end
+                now = clock()
+                for cursor, obj in events.feed(data):
+                    if cursor is None:
+                        rec.error = "event_without_id"
+                        return
+                    last_id = cursor  # events after the cut in the same read count as unseen
+                    kind = obj.get("type")
+                    if kind == "content":
+                        pieces.append(obj["delta"])
+                        rec.first = rec.first or now
+                        if len(pieces) >= cut_after:
+                            cut = True
+                            break
+                    elif kind in ("done", "error"):
+                        rec.error = f"ended_before_cut:{kind}:{obj.get('code')}"
+                        return
+                if cut:
+                    break
+        finally:
+            resp.close()  # the cut: the connection is dropped, not read to its end
+        if not cut:
+            rec.error = rec.error or "truncated_before_cut"
+            return
+        if not stream_id or not last_id:
+            rec.error = "no_stream_id"
+            return
+        last_seq = _seq(last_id)
+        await asyncio.sleep(away)  # the client's time away (not synchronisation): events pile up
+        url = f"{self.resume_base}/api/v1/ai/streams/{stream_id}"
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
+        events = SseEvents()
+        done: dict[str, Any] | None = None
+        sent = clock()
+        async with session.get(url, headers=headers) as resp:
+            if resp.status in (404, 405):
+                self.route_missing += 1
+                rec.error = f"resume_http_{resp.status}"
+                await resp.read()
+                return
+            if resp.status != 200:
+                rec.error = f"resume_http_{resp.status}"
+                await resp.read()
+                return
+            async for data in resp.content.iter_any():  # bounded by the stream's own end
+                now = clock()
+                if done is not None or rec.error:
+                    continue
+                for cursor, obj in events.feed(data):
+                    if not rec.resume_s:
+                        rec.resume_s = now - sent
+                        seq = _seq(cursor or "")
+                        if last_seq is not None and seq is not None and seq <= last_seq:
+                            rec.mismatch = f"resumed at seq {seq} after cursor seq {last_seq}"
+                    kind = obj.get("type")
+                    if kind == "content":
+                        pieces.append(obj["delta"])
+                        rec.tokens = obj["tokenCount"]
+                    elif kind == "done":
+                        done = obj
+                        break
+                    elif kind == "error":
+                        rec.error = f"error_frame:{obj.get('code')}:{obj.get('reason')}"
+                        break
+        rec.end = clock()
+        if done is None:
+            rec.error = rec.error or "truncated_after_resume"
+            return
+        self.resumed += 1
+        rec.completed = True
+        text = "".join(pieces)
+        if rec.mismatch:
+            return
+        if text != done.get("content"):
+            rec.mismatch = f"joined text differs from done.content ({len(text)} chars)"
+        elif text != self.expected:
+            rec.mismatch = "done.content differs from expected"
 
     async def _read_service(self, resp: aiohttp.ClientResponse, rec: Stream) -> None:
         loads, gaps, clock = orjson.loads, self.gaps, time.monotonic
@@ -195,6 +314,38 @@ class Run:
             rec.mismatch = f"text differs from expected ({rec.tokens} deltas)"
 
 
+class SseEvents:
+    """Full-SSE frames (`id:` and `data:` lines, a blank line after) from a byte stream; a
+    `: ping` comment line is skipped wherever it falls."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list[tuple[str | None, dict[str, Any]]]:
+        frames = (self.buf + data if self.buf else data).split(b"\n\n")
+        self.buf = frames.pop()
+        out: list[tuple[str | None, dict[str, Any]]] = []
+        for frame in frames:
+            cursor: str | None = None
+            payload = b""
+            for line in frame.split(b"\n"):
+                if line.startswith(b"id: "):
+                    cursor = line[4:].decode()
+                elif line.startswith(b"data: "):
+                    payload = line[6:]
+            if payload:
+                out.append((cursor, orjson.loads(payload)))
+        return out
+
+
+def _seq(cursor: str) -> int | None:
+    """The `<seq>` of a `<streamId>:<seq>` cursor, None when it has none."""
+    _, colon, seq = cursor.rpartition(":")
+    return int(seq) if colon and seq.isdigit() else None
+
+
 def _error_name(err: BaseException) -> str:
     if isinstance(err, aiohttp.ClientConnectorError) and err.os_error.errno:
         return "connect:" + errno.errorcode.get(err.os_error.errno, str(err.os_error.errno))
@@ -208,15 +359,27 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
     streams = run.streams
     next_index = 0
 
+    began = time.monotonic()
+    ramp = args.ramp_s / len(streams)
+
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
         while next_index < len(streams):  # bounded: each pass takes one of the S streams
+            if run.route_missing and not run.resumed:
+                return  # the resume route is not served: the rest would fail the same way
             index = next_index
             next_index += 1
             rec = streams[index]
+            if ramp:  # arrivals spread evenly over --ramp-s: stream i starts at i * ramp_s / S
+                wait = began + index * ramp - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             try:
                 async with asyncio.timeout(args.stream_timeout):
-                    await run.one(session, index, rec)
+                    if run.mode == "resume":
+                        await run.one_resume(session, index, rec)
+                    else:
+                        await run.one(session, index, rec)
             except TimeoutError:
                 rec.error = "stream_timeout"
             except (aiohttp.ClientError, OSError, ValueError) as err:
@@ -226,7 +389,6 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
 
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=args.stream_timeout)
-    began = time.monotonic()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         workers = [
@@ -316,14 +478,41 @@ def summarize(run: Run, began: float, cpu_s: float, args: argparse.Namespace) ->
         "flowing_share": round(flowing / len(streams), 4) if streams else 0.0,
         "first_token_spread_s": round(max(firsts) - first_start, 3) if firsts else None,
         "load_cpu_s": round(cpu_s, 3),
+        **(_resume_summary(run) if run.mode == "resume" else {}),
         "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }
+
+
+def _resume_summary(run: Run) -> dict[str, Any]:
+    times = sorted(rec.resume_s for rec in run.streams if rec.resume_s)
+    return {
+        "resumed": run.resumed,
+        "route_missing": run.route_missing,
+        "resume_ms": {
+            "count": len(times),
+            "p50": _ms(percentile(times, 50)),
+            "p99": _ms(percentile(times, 99)),
+            "max": _ms(times[-1] if times else None),
+        },
     }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     parser.add_argument("--url", required=True, help="service or upstream base URL")
-    parser.add_argument("--mode", choices=("service", "direct"), required=True)
+    parser.add_argument("--mode", choices=("service", "direct", "resume"), required=True)
+    parser.add_argument(
+        "--away-min-s", type=float, default=0.03, help="resume mode: shortest time away"
+    )
+    parser.add_argument(
+        "--away-max-s", type=float, default=0.1, help="resume mode: longest time away"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="resume mode: cut points and time away")
+    parser.add_argument(
+        "--resume-url",
+        default="",
+        help="resume mode: reconnect to this base URL (another instance)",
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--streams", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=100)
@@ -333,6 +522,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         help="spread streams over this many X-Forwarded-For client addresses (0: no header)",
+    )
+    parser.add_argument(
+        "--ramp-s",
+        type=float,
+        default=0.0,
+        help="spread the streams' arrivals evenly over this many seconds (0: as fast as allowed)",
     )
     parser.add_argument("--stream-timeout", type=float, default=120.0, help="seconds per stream")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")
