@@ -235,7 +235,8 @@ async def serve_remote(
     request: web.Request, stream_id: str, remote: RemoteStream, cursor: int
 ) -> web.StreamResponse:
     """Answer with the events of a stream read from elsewhere, from event `cursor` + 1 (already
-    checked), framed as a local reader's, with its heartbeat and write deadline."""
+    checked), framed as a local reader's, with its heartbeat and write deadline (a write waits
+    for the transport to drain, as a local reader's: note 1)."""
     settings, metrics = request.app[keys.SETTINGS], request.app[keys.METRICS]
     heartbeat_s, write_timeout_s = settings.heartbeat_interval_s, settings.write_timeout_s
     framing = sse.Framing.for_accept(request.headers.get("Accept"), stream_id)
@@ -243,6 +244,14 @@ async def serve_remote(
     events = remote.events(cursor)
     pending: asyncio.Future[bytes] | None = None
     seq = cursor
+
+    async def write(data: bytes) -> None:
+        async with asyncio.timeout(write_timeout_s or None):
+            await response.write(data)
+            out = response.get(tcp.STREAM_OUT)
+            if out is not None:
+                await out.drain()
+
     try:
         await response.prepare(request)
         while True:
@@ -250,25 +259,34 @@ async def serve_remote(
                 pending = asyncio.ensure_future(anext(events))
             done, _ = await asyncio.wait({pending}, timeout=heartbeat_s or None)
             if not done:
-                async with asyncio.timeout(write_timeout_s or None):
-                    await response.write(framing.ping)
+                await write(framing.ping)
                 metrics.heartbeats.inc()
                 continue
             try:
                 payload = pending.result()
             except StopAsyncIteration:
                 break
-            pending = None
+            finally:
+                pending = None
             seq += 1
-            async with asyncio.timeout(write_timeout_s or None):
-                await response.write(framing.frame(seq, payload))
+            await write(framing.frame(seq, payload))
     except (ConnectionError, TimeoutError):
-        pass  # the client is gone or did not take a write in time
+        transport = request.transport
+        if transport is not None:
+            transport.abort()  # the client is gone, or did not take a write in time
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-        await outlive_cancel(remote.aclose())
+        await outlive_cancel(_stop_reading(pending, remote))
     return response
+
+
+async def _stop_reading(pending: asyncio.Future[bytes] | None, remote: RemoteStream) -> None:
+    """Stop a remote read: the read in flight first (its generator is running), then the rest."""
+    if pending is not None:
+        pending.cancel()
+        await asyncio.wait({pending})
+        if not pending.cancelled():
+            pending.exception()  # retrieved: the reader is leaving anyway
+    await remote.aclose()
 
 
 def generation_for(

@@ -202,10 +202,14 @@ class RemoteStream(Protocol):
 
 
 class SharedStreams(Protocol):
-    """Streams of other instances (`keys.SHARED_STREAMS`): the stream route asks it before a
+    """Streams of other instances (`keys.SHARED_STREAMS`): the stream routes ask it before a
     404 when a stream is not running or retained here."""
 
     async def open(self, stream_id: str) -> RemoteStream | None: ...
+
+    async def request_cancel(self, stream_id: str, owner: str) -> bool:
+        """Stop the stream where it runs; False when it is unknown or not `owner`'s."""
+        ...
 
 
 class Follower(Protocol):

@@ -695,6 +695,9 @@ class FakeShared:
         self.asked.append(stream_id)
         return self.streams.get(stream_id)
 
+    async def request_cancel(self, stream_id: str, owner: str) -> bool:
+        return False
+
 
 async def test_a_stream_not_here_is_asked_of_the_shared_streams(
     aiohttp_client: Any, fake: Any
