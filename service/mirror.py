@@ -12,8 +12,13 @@ Design notes:
    (`held_elsewhere`: what the flusher last saw). With no `REDIS_URL` none of this exists: the
    hook list stays empty and the routes find no seam.
 2. A remote reader's cursor is checked against what Redis holds when it opens (`length`,
-   `ended`), as a local reader's is against the log; its events then come from one
-   `RemoteStream.read(after)`, which the route closes when its client leaves.
+   `ended`), as a local reader's is against the log, except that a cursor beyond the end of a
+   running stream is given up to the producer's lease to be reached (`reach`, looking again
+   every flush interval): a client that read an event on the producing instance may come back
+   here before the flush that carries it; likewise a stream not found is looked for again
+   every flush interval for two of them (plus a round trip's margin) before it is called
+   unknown, as a stream that started a moment ago may not have been flushed yet. Its events
+   then come from one `RemoteStream.read(after)`, which the route closes when its client leaves.
 3. Redis failing when a stream is looked up is "not here": the GET route answers 404 and a
    POST resume its `not_found` event, never a 500. Redis failing mid-read (past the mirror's
    outage allowance) ends the body with no terminal event, so the client reconnects from its
@@ -27,6 +32,7 @@ Design notes:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -47,6 +53,8 @@ from .relay import Generation, Result
 from .shared_streams import RemoteStream, SharedStreams, StreamMeta
 
 log = structlog.get_logger("service.mirror")
+
+FLUSH_MARGIN_S = 0.05  # a flush's round trip, on top of its interval (note 2)
 
 
 def instance_name() -> str:
@@ -95,8 +103,14 @@ class Mirror:
 
     async def open(self, stream_id: str) -> Remote | None:
         """The stream as Redis holds it now, or None (unknown, expired, or Redis failing)."""
+        shared = self.shared
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * shared.flush_s + FLUSH_MARGIN_S
         try:
-            remote = await self.shared.open(stream_id)
+            remote = await shared.open(stream_id)
+            while remote is None and loop.time() < deadline:  # note 2: maybe not flushed yet
+                await asyncio.sleep(shared.flush_s)
+                remote = await shared.open(stream_id)
             if remote is None:
                 return None
             length, ended = await remote.length()
@@ -143,6 +157,18 @@ class Remote:
                     yield payload
             except (RedisError, OSError) as err:  # note 3
                 log.warning("resume.redis_read_failed", error=repr(err))
+
+    async def reach(self, cursor: int) -> None:
+        """Look again every flush interval, for up to the producer's lease (note 2)."""
+        shared = self._remote.shared
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + shared.lease_s
+        while cursor > self.length and not self.ended and loop.time() < deadline:
+            await asyncio.sleep(shared.flush_s)  # bounded by the deadline: Redis has no event
+            try:
+                self.length, self.ended = await self._remote.length()
+            except (RedisError, OSError):
+                return
 
     async def aclose(self) -> None:
         if self._reading is not None:

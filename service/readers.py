@@ -22,6 +22,11 @@ Design notes:
    amount is queued (`tcp.STREAM_QUEUE_BOUND`) and the write deadline can fire; aiohttp alone
    waits only every 64 KiB written. A write that misses its deadline aborts the connection: the
    client is treated as gone (as when it disconnects), and nothing waits on it any more.
+2. A remote reader (`serve_remote`) waits for its next event in a task of its own, so that its
+   heartbeat can go out meanwhile; when its client leaves, that task is cancelled, and cancelled
+   again every 0.1 s until it has ended: redis-py can swallow one cancellation (it retries a
+   command on a fresh connection when the cancelled one was dropped), and a read that went on
+   would keep the reader's presence alive in Redis, holding the generation elsewhere.
 """
 
 from __future__ import annotations
@@ -279,11 +284,22 @@ async def serve_remote(
     return response
 
 
+_CANCEL_TRIES = 20
+_CANCEL_WAIT_S = 0.1
+
+
 async def _stop_reading(pending: asyncio.Future[bytes] | None, remote: RemoteStream) -> None:
-    """Stop a remote read: the read in flight first (its generator is running), then the rest."""
+    """Stop a remote read: the read in flight first (its generator is running), then the rest.
+    The Redis client can absorb a cancellation (its retry of a command whose connection the
+    cancellation dropped), so the read is cancelled again until it ends (note 2)."""
     if pending is not None:
-        pending.cancel()
-        await asyncio.wait({pending})
+        for _ in range(_CANCEL_TRIES):
+            pending.cancel()
+            await asyncio.wait({pending}, timeout=_CANCEL_WAIT_S)
+            if pending.done():
+                break
+        else:
+            await asyncio.wait({pending})
         if not pending.cancelled():
             pending.exception()  # retrieved: the reader is leaving anyway
     await remote.aclose()

@@ -198,6 +198,11 @@ class RemoteStream(Protocol):
 
     def events(self, after: int) -> AsyncIterator[bytes]: ...
 
+    async def reach(self, cursor: int) -> None:
+        """Wait, bounded, until `length` is at least `cursor` or the stream has ended: a reader
+        moving from the producing instance may be ahead of what has reached the other."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

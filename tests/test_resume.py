@@ -682,6 +682,9 @@ class FakeRemote:
             await self.more.wait()
             yield b'{"type":"done"}'
 
+    async def reach(self, cursor: int) -> None:
+        return None
+
     async def aclose(self) -> None:
         self.closed = True
 

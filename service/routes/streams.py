@@ -28,7 +28,9 @@ Design notes:
    read from Redis with the same cursor rules, statuses and framing (`readers.serve_remote`),
    and stopped by asking its producing instance (`request_cancel`, checked against the owner
    there). `RESUME_MAX_READERS` counts the readers on the producing instance only: a remote
-   reader is not counted against it, nor refused by it.
+   reader is not counted against it, nor refused by it. A client moving from the producing
+   instance may hold a cursor a flush ahead of Redis: a cursor beyond a running remote stream's
+   end is given up to the producer's lease to be reached before it is called beyond the end.
 """
 
 from __future__ import annotations
@@ -49,10 +51,13 @@ _MAX_AFTER_DIGITS: Final = 12
 Source = Generation | RemoteStream
 
 
-def _position(source: Source) -> tuple[int, bool]:
-    """How many events the stream has now, and whether it has ended."""
+async def _position(source: Source, cursor: int) -> tuple[int, bool]:
+    """How many events the stream has now, and whether it has ended (a remote stream given a
+    moment to reach the cursor: note 5)."""
     if isinstance(source, Generation):
         return len(source.log), source.log.ended
+    if cursor > source.length and not source.ended:
+        await source.reach(cursor)
     return source.length, source.ended
 
 
@@ -117,7 +122,7 @@ async def read_stream(request: web.Request) -> web.StreamResponse:
         _count(request, READ_ROUTE, "not_found")
         raise ApiError(ErrorCode.NOT_FOUND, "No such stream, or it has expired.")
     try:
-        length, ended = _position(source)
+        length, ended = await _position(source, cursor)
         if cursor > length:
             raise _bad(
                 request,
@@ -170,7 +175,7 @@ async def resume_post(
         await _closed(source)
         _count(request, route, "not_found")
         return await _lone_error(request, None, ErrorCode.NOT_FOUND, error_fields)
-    length, ended = _position(source)
+    length, ended = await _position(source, cursor)
     if cursor > length:
         await _closed(source)
         _count(request, route, "bad_cursor")
