@@ -70,7 +70,8 @@ Design notes:
 12. Seams for streams shared through Redis and for chat checkpoints: `Generations.on_start`
    (hooks called as a native stream starts), `Generation.held_elsewhere`, `Generation.owner`
    (the key id that started it, "" with keys off), `Generation.text_so_far()`, and the
-   `SharedStreams`/`RemoteStream` protocols the stream route asks when a stream is not here.
+   `SharedStreams`/`RemoteStream` protocols the stream routes ask when a stream is not here
+   (`mirror` fills them with `REDIS_URL`).
 """
 
 from __future__ import annotations
