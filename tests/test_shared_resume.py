@@ -248,6 +248,27 @@ async def test_a_killed_producers_readers_end_and_its_answer_is_saved_partial_on
         assert events[-1]["type"] == "done"
 
 
+async def test_a_producer_shutting_down_hands_its_terminal_event_to_readers_elsewhere(
+    fake: FakeUpstream, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The mirror closes after the drain: the `server_shutdown` event the drain appends reaches
+    Redis from the producer itself, with nothing left to claim."""
+    fake.queue([Text("a"), Gate(NEVER())])
+    async with two(fake, redis_server, tmp_path, SHUTDOWN_DRAIN_S="0") as (a, b, session):
+        resp = await session.post(a.url + GENERATE, json={"prompt": "x"})
+        sid = resp.headers["X-Stream-ID"]
+        local = Frames(resp)
+        await local.event()
+        await local.event()
+        remote = Frames(await session.get(f"{b.url}{STREAMS}{sid}?after=2"))
+        a.signal(signal.SIGTERM)
+        (error,) = await remote.rest()
+        assert (error["code"], error["reason"]) == ("server_shutdown", "shutdown")
+        assert error["elapsedMs"] > 0  # the producer's own event, not the stored `lost` one
+        assert await a.wait(WAIT) == 0
+        assert await scrape(session, b, "ai_stream_resume_orphans_total") == 0
+
+
 # --- Redis: expiry and round trips ----------------------------------------------------------
 
 
