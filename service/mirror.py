@@ -28,6 +28,9 @@ Design notes:
    `close_answer`, which refuses an answer already closed: whoever closes first wins, once.
    The dead producer's turn on the conversation (its holder names this answer) is released
    then, so the conversation takes its next turn at once rather than after the turn's lease.
+   A producer that was only cut off from Redis for longer than its lease (`shared_streams`
+   note 5) loses its turn the same way: its own close of the answer is then refused, and its
+   turn's renewal logs `chat.turn_lost`.
 """
 
 from __future__ import annotations
