@@ -163,6 +163,12 @@ async def test_a_cancel_sent_to_another_instance_stops_the_generation(
         await local.event()
         remote = await session.get(f"{b.url}{STREAMS}{sid}?after=2")  # reading needs no key
         assert remote.status == 200
+        # another key's POST resume on B: the `not_found` event, as on the producing instance
+        theirs = {**other, "Last-Event-ID": f"{sid}:2"}
+        lone = await Frames(await session.post(b.url + GENERATE, data=b"{", headers=theirs)).rest()
+        assert [(e["type"], e["code"]) for e in lone] == [("error", "not_found")]
+        beyond = await session.get(f"{b.url}{STREAMS}{sid}?after=9")  # after the lease's wait
+        assert beyond.status == 400
         refused = await session.post(f"{b.url}{STREAMS}{sid}/cancel", headers=other)
         assert refused.status == 404
         unknown = await session.post(f"{b.url}{STREAMS}{'U' * 22}/cancel", headers=one)
