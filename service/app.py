@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import demo_upstream, keys, logs, tcp
+from . import demo_upstream, keys, logs, shared_streams, tcp
 from .chat.stores import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
 from .chat.turns import Chats
 from .config import Settings
@@ -21,6 +21,7 @@ from .limits.accounts import Limits
 from .limits.core import LimitConfig, Limiter, MemoryLimiter
 from .limits.redis_backend import LimiterUnavailable, RedisLimiter
 from .metrics import create_metrics
+from .mirror import Mirror, instance_name, save_orphan
 from .relay import Generations
 from .routes import chat, generate, health, openai_compat, probe, streams
 from .upstream import OpenAIUpstream, Upstream
@@ -54,6 +55,8 @@ def create_app(
         app.cleanup_ctx.append(_sdk_upstream)
     app.cleanup_ctx.append(_limits)
     app.cleanup_ctx.append(_conversations)
+    if settings.redis_url:
+        app.cleanup_ctx.append(_shared_streams)  # closed before the store its orphans use
     app.cleanup_ctx.append(_readiness)  # after every dependency it checks
     app.on_response_prepare.append(on_prepare)
     app.on_response_prepare.append(logs.note_answer)
@@ -143,6 +146,41 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await chats.aclose()
+
+
+async def _shared_streams(app: web.Application) -> AsyncIterator[None]:
+    """Streams mirrored to Redis (`mirror`): published as they start, readable and stoppable
+    from any instance. Closed after the generations drain (cleanup runs after `on_shutdown`),
+    so their terminal events reach Redis."""
+    settings = app[keys.SETTINGS]
+    assert settings.redis_url is not None
+    redis = shared_streams.connect(settings.redis_url, lease_s=settings.resume_lease_s)
+    store = app[keys.CHATS].store
+
+    async def on_orphan(meta: shared_streams.StreamMeta, text: str) -> None:
+        await save_orphan(store, meta, text)
+
+    shared = shared_streams.SharedStreams(
+        redis,
+        instance=instance_name(),
+        flush_ms=settings.resume_flush_ms,
+        ttl_s=settings.resume_ttl_s,
+        lease_s=settings.resume_lease_s,
+        metrics=app[keys.METRICS],
+        on_orphan=on_orphan,
+    )
+    await shared.start()
+    mirror = app[keys.SHARED_STREAMS] = Mirror(shared)
+    live = app[keys.LIVE]
+    live.on_start.append(mirror.publish)
+    try:
+        yield
+    finally:
+        live.on_start.remove(mirror.publish)
+        try:
+            await shared.aclose()
+        finally:
+            await redis.aclose()
 
 
 async def _readiness(app: web.Application) -> AsyncIterator[None]:

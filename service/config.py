@@ -142,6 +142,7 @@ class ResumeSettings:
     resume_max_readers: int = 4  # readers of one stream at once
     resume_keep_mb: float = 64.0  # finished streams' event bytes kept in all; oldest dropped first
     resume_flush_ms: int = 50  # how often new events are appended to Redis (shared streams)
+    resume_lease_s: float = 3.0  # a producer's lease in Redis: readers learn of its death in this
 
     @property
     def resume_keep_bytes(self) -> int:
@@ -339,6 +340,9 @@ def _resume(read: parse.Reader) -> ResumeSettings:
         ),
         resume_flush_ms=read(
             "RESUME_FLUSH_MS", parse.between(parse.integer, 1, 60_000), d.resume_flush_ms
+        ),
+        resume_lease_s=read(
+            "RESUME_LEASE_S", parse.between(parse.number, 0.1, 600.0), d.resume_lease_s
         ),
     )
 

@@ -22,6 +22,11 @@ Design notes:
    amount is queued (`tcp.STREAM_QUEUE_BOUND`) and the write deadline can fire; aiohttp alone
    waits only every 64 KiB written. A write that misses its deadline aborts the connection: the
    client is treated as gone (as when it disconnects), and nothing waits on it any more.
+2. A remote reader (`serve_remote`) waits for its next event in a task of its own, so that its
+   heartbeat can go out meanwhile; when its client leaves, that task is cancelled, and cancelled
+   again every 0.1 s until it has ended: redis-py can swallow one cancellation (it retries a
+   command on a fresh connection when the cancelled one was dropped), and a read that went on
+   would keep the reader's presence alive in Redis, holding the generation elsewhere.
 """
 
 from __future__ import annotations
@@ -235,7 +240,8 @@ async def serve_remote(
     request: web.Request, stream_id: str, remote: RemoteStream, cursor: int
 ) -> web.StreamResponse:
     """Answer with the events of a stream read from elsewhere, from event `cursor` + 1 (already
-    checked), framed as a local reader's, with its heartbeat and write deadline."""
+    checked), framed as a local reader's, with its heartbeat and write deadline (a write waits
+    for the transport to drain, as a local reader's: note 1)."""
     settings, metrics = request.app[keys.SETTINGS], request.app[keys.METRICS]
     heartbeat_s, write_timeout_s = settings.heartbeat_interval_s, settings.write_timeout_s
     framing = sse.Framing.for_accept(request.headers.get("Accept"), stream_id)
@@ -243,6 +249,14 @@ async def serve_remote(
     events = remote.events(cursor)
     pending: asyncio.Future[bytes] | None = None
     seq = cursor
+
+    async def write(data: bytes) -> None:
+        async with asyncio.timeout(write_timeout_s or None):
+            await response.write(data)
+            out = response.get(tcp.STREAM_OUT)
+            if out is not None:
+                await out.drain()
+
     try:
         await response.prepare(request)
         while True:
@@ -250,25 +264,45 @@ async def serve_remote(
                 pending = asyncio.ensure_future(anext(events))
             done, _ = await asyncio.wait({pending}, timeout=heartbeat_s or None)
             if not done:
-                async with asyncio.timeout(write_timeout_s or None):
-                    await response.write(framing.ping)
+                await write(framing.ping)
                 metrics.heartbeats.inc()
                 continue
             try:
                 payload = pending.result()
             except StopAsyncIteration:
                 break
-            pending = None
+            finally:
+                pending = None
             seq += 1
-            async with asyncio.timeout(write_timeout_s or None):
-                await response.write(framing.frame(seq, payload))
+            await write(framing.frame(seq, payload))
     except (ConnectionError, TimeoutError):
-        pass  # the client is gone or did not take a write in time
+        transport = request.transport
+        if transport is not None:
+            transport.abort()  # the client is gone, or did not take a write in time
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-        await outlive_cancel(remote.aclose())
+        await outlive_cancel(_stop_reading(pending, remote))
     return response
+
+
+_CANCEL_TRIES = 20
+_CANCEL_WAIT_S = 0.1
+
+
+async def _stop_reading(pending: asyncio.Future[bytes] | None, remote: RemoteStream) -> None:
+    """Stop a remote read: the read in flight first (its generator is running), then the rest.
+    The Redis client can absorb a cancellation (its retry of a command whose connection the
+    cancellation dropped), so the read is cancelled again until it ends (note 2)."""
+    if pending is not None:
+        for _ in range(_CANCEL_TRIES):
+            pending.cancel()
+            await asyncio.wait({pending}, timeout=_CANCEL_WAIT_S)
+            if pending.done():
+                break
+        else:
+            await asyncio.wait({pending})
+        if not pending.cancelled():
+            pending.exception()  # retrieved: the reader is leaving anyway
+    await remote.aclose()
 
 
 def generation_for(

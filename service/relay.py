@@ -53,7 +53,11 @@ Design notes:
    JSON routes (no vocabulary: their collector leaves only when its client does) and a grace of
    zero cancel at once: the upstream request is closed within a second of a disconnect, in every
    window, as when the handler owned the pump. `held_elsewhere` (a reader on another instance,
-   the shared streams' seam) makes the timer start again instead of ending the generation.
+   the shared streams' seam) keeps the generation: the timer then looks again every third of
+   `RESUME_LEASE_S` (how often the seam's answer is refreshed), and once nobody holds it
+   elsewhere a grace window starts afresh, as when a local reader leaves; so with nobody
+   anywhere the generation ends a grace window after the last reader anywhere left, plus the
+   time its presence takes to lapse.
 10. The upstream is called once the reader that started a streamed generation has written its
    first event and follows (or has left), as when that write came first in the handler: the
    first event still leaves before the upstream answers, and a stream whose upstream answers at
@@ -70,7 +74,8 @@ Design notes:
 12. Seams for streams shared through Redis and for chat checkpoints: `Generations.on_start`
    (hooks called as a native stream starts), `Generation.held_elsewhere`, `Generation.owner`
    (the key id that started it, "" with keys off), `Generation.text_so_far()`, and the
-   `SharedStreams`/`RemoteStream` protocols the stream route asks when a stream is not here.
+   `SharedStreams`/`RemoteStream` protocols the stream routes ask when a stream is not here
+   (`mirror` fills them with `REDIS_URL`).
 13. A passthrough generation (the OpenAI-compatible routes: no vocabulary, so never resumed,
    retained or mirrored, and cancelled at once when its reader leaves, note 9) appends each
    upstream chunk's own JSON as an event (`chunks` design note 6) and the held tail once the
@@ -207,14 +212,23 @@ class RemoteStream(Protocol):
 
     def events(self, after: int) -> AsyncIterator[bytes]: ...
 
+    async def reach(self, cursor: int) -> None:
+        """Wait, bounded, until `length` is at least `cursor` or the stream has ended: a reader
+        moving from the producing instance may be ahead of what has reached the other."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class SharedStreams(Protocol):
-    """Streams of other instances (`keys.SHARED_STREAMS`): the stream route asks it before a
+    """Streams of other instances (`keys.SHARED_STREAMS`): the stream routes ask it before a
     404 when a stream is not running or retained here."""
 
     async def open(self, stream_id: str) -> RemoteStream | None: ...
+
+    async def request_cancel(self, stream_id: str, owner: str) -> bool:
+        """Stop the stream where it runs; False when it is unknown or not `owner`'s."""
+        ...
 
 
 class Follower(Protocol):
@@ -485,6 +499,7 @@ class Generation:
     _grace: asyncio.TimerHandle | None = field(default=None, init=False)  # note 9
     _attached: int = field(default=0, init=False)  # readers in all, for the log line
     _resumes: int = field(default=0, init=False)  # of which came back by a cursor
+    _held: bool = field(default=False, init=False)  # a reader elsewhere held it (note 9)
 
     def __post_init__(self) -> None:
         self.result = Result(
@@ -562,12 +577,17 @@ class Generation:
             self.metrics.child(self.metrics.generations_unread, self.route).dec()
 
     def _grace_over(self) -> None:
-        """Nobody came back within the grace window: end, unless a reader elsewhere holds it."""
-        held = self.held_elsewhere
+        """Nobody came back within the grace window: end, unless a reader elsewhere holds it
+        (then look again every third of the lease, and give the reader elsewhere, once it has
+        left, a grace window of its own: note 9)."""
+        held, loop = self.held_elsewhere, asyncio.get_running_loop()
         if held is not None and held():
-            self._grace = asyncio.get_running_loop().call_later(
-                self.settings.resume_grace_s, self._grace_over
-            )
+            self._held = True
+            self._grace = loop.call_later(self.settings.resume_lease_s / 3, self._grace_over)
+            return
+        if self._held:
+            self._held = False
+            self._grace = loop.call_later(self.settings.resume_grace_s, self._grace_over)
             return
         self._disarm()
         self.metrics.child(self.metrics.grace_expiries, self.route).inc()

@@ -682,6 +682,9 @@ class FakeRemote:
             await self.more.wait()
             yield b'{"type":"done"}'
 
+    async def reach(self, cursor: int) -> None:
+        return None
+
     async def aclose(self) -> None:
         self.closed = True
 
@@ -694,6 +697,9 @@ class FakeShared:
     async def open(self, stream_id: str) -> FakeRemote | None:
         self.asked.append(stream_id)
         return self.streams.get(stream_id)
+
+    async def request_cancel(self, stream_id: str, owner: str) -> bool:
+        return False
 
 
 async def test_a_stream_not_here_is_asked_of_the_shared_streams(
@@ -747,8 +753,9 @@ async def test_a_cancelled_chat_answer_is_saved_partial(make_gateway: MakeGatewa
 
 async def test_a_reader_held_elsewhere_restarts_the_grace(make_gateway: MakeGateway) -> None:
     """The shared streams' seam: while a reader on another instance holds the stream, the grace
-    timer starts again instead of ending it."""
-    gateway = await make_gateway(resume_grace_s=0.3)
+    timer looks again every third of the lease instead of ending it; once the reader elsewhere
+    has gone, a grace window of its own starts."""
+    gateway = await make_gateway(resume_grace_s=0.3, resume_lease_s=0.3)
     asked: list[float] = []
     loop = asyncio.get_running_loop()
 
@@ -768,8 +775,10 @@ async def test_a_reader_held_elsewhere_restarts_the_grace(make_gateway: MakeGate
     resp.close()
     async with asyncio.timeout(WAIT):
         await gateway.fake.seen[0].ended.wait()
-    assert len(asked) == 3
-    assert asked[-1] - left >= 0.9 * 3 * 0.3
+    assert len(asked) == 4  # held, held (0.1 s later), not held: a fresh grace, not held
+    assert asked[1] - asked[0] >= 0.9 * 0.1
+    assert asked[-1] - asked[-2] >= 0.9 * 0.3
+    assert asked[-1] - left >= 0.9 * (0.3 + 0.1 + 0.1 + 0.3)
     await gateway.settled()
     assert gateway.outcomes() == {"client_disconnect": 1}
     assert gateway.sample("ai_stream_grace_expiries_total", route="generate_stream") == 1

@@ -95,6 +95,7 @@ EVERY_VARIABLE: dict[str, tuple[str, str, Any]] = {
     "RESUME_MAX_READERS": ("2", "resume_max_readers", 2),
     "RESUME_KEEP_MB": ("0.25", "resume_keep_mb", 0.25),
     "RESUME_FLUSH_MS": ("10", "resume_flush_ms", 10),
+    "RESUME_LEASE_S": ("0.5", "resume_lease_s", 0.5),
     "LOG_FORMAT": ("console", "log_format", "console"),
     "LOG_LEVEL": (" WARNING ", "log_level", "warning"),
 }
@@ -145,6 +146,7 @@ def test_every_variable_lands_in_its_field_and_every_field_has_one() -> None:
         ("RESUME_MAX_READERS", "0", "must be from 1 to 1000"),
         ("RESUME_KEEP_MB", "-1", "must be from 0.0 to 1000000.0"),
         ("RESUME_FLUSH_MS", "0", "must be from 1 to 60000"),
+        ("RESUME_LEASE_S", "0", "must be from 0.1 to 600.0"),
         ("OPENAI_BASE_URL", "ftp://x", "must be an http:// or https:// URL"),
         ("AZURE_OPENAI_ENDPOINT", "https://k@a.example", CREDENTIALS),
         ("OPENAI_BASE_URL", "http:///v1", "must name a host"),

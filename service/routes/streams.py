@@ -24,6 +24,13 @@ Design notes:
    `ai_stream_resumes_total{route,outcome}` counts every way back by the route it came through
    (`stream` for the GET route) and what it got: `resumed`, `ended`, `not_found`, `bad_cursor`,
    `too_many_readers`.
+5. A stream not here is asked of the shared streams (`keys.SHARED_STREAMS`, with `REDIS_URL`):
+   read from Redis with the same cursor rules, statuses and framing (`readers.serve_remote`),
+   and stopped by asking its producing instance (`request_cancel`, checked against the owner
+   there). `RESUME_MAX_READERS` counts the readers on the producing instance only: a remote
+   reader is not counted against it, nor refused by it. A client moving from the producing
+   instance may hold a cursor a flush ahead of Redis: a cursor beyond a running remote stream's
+   end is given up to the producer's lease to be reached before it is called beyond the end.
 """
 
 from __future__ import annotations
@@ -44,10 +51,13 @@ _MAX_AFTER_DIGITS: Final = 12
 Source = Generation | RemoteStream
 
 
-def _position(source: Source) -> tuple[int, bool]:
-    """How many events the stream has now, and whether it has ended."""
+async def _position(source: Source, cursor: int) -> tuple[int, bool]:
+    """How many events the stream has now, and whether it has ended (a remote stream given a
+    moment to reach the cursor: note 5)."""
     if isinstance(source, Generation):
         return len(source.log), source.log.ended
+    if cursor > source.length and not source.ended:
+        await source.reach(cursor)
     return source.length, source.ended
 
 
@@ -112,7 +122,7 @@ async def read_stream(request: web.Request) -> web.StreamResponse:
         _count(request, READ_ROUTE, "not_found")
         raise ApiError(ErrorCode.NOT_FOUND, "No such stream, or it has expired.")
     try:
-        length, ended = _position(source)
+        length, ended = await _position(source, cursor)
         if cursor > length:
             raise _bad(
                 request,
@@ -165,7 +175,7 @@ async def resume_post(
         await _closed(source)
         _count(request, route, "not_found")
         return await _lone_error(request, None, ErrorCode.NOT_FOUND, error_fields)
-    length, ended = _position(source)
+    length, ended = await _position(source, cursor)
     if cursor > length:
         await _closed(source)
         _count(request, route, "bad_cursor")
@@ -210,11 +220,17 @@ async def cancel_stream(request: web.Request) -> web.Response:
     """`POST /api/v1/ai/streams/{streamId}/cancel`: end the generation now (outcome `cancelled`);
     204 also when it has already ended; 404 when unknown or another key's (note 1)."""
     stream_id = request.match_info["streamId"]
-    generation = request.app[keys.LIVE].find(stream_id) if sse.valid_stream_id(stream_id) else None
-    if generation is None or generation.owner != (request.get(keys.KEY_ID) or ""):
+    if not sse.valid_stream_id(stream_id):
         raise ApiError(ErrorCode.NOT_FOUND, "No such stream, or it has expired.")
-    generation.expire(Outcome.CANCELLED)
-    return web.Response(status=204)
+    owner = request.get(keys.KEY_ID) or ""
+    generation = request.app[keys.LIVE].find(stream_id)
+    if generation is not None and generation.owner == owner:
+        generation.expire(Outcome.CANCELLED)
+        return web.Response(status=204)
+    shared = request.app.get(keys.SHARED_STREAMS)
+    if generation is None and shared is not None and await shared.request_cancel(stream_id, owner):
+        return web.Response(status=204)  # the producing instance stops it (note 5)
+    raise ApiError(ErrorCode.NOT_FOUND, "No such stream, or it has expired.")
 
 
 def setup(app: web.Application) -> None:
