@@ -3,7 +3,7 @@ the bench upstream, so every scenario can be measured through nginx beside the s
 
 1. The rules are taken from the shipped file, not rewritten: the API site's server-level `proxy_*`
    directives (HTTP/1.1 upstream, `Connection ""` for keep-alive, the forwarded headers), the body
-   of its `location /api/` block (`proxy_buffering off`, timeouts, ...), the `keepalive` of its
+   of its API location block (`location ~ ^/(?:api|v1)/`) (`proxy_buffering off`, timeouts, ...), the `keepalive` of its
    `upstream ai_api` block, `client_max_body_size`, and the http-level `sendfile`, `tcp_nopush`,
    `keepalive_timeout` and `server_tokens`. Every extraction must match exactly as often as
    expected, so a shipped config that drifts breaks the bench instead of measuring something else.
@@ -88,13 +88,14 @@ def relay_rules(source: str) -> dict[str, list[str]]:
     ]
     if not any(d.startswith("proxy_http_version") for d in server):
         raise RuntimeError("nginx.conf: the API server sets no proxy_http_version")
-    location = _block(api_server, _one(r"^\s*location /api/ \{", api_server, "location /api/"))
+    api_location = r"^\s*location ~ \^/\(\?:api\|v1\)/ \{"
+    location = _block(api_server, _one(api_location, api_server, "the API location"))
     rules = _directives(location)
     passes = [d for d in rules if d.startswith("proxy_pass ")]
     if passes != ["proxy_pass http://ai_api;"]:
-        raise RuntimeError(f"nginx.conf: location /api/ proxies with {passes}")
+        raise RuntimeError(f"nginx.conf: the API location proxies with {passes}")
     if "proxy_buffering off;" not in rules:
-        raise RuntimeError("nginx.conf: location /api/ does not turn proxy_buffering off")
+        raise RuntimeError("nginx.conf: the API location does not turn proxy_buffering off")
     rules = [f"proxy_pass http://{UPSTREAM_NAME};" if d in passes else d for d in rules]
     http_body = _block(source, _one(r"^http \{", source, "http block"))
     http = [

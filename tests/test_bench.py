@@ -55,7 +55,7 @@ def test_relay_rules_are_the_shipped_api_site_rules() -> None:
     ("drift", "message"),
     [
         ("proxy_buffering off;", "does not turn proxy_buffering off"),
-        ("location /api/ {", "location /api/ matched 0 times"),
+        ("location ~ ^/(?:api|v1)/ {", "the API location matched 0 times"),
         ("keepalive 64;", "no single keepalive"),
     ],
 )
