@@ -57,11 +57,12 @@
 //    POST is never sent again, which could start (and bill) a second generation.
 //    `reconnect: false` turns all of this off.
 // 6. Abort is stop. Aborting `signal` once the stream id is known sends
-//    `POST /api/v1/ai/streams/{streamId}/cancel` (with the API key) and closes the connection at
-//    once, so the generation ends `cancelled` and its spend stops; a dropped connection alone
-//    would only start the server's grace window. onAbort (and the result) get `stopped`: true
-//    when the server answered 204. Before the stream id is known, closing the request is enough
-//    (the server ends a stream whose client left before its first event).
+//    `POST /api/v1/ai/streams/{streamId}/cancel` (with the API key), and closes the connection
+//    when it has answered (at most 3 s later), so the generation ends `cancelled` and its spend
+//    stops, whatever the server's grace window (a dropped connection alone would only start
+//    it). Events arriving meanwhile are not delivered. onAbort (and the result) get `stopped`:
+//    true when the server answered 204. Before the stream id is known, closing the request is
+//    enough (the server ends a stream whose client left before its first event).
 // 7. Pause is reading later. `onStream(handle)` is called once, when the stream id is known;
 //    `handle.pause()` closes the connection without cancelling (the generation runs on, its
 //    events kept), `handle.resume()` reconnects from the last event at once. A pause longer
@@ -324,6 +325,7 @@ export function parseCursor(id) {
   return { streamId: id.slice(0, colon), seq: Number(seq) };
 }
 
+const STOP_WAIT_MS = 3000; // the longest an abort waits for the cancel route before closing anyway
 const INCOMPLETE = { code: "incomplete", error: "The stream ended before the answer was complete." };
 
 async function runStream(kind, body, callbacks, options) {
@@ -345,18 +347,28 @@ async function runStream(kind, body, callbacks, options) {
   const cancel = async () => {
     const url = `${baseUrl}/api/v1/ai/streams/${encodeURIComponent(streamId)}/cancel`;
     const headers = apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+    const limit = new AbortController();
+    const timer = setTimeout(() => limit.abort(), STOP_WAIT_MS);
     try {
-      const response = await fetchImpl(url, { method: "POST", headers, cache: "no-store" });
+      const response = await fetchImpl(url, { method: "POST", headers, cache: "no-store", signal: limit.signal });
       await response.body?.cancel().catch(() => {});
       return response.status === 204;
     } catch {
       return false;
+    } finally {
+      clearTimeout(timer);
     }
   };
   const onAbort = () => {
-    if (streamId !== null && ending === null && stopping === null) stopping = cancel();
-    connection?.abort();
     wake?.();
+    if (streamId !== null && ending === null && stopping === null) {
+      // stop first, then close: the server never sees a plain disconnect (note 6)
+      const current = connection;
+      stopping = cancel();
+      stopping.finally(() => current?.abort());
+    } else {
+      connection?.abort();
+    }
   };
   signal?.addEventListener("abort", onAbort, { once: true });
 
