@@ -37,7 +37,7 @@ class Seen:
     path: str  # the request's path, or the answer's status
     last_event_id: str | None = None
     content_type: str = ""
-    cut: bool = False  # this answer was cut
+    cut: bool = False  # this answer took an armed cut
 
 
 def _head(data: bytes) -> tuple[str, dict[str, str]]:
@@ -50,7 +50,7 @@ def _head(data: bytes) -> tuple[str, dict[str, str]]:
     return first, headers
 
 
-class _Cutter:
+class Cutter:
     """Counts an event-stream body's bytes up to the cut."""
 
     def __init__(self, cut: Cut) -> None:
@@ -99,9 +99,10 @@ class CuttingProxy:
 
     def arm(self, *cuts: Cut) -> None:
         """The next event-stream answers are cut as given, one cut each, in order (and only
-        those: any armed before are dropped). `seen` starts again."""
+        those: any armed before are dropped). `seen` and `cuts_made` start again."""
         self._armed = deque(cuts)
         self.seen = []
+        self.cuts_made = 0
 
     @property
     def armed(self) -> int:
@@ -133,9 +134,7 @@ class CuttingProxy:
         self._tasks.add(task)
         service_out: asyncio.StreamWriter | None = None
         try:
-            service_in, service_out = await asyncio.open_connection(
-                "127.0.0.1", self.target_port
-            )
+            service_in, service_out = await asyncio.open_connection("127.0.0.1", self.target_port)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._requests(client_in, service_out))
                 group.create_task(self._answers(service_in, client_out))
@@ -170,7 +169,7 @@ class CuttingProxy:
             status = first.split(" ")[1]
             content_type = headers.get("content-type", "")
             streaming = content_type.startswith("text/event-stream")
-            cutter = _Cutter(self._armed.popleft()) if streaming and self._armed else None
+            cutter = Cutter(self._armed.popleft()) if streaming and self._armed else None
             self.seen.append(Seen("", status, content_type=content_type, cut=cutter is not None))
             writer.write(head)
             if headers.get("transfer-encoding", "").lower() == "chunked":
@@ -185,7 +184,7 @@ class CuttingProxy:
             await writer.drain()
 
     async def _chunked(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cutter: _Cutter | None
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cutter: Cutter | None
     ) -> None:
         while True:
             line = await reader.readuntil(b"\r\n")

@@ -254,8 +254,7 @@ def test_stop_cancels_the_stream_and_the_server_cancels_the_upstream(
 
         poll(
             lambda: (
-                stack.sample("ai_stream_outcomes_total", outcome="cancelled", **route)
-                == before + 1
+                stack.sample("ai_stream_outcomes_total", outcome="cancelled", **route) == before + 1
             ),
             "the API to record the stream cancelled",
         )
