@@ -148,7 +148,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             **ports,
         }
         api = background.enter(service(env, tmp, "api", api_port))
-        admin = background.enter(service(ports, tmp, "admin", admin_port))
+        admin = background.enter(service(env, tmp, "admin", admin_port))
         proxy = background.enter(cutting_proxy(api.port))
         yield Live(api, admin, upstream, proxy, site, background)
     finally:
@@ -504,3 +504,49 @@ def test_the_cut_falls_after_whole_events_and_extra_bytes_whatever_the_chunks(sp
             if allowed is not None:
                 break
         assert sent == expected, (cut, split)
+
+
+# --- the admin page's Stop buttons, with a grace window ------------------------------------------
+
+
+@pytest.mark.parametrize("tab", ["generate", "chat"])
+def test_the_admin_pages_stop_cancels_the_generation_despite_the_grace(
+    live: Live, browser: Browser, tab: str
+) -> None:
+    """With a grace window a closed connection alone would leave the generation running; the
+    page's Stop ends it `cancelled` through the cancel route, and the upstream is closed."""
+    mark = marker()
+    route = {"route": f"{tab}_stream"}
+    cancelled = live.sample("ai_stream_outcomes_total", outcome="cancelled", **route)
+    for page in open_page(browser, f"{live.admin.url}/#{tab}"):
+        if tab == "generate":
+            page.fill("#prompt", f"Tell the story {mark}")
+            page.click("#generate")
+            page.wait_for_function("() => document.getElementById('output').textContent !== ''")
+            page.click("#stop")
+            page.wait_for_selector("#generate-status.stopped")
+        else:
+            page.fill("#chat-input", f"Tell the story {mark}")
+            page.click("#send")
+            page.wait_for_function(
+                "() => (document.querySelector('#messages li.streaming')?.textContent ?? '')"
+                ".includes('Once')"
+            )
+            page.click("#chat-stop")
+            page.wait_for_function("() => !document.querySelector('#messages li.streaming')")
+        [upstream] = live.upstream.requests(mark)
+        poll(upstream.ended.is_set, "the upstream request to be closed")
+        assert upstream.cancelled  # closed by the service before the story's end
+        poll(
+            lambda: (
+                live.sample("ai_stream_outcomes_total", outcome="cancelled", **route)
+                == cancelled + 1
+            ),
+            "the stream to end cancelled",
+        )
+        if tab == "chat":
+            conversation = page.evaluate("localStorage.getItem('aiStream.conversationId')")
+            saved = live.get(f"/api/v1/ai/conversations/{conversation}")["messages"]
+            assert [m["status"] for m in saved] == ["complete", "partial"], saved
+            assert TEXT.startswith(saved[1]["content"]), saved
+            assert saved[1]["content"] != TEXT

@@ -266,3 +266,31 @@ test("pause then abort: stopped through cancel, no reconnect", async () => {
   assert.equal(calls.length, 2);
   assert.match(calls[1].url, /\/cancel$/);
 });
+
+test("pause then resume at once: read on at once, not as a failed try", async () => {
+  let handle;
+  const { fetch, calls } = scripted([
+    hanging([START, content(2, "one")]),
+    answer([content(3, " two"), DONE(4, "one two")]),
+  ]);
+  const { log, callbacks } = recorder();
+  const result = await generateContentStream(
+    { prompt: "x" },
+    {
+      ...callbacks,
+      onStream: (h) => (handle = h),
+      onContent: (e) => {
+        callbacks.onContent(e);
+        if (e.delta === "one") {
+          handle.pause();
+          handle.resume();
+        }
+      },
+    },
+    { fetch, batchMs: 0, reconnect: { tries: 1, baseMs: 60_000, maxMs: 60_000 } }, // a try would time out the test
+  );
+  assert.equal(result.status, "done");
+  assert.equal(result.text, "one two");
+  assert.equal(log.filter(([k]) => k === "reconnect").length, 0);
+  assert.equal(calls[1].init.headers["Last-Event-ID"], `${SID}:2`);
+});

@@ -339,6 +339,7 @@ async function runStream(kind, body, callbacks, options) {
   let ending = null; // [status, payload] once a final event (or a broken one) arrives
   let connection = null; // the AbortController of the request in flight
   let paused = false;
+  let interrupted = false; // the connection was closed by pause(), even if resume() came at once
   let stopping = null; // the cancel request, once the caller aborted (note 6)
   let wake = null; // ends a wait early (abort, pause, resume)
   const batcher = new TextBatcher(batchMs, (joined, e, count) => kind.deliver(callbacks, joined, e, count));
@@ -386,6 +387,7 @@ async function runStream(kind, body, callbacks, options) {
     pause() {
       if (paused || ending !== null || aborted()) return;
       paused = true;
+      interrupted = true;
       connection?.abort();
       wake?.();
     },
@@ -533,7 +535,8 @@ async function runStream(kind, body, callbacks, options) {
     if (ending) return finish(...ending);
     if (aborted()) return finish("aborted");
     if (got.fail) return finish("error", got.fail);
-    if (paused) {
+    if (interrupted) {
+      interrupted = false;
       while (paused && !aborted()) await nap(Infinity);
       if (aborted()) return finish("aborted");
       attempt = 0;
@@ -546,6 +549,7 @@ async function runStream(kind, body, callbacks, options) {
     const delayMs = backoffDelay(attempt, retry);
     callbacks.onReconnect?.({ attempt, delayMs, lastEventId: cursor, streamId });
     await nap(delayMs);
+    interrupted = false; // paused while waiting: nothing was open to close
     while (paused && !aborted()) await nap(Infinity);
     if (aborted()) return finish("aborted");
   }
