@@ -7,8 +7,15 @@ browsers use them: a CORS preflight, then the POST), records each request (metho
 unchanged, except that the next event-stream answer takes the next armed `Cut`: once its
 de-chunked body has delivered `events` whole events (each ends in a blank line; the full SSE
 shape's `: ping` heartbeat has none) and then `extra` bytes more (`extra` > 0: inside the next
-frame), the client's connection and the service's are both closed, whatever the chunk boundary.
+frame), the client's connection is closed (a FIN after the bytes before the cut, mid-chunk: the
+client reads exactly those, then an incomplete body) and the service's is reset, whatever the
+chunk boundary.
 Event-stream answers beyond the armed cuts, and every other answer, pass whole.
+
+A browser may drop bytes that arrive together with the connection's end before its page has read
+them (a stream's error discards what is queued), which would move the cut. A `Cut(hold=True)`
+therefore waits, after its last bytes, for `release()`: the test releases it once the client
+shows it has read them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ BLANK = b"\n\n"
 class Cut:
     events: int  # whole events delivered before the cut
     extra: int = 0  # bytes of the next frame delivered too (its chunk header excluded)
+    hold: bool = False  # keep the connection open after those bytes until `release()`
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class CuttingProxy:
         self.seen: list[Seen] = []
         self.cuts_made = 0
         self._armed: deque[Cut] = deque()
+        self._release = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -103,6 +112,11 @@ class CuttingProxy:
         self._armed = deque(cuts)
         self.seen = []
         self.cuts_made = 0
+        self._release = asyncio.Event()
+
+    def release(self) -> None:
+        """Let a held cut close its connection."""
+        self._release.set()
 
     @property
     def armed(self) -> int:
@@ -143,7 +157,9 @@ class CuttingProxy:
         finally:
             if service_out is not None:
                 service_out.transport.abort()
-            client_out.transport.abort()
+            # FIN after what was written, not RST: a reset makes the client's kernel drop bytes
+            # it has received but its program has not read yet, which would move the cut
+            client_out.close()
             self._tasks.discard(task)
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -195,9 +211,11 @@ class CuttingProxy:
             data = await reader.readexactly(size)
             crlf = await reader.readexactly(2)
             allowed = cutter.allowed(data) if cutter is not None else None
-            if allowed is not None:
+            if cutter is not None and allowed is not None:
                 writer.write(line + data[:allowed])
                 await writer.drain()
+                if cutter.cut.hold:
+                    await self._release.wait()
                 self.cuts_made += 1
                 raise _Closed()
             writer.write(line + data + crlf)

@@ -111,6 +111,9 @@ class Live:
     def arm(self, *cuts: Cut) -> None:
         self.background.run(_call(self.proxy.arm, *cuts))
 
+    def release(self) -> None:
+        self.background.run(_call(self.proxy.release))
+
 
 async def _call(fn: Any, *args: Any) -> Any:
     return fn(*args)  # on the proxy's own loop
@@ -321,7 +324,11 @@ def assert_get_route_reconnects(live: Live, stream_id: str, events: int) -> None
 
 # --- fetch-event-source: the POST retried with Last-Event-ID ------------------------------------
 
-CUTS = {"after-first-event": Cut(1), "mid-stream": Cut(5), "inside-a-frame": Cut(3, extra=12)}
+CUTS = {
+    "after-first-event": Cut(1, hold=True),
+    "mid-stream": Cut(5, hold=True),
+    "inside-a-frame": Cut(3, extra=12, hold=True),
+}
 
 
 @pytest.mark.parametrize("cut", list(CUTS), ids=str)
@@ -332,7 +339,11 @@ def test_fetch_event_source_default_retry_resumes_the_same_generation(
     mark = marker()
     live.arm(CUTS[cut])
     job = {"url": live.proxy.url + path, "body": body(path, mark), "timeoutMs": READ_MS}
-    got = client_page.evaluate("job => window.readFetchEventSource(job)", job)
+    client_page.evaluate("job => window.startFetchEventSource(job)", job)
+    # the connection drops once the client has read up to the cut (see tests/cutting_proxy.py)
+    client_page.wait_for_function("n => window.__out.data.length >= n", arg=CUTS[cut].events)
+    live.release()
+    got = client_page.evaluate("() => window.__run")
     assert got["error"] is None, got  # it ended with the page's own abort at the final event
     assert_read_once(got["data"], got["ids"], path, live, mark)
     assert live.proxy.cuts_made >= 1
@@ -353,6 +364,7 @@ AI_STREAM = """job => {
     const run = job.path === "/api/ai/generate-stream" ? generateContentStream : chatStream;
     const out = { pieces: [], reconnects: [], streamId: null };
     Object.assign(out, { done: null, error: null, aborted: null });
+    window.__out = out; // what it has delivered so far, while it reads
     const controller = new AbortController();
     let handle = null;
     const piece = (text) => {
@@ -405,8 +417,10 @@ def test_ai_stream_reconnects_cross_origin_and_its_caller_sees_one_stream(
     live: Live, admin_page: Page, path: str
 ) -> None:
     mark = marker()
-    live.arm(Cut(4, extra=5))
+    live.arm(Cut(4, extra=5, hold=True))
     ai_stream(admin_page, live, path, mark)
+    admin_page.wait_for_function("() => window.__out?.pieces.length >= 3")  # events 2 to 4
+    live.release()
     got = ai_stream_report(admin_page)
     assert got["status"] == "done", got
     assert got["error"] is None, got
