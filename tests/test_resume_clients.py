@@ -7,7 +7,9 @@ after a number of events, inside a frame too. The clients are the ones people us
 the project (`tests/clients/package-lock.json` through `npm ci`): the browser's own `EventSource`
 and `@microsoft/fetch-event-source` (with its default retry) in Debian's Chromium, the
 `eventsource` package under Node, and the project's `aiStream.js` in Chromium, loaded from the
-admin origin and calling the API cross-origin.
+admin origin and calling the API cross-origin (and under Node, against a second API process with
+a grace window shorter than the story, for a pause that outlasts it). The admin page's Stop
+buttons are pressed in Chromium too.
 
 Each resumed read must deliver every event once, in order (their cursors run on from 1 with no
 gap or repeat), its text joined equal to `done.content` (generate) or the saved answer (chat),
@@ -20,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import queue
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -46,6 +50,7 @@ from tests.test_sse_clients import CLIENTS_DIR, node, static_site
 __all__ = ["node"]  # the fixture, shared with tests/test_sse_clients.py
 
 GRACE_S = "20"  # longer than any client's reconnect delay (EventSource's is 3 s)
+SHORT_GRACE_S = "0.3"  # shorter than the story: a pause past it ends the generation
 READ_MS = 20_000  # every client's whole read is bounded by this
 WAIT_S = 10.0  # every other wait
 GENERATE, CHAT = "/api/ai/generate-stream", "/api/v1/ai/chat/stream"
@@ -94,25 +99,30 @@ class Live:
     proxy: CuttingProxy
     site: str
     background: Background
+    short_grace: ServiceProcess  # another API process, on the same upstream, with a short grace
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.api.url + path, timeout=5) as resp:  # noqa: S310
             return json.loads(resp.read())
 
     def sample(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.api.url + "/metrics", timeout=5) as resp:  # noqa: S310
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and labels.items() <= sample.labels.items():
-                    return float(sample.value)
-        return 0.0
+        return metric(self.api.url, name, **labels)
 
     def arm(self, *cuts: Cut) -> None:
         self.background.run(_call(self.proxy.arm, *cuts))
 
     def release(self) -> None:
         self.background.run(_call(self.proxy.release))
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return 0.0
 
 
 async def _call(fn: Any, *args: Any) -> Any:
@@ -153,7 +163,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         api = background.enter(service(env, tmp, "api", api_port))
         admin = background.enter(service(env, tmp, "admin", admin_port))
         proxy = background.enter(cutting_proxy(api.port))
-        yield Live(api, admin, upstream, proxy, site, background)
+        short_port, short_tmp = free_port(), tmp_path_factory.mktemp("short-grace")
+        short = {**env, "RESUME_GRACE_S": SHORT_GRACE_S, "PORT": str(short_port)}
+        short_grace = background.enter(service(short, short_tmp, "api", short_port))
+        yield Live(api, admin, upstream, proxy, site, background, short_grace)
     finally:
         background.close()
 
@@ -564,3 +577,74 @@ def test_the_admin_pages_stop_cancels_the_generation_despite_the_grace(
             assert [m["status"] for m in saved] == ["complete", "partial"], saved
             assert TEXT.startswith(saved[1]["content"]), saved
             assert saved[1]["content"] != TEXT
+
+
+# --- aiStream.js under Node: a pause past the grace window ---------------------------------------
+
+
+def _lines(stream: Any) -> tuple[queue.Queue[str], threading.Thread]:
+    """A process's output lines, read by a thread (ends at EOF), so each wait for one is
+    bounded."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines, reader
+
+
+def test_ai_stream_paused_past_the_grace_gets_what_was_made_then_the_cancel(
+    live: Live, node: str
+) -> None:
+    mark = marker()
+    job = {
+        "baseUrl": live.short_grace.url,
+        "path": GENERATE,
+        "body": body(GENERATE, mark),
+        "then": "pause",
+    }
+    with subprocess.Popen(
+        [node, str(CLIENTS_DIR / "ai_stream.mjs"), json.dumps(job)],
+        cwd=CLIENTS_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        got = _pause_past_the_grace(live, proc, mark)
+    # the events made before the grace ran out, then the terminal event of its expiry
+    assert got["status"] == "error", got
+    assert (got["error"]["code"], got["error"]["reason"]) == ("cancelled", "client_disconnect")
+    assert TEXT.startswith(got["text"]), got
+    assert len(got["text"]) < len(TEXT), got
+    assert "".join(got["pieces"]) == got["text"]
+    assert got["reconnects"] == []
+
+
+def _pause_past_the_grace(live: Live, proc: subprocess.Popen[str], mark: str) -> Any:
+    """Waits for the client's pause, then for the grace window to expire (the upstream closed),
+    then resumes it; returns its report."""
+    api, route = live.short_grace.url, {"route": "generate_stream"}
+    expiries = metric(api, "ai_stream_grace_expiries_total", **route)
+    assert proc.stdin is not None
+    lines, reader = _lines(proc.stdout)
+    try:
+        paused = json.loads(lines.get(timeout=WAIT_S))
+        assert paused["paused"] is True, paused
+        # nobody reads: the grace window expires and the generation ends, upstream closed
+        poll(
+            lambda: metric(api, "ai_stream_grace_expiries_total", **route) == expiries + 1,
+            "the grace window to expire",
+        )
+        [upstream] = live.upstream.requests(mark)
+        poll(upstream.ended.is_set, "the upstream request to be closed")
+        assert upstream.cancelled
+        proc.stdin.write("resume\n")
+        proc.stdin.flush()
+        return json.loads(lines.get(timeout=WAIT_S))
+    finally:
+        proc.kill()
+        proc.wait(WAIT_S)
+        reader.join(WAIT_S)

@@ -67,8 +67,9 @@
 //    `handle.pause()` closes the connection without cancelling (the generation runs on, its
 //    events kept), `handle.resume()` reconnects from the last event at once. A pause longer
 //    than the server's `RESUME_GRACE_S` ends the stream: its generation is stopped and, on
-//    resume, onError gets `client_disconnect` (the finished stream is still kept) or
-//    `not_found` (it has expired, after `RESUME_TTL_S`). Aborting while paused stops as in 6.
+//    resume, the events produced until then arrive, then onError with code `cancelled` and
+//    reason `client_disconnect` (the finished stream is still kept), or onError `not_found`
+//    (it has expired, after `RESUME_TTL_S`). Aborting while paused stops as in 6.
 
 /** Incremental event-stream parser. Feed it bytes (Uint8Array) or strings, in any pieces. */
 export class SseParser {
