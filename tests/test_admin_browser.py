@@ -119,7 +119,7 @@ def running_stack(tmp: Path, **env: str) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Chat answers are DEFAULT_MAX_TOKENS long: about 1.3 s each at the demo's pace.
-    # The page's Stop aborts its request: with no grace that ends the generation at once.
+    # The page's Stop cancels the stream through the API before it closes its request.
     tmp = tmp_path_factory.mktemp("admin")
     with running_stack(tmp, DEFAULT_MAX_TOKENS=CHAT_TOKENS, RESUME_GRACE_S="0") as running:
         yield running
@@ -237,11 +237,12 @@ def test_generate_streams_text_as_it_is_written(stack: Stack, browser: Browser) 
         assert not page.is_enabled("#stop")
 
 
-def test_stop_aborts_the_request_and_the_server_cancels_the_upstream(
+def test_stop_cancels_the_stream_and_the_server_cancels_the_upstream(
     stack: Stack, browser: Browser
 ) -> None:
     route = {"route": "generate_stream"}
-    before = stack.sample("ai_stream_outcomes_total", outcome="client_disconnect", **route)
+    before = stack.sample("ai_stream_outcomes_total", outcome="cancelled", **route)
+    dropped = stack.sample("ai_stream_outcomes_total", outcome="client_disconnect", **route)
     prompt = "Write a long article about tidal energy"
     with open_page(browser, stack.page_url) as page:
         start_generation(page, prompt, 300)  # ten seconds at the demo's pace
@@ -253,10 +254,13 @@ def test_stop_aborts_the_request_and_the_server_cancels_the_upstream(
 
         poll(
             lambda: (
-                stack.sample("ai_stream_outcomes_total", outcome="client_disconnect", **route)
-                == before + 1
+                stack.sample("ai_stream_outcomes_total", outcome="cancelled", **route) == before + 1
             ),
-            "the API to record the client's disconnect",
+            "the API to record the stream cancelled",
+        )
+        # stopped through the cancel route, not by the connection closing
+        assert stack.sample("ai_stream_outcomes_total", outcome="client_disconnect", **route) == (
+            dropped
         )
         poll(lambda: stack.sample("ai_stream_streams_active", **route) == 0, "no open stream")
         kept = page.text_content("#output") or ""

@@ -1,4 +1,6 @@
 // The Generate tab: one streamed article with progress, Stop, the done metadata and errors.
+// Stop is aiStream.js's abort, which cancels the stream on the server; a dropped connection is
+// reconnected by aiStream.js, and the status line says so while it does.
 // Model text only ever enters the page as text (a Text node's data, or textContent).
 import { generateContentStream } from "./aiStream.js";
 
@@ -100,7 +102,7 @@ export function setupGenerate(config, options) {
     goButton.disabled = true;
     stopButton.disabled = false;
     const controller = new AbortController();
-    running = { controller, started: performance.now(), firstAt: null, tokens: 0, timer: 0 };
+    running = { controller, started: performance.now(), firstAt: null, tokens: 0, timer: 0, reconnecting: false };
     running.timer = setInterval(showStats, 200);
     showStats();
 
@@ -108,7 +110,15 @@ export function setupGenerate(config, options) {
       request,
       {
         onStart: () => setStatus("Streaming…"),
+        onReconnect: (r) => {
+          running.reconnecting = true;
+          setStatus(`Connection lost; reconnecting (try ${r.attempt})…`);
+        },
         onContent: (e) => {
+          if (running.reconnecting) {
+            running.reconnecting = false;
+            setStatus("Streaming…");
+          }
           if (running.firstAt === null) running.firstAt = performance.now();
           const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 24;
           text.appendData(e.delta);
