@@ -1,6 +1,6 @@
 """Endurance: 10,000 streams through one service, a third cancelled by the client at random
-points, with limits on (in process, then in Redis). Afterwards tasks, file descriptors, open
-upstream requests and RSS are back at baseline, and every concurrency slot is free.
+points, with limits on. Afterwards tasks, file descriptors, open upstream requests and RSS are
+back at baseline, and every concurrency slot is free.
 
 The service runs in this process on a real socket (so its tasks, descriptors and memory can be
 read) with the scripted upstream; the clients run in a separate process (`tests.loadgen`). Idle
@@ -8,16 +8,27 @@ keep-alive connections in the upstream pool are expected (at most the concurrenc
 descriptor on each side and one server task, so counts are compared net of open connections:
 tasks exactly, descriptors within 5, RSS within 40 MB of the baseline taken after a warm-up.
 
-Two dispositions (`grace`):
-- `off` (`RESUME_GRACE_S=0`): a client that leaves cancels its stream at once, as before resume.
-- `on` (a grace of `GRACE_S`, finished streams kept `RETAINED_RESUMING_S`): of the cancelled
-  third, half leave for good (their answers outlast the grace, so they end `client_disconnect`
-  when it runs out) and half stop through `POST /api/v1/ai/streams/{id}/cancel` (`cancelled`);
-  another third drop their connection at a random byte and resume with `Last-Event-ID`, and
-  every one of them must end with its joined text equal to `done.content`. The outcomes counted
-  by the metrics match what the clients saw, one for one.
-With limits in Redis, the number of keys there is back at its baseline too: whatever a stream
-leaves in Redis (limiter entries, a stream's events when they are shared) must expire.
+Design notes:
+1. Two runs, each disposition once and each place limits live once:
+   - `memory-off`: limits in process, `RESUME_GRACE_S=0`: a client that leaves cancels its
+     stream at once, as before resume.
+   - `redis-on`: limits in Redis, a grace of `GRACE_S`, finished streams kept
+     `RETAINED_RESUMING_S`. Of the cancelled third, half leave for good (their answers outlast
+     the grace, so they end `client_disconnect` when it runs out) and half stop through
+     `POST /api/v1/ai/streams/{id}/cancel` (`cancelled`); another third drop their connection at
+     a random byte and resume with `Last-Event-ID`, and every one must end with its joined text
+     equal to `done.content`. The outcomes the metrics count match what the clients saw, one for
+     one, and every way back was a `resumed` one.
+   The other two pairings add nothing the code paths differ on (where limits live does not
+   depend on the grace) and would double the suite's time; each is one line in the
+   parametrize list.
+2. With limits in Redis, the keys there are back at their baseline too: whatever a stream leaves
+   in Redis (limiter entries; its events, when streams are shared through Redis) must expire.
+   The baseline is taken once no stream's keys (`STREAM_KEYS`) are left from the warm-up, and
+   the check waits, bounded, for expiry (a small `RESUME_TTL_S` keeps that short).
+3. `GRACE_S` and `RETAINED_RESUMING_S` are small but above what a reconnect takes with the
+   service saturated on a shared 2-core machine (a grace of 0.5 s and a TTL of 1 s each lost a
+   few of 3,300 resumes: the reader came back after the window, which is not what is tested).
 """
 
 from __future__ import annotations
@@ -45,10 +56,11 @@ from tests.fake_upstream import Done, FakeUpstream, Finish, Sleep, Step, Text, U
 from tests.loadgen import LEAVE_PROMPT, RESUME_PROMPT
 from tests.process import ROOT
 
-pytestmark = pytest.mark.slow
+# a loaded machine (2 cores shared with other suites) can stretch a run to twice its usual time
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 STREAMS = 10_000
-WARM = 1_000
+WARM = 500
 CONCURRENCY = 400
 TOKENS = 20
 RETAINED_S = 1.0
@@ -57,6 +69,7 @@ RETAINED_RESUMING_S = 3.0  # likewise, for a reader coming back just after the e
 CANCEL = 0.33
 RESUME = 0.33
 KEYS_GONE_S = 30.0  # a stream's keys in Redis expire within seconds of its end
+STREAM_KEYS = "aistream:resume:"  # `service.shared_streams`: every key it writes starts so
 
 
 async def forgotten(served: Served) -> None:
@@ -67,13 +80,26 @@ async def forgotten(served: Served) -> None:
             await asyncio.sleep(0.05)
 
 
-async def keys_at_most(store: redis.Redis, count: int) -> int:
-    """Wait (bounded) until Redis holds at most `count` keys (they expire on their own); the
-    number it holds then."""
+async def stream_keys(store: redis.Redis) -> int:
+    """How many keys Redis holds for streams (`service.shared_streams`), by a bounded scan."""
+    found, cursor = 0, 0
+    for _ in range(10_000):
+        cursor, batch = await store.scan(cursor, match=f"{STREAM_KEYS}*", count=1000)
+        found += len(batch)
+        if cursor == 0:
+            return found
+    raise AssertionError("SCAN did not finish")
+
+
+async def keys_settled(store: redis.Redis, most: int | None = None) -> int:
+    """Wait (bounded) until Redis holds no stream's keys and, given `most`, at most that many keys
+    in all (they expire on their own); the number it holds then."""
     async with asyncio.timeout(KEYS_GONE_S):
-        while (held := int(await store.dbsize())) > count:  # noqa: ASYNC110 (expiry: no event)
-            await asyncio.sleep(0.1)
-    return held
+        while True:
+            held = int(await store.dbsize())
+            if (most is None or held <= most) and await stream_keys(store) == 0:
+                return held
+            await asyncio.sleep(0.1)  # expiry has no event to wait on
 
 
 def fds() -> int:
@@ -191,7 +217,7 @@ async def store(limit_store: str | None) -> AsyncIterator[redis.Redis | None]:
 
 @pytest.mark.parametrize(
     ("limit_store", "grace"),
-    [("memory", "off"), ("memory", "on"), ("redis", "on")],
+    [("memory", "off"), ("redis", "on")],
     indirect=True,
 )
 async def test_ten_thousand_streams_leave_nothing_behind(
@@ -202,7 +228,7 @@ async def test_ten_thousand_streams_leave_nothing_behind(
     assert warm["failed"] == warm["mismatched"] == 0, warm
     await asyncio.wait_for(served.app[keys.LIVE].idle(), 10)
     await forgotten(served)
-    base_keys = 0 if store is None else await keys_at_most(store, 2**31)
+    base_keys = 0 if store is None else await keys_settled(store)
     gc.collect()
 
     def net() -> tuple[int, int]:
@@ -217,7 +243,7 @@ async def test_ten_thousand_streams_leave_nothing_behind(
     await asyncio.wait_for(served.app[keys.LIVE].idle(), 10)
     await forgotten(served)
     if store is not None:
-        await keys_at_most(store, base_keys)
+        await keys_settled(store, base_keys)
     gc.collect()
     assert counts["failed"] == counts["mismatched"] == 0, counts
     tasks, descriptors = net()
