@@ -73,6 +73,7 @@ class Reader:
     deltas: list[str] = field(default_factory=list)
     terminal: dict[str, Any] | None = None
     out_of_order: bool = False
+    cut_in_frame: int = 0  # drops that fell inside a frame
 
     def ended(self) -> bool:
         return self.terminal is not None
@@ -129,6 +130,7 @@ async def read(resp: aiohttp.ClientResponse, reader: Reader, cut: int | None = N
             reader.feed(data[: cut - taken])
             if not reader.ended():
                 resp.close()
+                reader.cut_in_frame += bool(reader.buf)
                 reader.buf = b""  # the rest of a frame cut in two never arrives
                 return True
             return False
@@ -197,13 +199,14 @@ async def stopping(session: aiohttp.ClientSession, url: str, full: bool, after: 
 
 async def resuming(
     session: aiohttp.ClientSession, url: str, cuts: list[int], pause_s: float
-) -> tuple[str, int]:
+) -> tuple[str, Counts]:
     """A reader whose connection drops at each of `cuts` (body bytes of that connection) and
-    that comes back with `Last-Event-ID`; the outcome and how many times it came back."""
+    that comes back with `Last-Event-ID`; the outcome, and how many times it came back (how many
+    of them from the start, with no event read) and was cut inside a frame."""
     resp, reader = await post(session, url, RESUME_PROMPT, full=True)
     async with resp:
         dropped = await read(resp, reader, cuts[0])
-    back = 0
+    back = from_start = 0
     for cut in [*cuts[1:], None]:
         if not dropped:
             break
@@ -212,6 +215,8 @@ async def resuming(
         headers = dict(FULL)
         if reader.seq:
             headers["Last-Event-ID"] = f"{reader.stream_id}:{reader.seq}"
+        else:
+            from_start += 1
         back += 1
         async with session.get(stream_url(url, reader.stream_id), headers=headers) as resp:
             if resp.status != 200 or resp.headers.get("X-Stream-ID") != reader.stream_id:
@@ -221,7 +226,8 @@ async def resuming(
         reader.check()
     except Mismatched as exc:
         raise Mismatched(f"{exc} (cuts {cuts}, pause {pause_s:.2f} s, back {back})") from None
-    return ("resumed" if back else "completed"), back
+    extra = {"reconnects": back, "from_start": from_start, "cut_in_frame": reader.cut_in_frame}
+    return ("resumed" if back else "completed"), extra
 
 
 async def main(
@@ -229,7 +235,7 @@ async def main(
 ) -> None:
     rng = random.Random(seed)
     gate = asyncio.Semaphore(concurrency)
-    counts: Counts = dict.fromkeys((*KINDS, "reconnects"), 0)
+    counts: Counts = dict.fromkeys((*KINDS, "reconnects", "from_start", "cut_in_frame"), 0)
 
     def plan() -> Any:
         """The next stream's client, as a coroutine function of the session (drawn in order, so
@@ -268,8 +274,9 @@ async def main(
                 outcome = "mismatched"
                 report(f"mismatched: {exc}")
             if isinstance(outcome, tuple):
-                outcome, back = outcome
-                counts["reconnects"] += back
+                outcome, extra = outcome
+                for name, n in extra.items():
+                    counts[name] += n
             counts[outcome] += 1
 
     connector = aiohttp.TCPConnector(limit=0)

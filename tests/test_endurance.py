@@ -170,7 +170,7 @@ async def served(fake: FakeUpstream, limit_store: str | None, grace: bool) -> As
     end: list[Step] = [Finish(), Usage(7, TOKENS), Done()]
     fake.default = [*paced("t", 0.002), *end]
     # a client that leaves for good: its answer outlasts the grace window by far
-    fake.by_prompt[LEAVE_PROMPT] = [*paced("t", 0.002), Sleep(GRACE_S * 4), *end]
+    fake.by_prompt[LEAVE_PROMPT] = [*paced("t", 0.002), Sleep(GRACE_S * 2), *end]
     # a client that drops and comes back: slower, so it mostly finds its generation running
     fake.by_prompt[RESUME_PROMPT] = [*paced("r", 0.005), *end]
     fake.record = False
@@ -285,5 +285,8 @@ async def test_ten_thousand_streams_leave_nothing_behind(
         ("generate_stream", "cancelled"): both["stopped"],
     }
     assert served.total("resumes") == {("stream", "resumed"): both["reconnects"]}
+    # cuts fell inside frames, and before the first event was whole (read again from the start)
+    assert counts["cut_in_frame"] > 0.5 * counts["resumed"], counts
+    assert counts["from_start"] > 0, counts
     expiries = served.sample("ai_stream_grace_expiries_total", route="generate_stream")
     assert 0 < expiries <= both["cancelled"]
