@@ -2,7 +2,9 @@
 
 `python -m tests.loadgen URL STREAMS CONCURRENCY CANCEL_FRACTION SEED [RESUME_FRACTION]` opens
 STREAMS generate streams (`POST URL`), at most CONCURRENCY at once, and prints one JSON line of
-counts (`Counts`).
+counts: how many streams ended each way (`KINDS`, below), and for the resuming ones how many times
+they came back (`reconnects`), how many of those read again from the start (`from_start`) and how
+many cuts fell inside a frame (`cut_in_frame`).
 
 Without RESUME_FRACTION (or with 0: a service that cancels a stream whose reader leaves), a
 CANCEL_FRACTION of them, chosen at random, close their connection at a random point (right after
@@ -25,8 +27,11 @@ reader left), the streams are of four kinds, chosen at random:
   `resumed`, else `mismatched`. They send `RESUME_PROMPT` (a slower answer, so most come back
   to a generation still running) and always ask for full frames (they need the `id:` lines).
 - the rest read to the end (`completed`; `mismatched` when their text is not `done.content`).
-Readers that do not resume choose the frame shape at random (`Accept: text/event-stream` or not).
-Anything unexpected (a status, an early end of the body, a timeout) counts as `failed`.
+Readers that do not resume choose the frame shape at random (`Accept: text/event-stream` or not),
+in both modes. Anything unexpected (a status, an early end of the body, a timeout, an `error`
+event after a Stop that is not `cancelled`) counts as `failed`, a stream that ends other than with
+exactly its answer (an `error` event included) as `mismatched`; the first few of either are
+described on stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +56,7 @@ SECOND_CUT_MAX = 600
 PAUSE_MAX_S = 0.2  # the test's grace window is longer
 
 Counts = dict[str, int]
+Client = Callable[[aiohttp.ClientSession], Awaitable[str | tuple[str, Counts]]]
 KINDS = ("completed", "cancelled", "stopped", "stop_late", "resumed", "mismatched", "failed")
 
 
@@ -237,7 +244,7 @@ async def main(
     gate = asyncio.Semaphore(concurrency)
     counts: Counts = dict.fromkeys((*KINDS, "reconnects", "from_start", "cut_in_frame"), 0)
 
-    def plan() -> Any:
+    def plan() -> Client:
         """The next stream's client, as a coroutine function of the session (drawn in order, so
         a seed gives the same run)."""
         draw = rng.random()
@@ -262,7 +269,7 @@ async def main(
         if counts["failed"] + counts["mismatched"] < 5:  # the first few, for the test's output
             print(f"loadgen: {what}", file=sys.stderr)
 
-    async def run(client: Any) -> None:
+    async def run(client: Client) -> None:
         async with gate:
             try:
                 async with asyncio.timeout(60):
