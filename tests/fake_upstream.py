@@ -24,6 +24,9 @@ Headers go out with the first step that writes, so a Gate first keeps the upstre
 it has even answered. Each request is recorded with its JSON body and an Event set when the
 handler ends for any reason, the service closing the connection included. Chunks name the model
 the request asked for, as a real server's do.
+
+With no script queued, a request whose last message is a text in `by_prompt` gets that script
+(a load test's clients choose their stream's shape by their prompt), else `default`.
 """
 
 from __future__ import annotations
@@ -175,6 +178,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.scripts: deque[Sequence[Step]] = deque()
         self.default: list[Step] = answer("Hello", " world")
+        self.by_prompt: dict[str, Sequence[Step]] = {}  # by the last message's text
         self.seen: list[Seen] = []
         self.record = True  # False: keep no per-request record, only the count of open ones
         self.open_requests = 0
@@ -216,7 +220,7 @@ class FakeUpstream:
             self.seen.append(seen)
         self.open_requests += 1
         self.arrived.set()
-        script = self.scripts.popleft() if self.scripts else self.default
+        script = self.scripts.popleft() if self.scripts else self._unqueued(seen.body)
         model = str(seen.body.get("model", "test-model"))  # named back, as real servers do
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         try:
@@ -254,6 +258,13 @@ class FakeUpstream:
         finally:
             self.open_requests -= 1
             seen.ended.set()
+
+    def _unqueued(self, body: dict[str, Any]) -> Sequence[Step]:
+        messages = body.get("messages") or [{}]
+        content = messages[-1].get("content")
+        if isinstance(content, str) and content in self.by_prompt:
+            return self.by_prompt[content]
+        return self.default
 
     @staticmethod
     def _whole(script: Sequence[Step], model: str) -> dict[str, Any]:
