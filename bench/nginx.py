@@ -3,10 +3,11 @@ the bench upstream, so every scenario can be measured through nginx beside the s
 
 1. The rules are taken from the shipped file, not rewritten: the API site's server-level `proxy_*`
    directives (HTTP/1.1 upstream, `Connection ""` for keep-alive, the forwarded headers), the body
-   of its API location block (`location ~ ^/(?:api|v1)/`) (`proxy_buffering off`, timeouts, ...), the `keepalive` of its
-   `upstream ai_api` block, `client_max_body_size`, and the http-level `sendfile`, `tcp_nopush`,
-   `keepalive_timeout` and `server_tokens`. Every extraction must match exactly as often as
-   expected, so a shipped config that drifts breaks the bench instead of measuring something else.
+   of its API location block (`location ~ ^/(?:api|v1)/`) (`proxy_buffering off`, timeouts,
+   ...), the `keepalive` of its `upstream ai_api` block, `client_max_body_size`, and the
+   http-level `sendfile`, `tcp_nopush`, `keepalive_timeout` and `server_tokens`. Every extraction
+   must match exactly as often as expected, so a shipped config that drifts breaks the bench
+   instead of measuring something else.
 2. What the bench changes: the location is `/v1/` (the load generator speaks the upstream's own
    protocol to nginx, as in its `direct` runs), plain HTTP on an ephemeral 127.0.0.1 port (the
    service is measured without TLS too), one worker process (pinned by the runner to the service's

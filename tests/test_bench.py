@@ -209,7 +209,7 @@ def _chunk(content: str) -> bytes:
             b'data: {"error":{"code":"rate_limited","type":"rate_limit_error"}}\n\n',
             "error_chunk:rate_limited",
             0,
-        ),  # noqa: E501
+        ),
         (b"", "truncated", 0),  # ended without [DONE]: never a completed stream
     ],
 )

@@ -129,7 +129,7 @@ async def test_tool_call_deltas_pass_through(
                         }
                     ]
                 }
-            ),  # noqa: E501
+            ),
             Chunk(
                 {
                     "choices": [
@@ -141,7 +141,7 @@ async def test_tool_call_deltas_pass_through(
                         }
                     ]
                 }
-            ),  # noqa: E501
+            ),
             Finish("tool_calls"),
             Usage(7, 3),
         ]
