@@ -40,9 +40,10 @@ test: lint typecheck
 	bash scripts/pytest.sh
 
 # Every scenario against direct, nginx and the service, plus the resume feature's rows (resume
-# off, resume in Redis). Smoke run: make bench BENCH_ARGS=--quick
+# off, resume in Redis) and the OpenAI-compatible route's (S1, S2). Smoke run:
+# make bench BENCH_ARGS=--quick
 bench: $(STAMP)
-	$(PY) -m bench --resume-rows $(BENCH_ARGS)
+	$(PY) -m bench --resume-rows --openai-rows $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -26,7 +26,9 @@ Redis commands, round trips and CPU per token or per stream. The reconnect scena
 runs against the services only; for a variant on the bench's Redis each client reconnects to a
 second process of that variant on the same Redis (`+peer`), so the resume is read through Redis
 by another instance. When the service answers its reconnects with 404 or 405 (a version without
-the resume route) R1 is reported as skipped, not failed.
+the resume route) R1 is reported as skipped, not failed. A variant with `route` "openai"
+(`--openai-rows`, or `ROUTE=openai` in a `--variant`'s settings) is measured through the
+OpenAI-compatible route (`bench.load --mode openai`; `bench.scenarios` design note 6).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from .procs import (
 )
 from .scenarios import (
     MODELS,
+    OPENAI_VARIANTS,
     RESUME_VARIANTS,
     Round,
     Row,
@@ -338,7 +341,13 @@ class Bench:
             url, mode = self.nginx_url, "direct"
         else:
             url = self.service_urls[target]
-            mode = "resume" if scenario.kind == "reconnect" else "service"
+            variant = self.variant_of(target)
+            if scenario.kind == "reconnect":
+                mode = "resume"
+            elif variant is not None and variant.route == "openai":
+                mode = "openai"
+            else:
+                mode = "service"
         peer = self.service_urls.get(target + PEER) if mode == "resume" else None
         out = self.logs / f"{scenario.key}-{tag}-{target.replace(':', '-')}.json"
         argv = [
@@ -623,6 +632,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add the resume feature's variants: resume-off@S1,S2,S3:RESUME_GRACE_S=0 and "
         "redis@S2,S3,R1:REDIS_URL=@redis",
     )
+    parser.add_argument(
+        "--openai-rows",
+        action="store_true",
+        help="add the OpenAI-compatible route's variant: openai@S1,S2:ROUTE=openai (the default "
+        "settings, its load streaming POST /v1/chat/completions)",
+    )
     parser.add_argument("--no-nginx", action="store_true", help="no nginx row")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     args = parser.parse_args(argv)
@@ -630,6 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if not 0 <= args.clients <= 1 << 24:
         parser.error("--clients must be from 0 to 16777216")
+    if args.openai_rows:
+        args.variant = [*OPENAI_VARIANTS, *args.variant]
     if args.resume_rows:
         args.variant = [*RESUME_VARIANTS, *args.variant]
     names = [v.name for v in args.variant]
@@ -737,7 +754,9 @@ def main(argv: list[str] | None = None) -> int:
             "pinning": bench.pin_note,
             "service_env": bench.service_environment(0) | {"PORT": "<free port>"},
             "service_env_overrides": bench.overrides,
-            "variants": {v.name: {"env": v.env, "only": list(v.only)} for v in args.variant},
+            "variants": {
+                v.name: {"env": v.env, "only": list(v.only), "route": v.route} for v in args.variant
+            },
             "nginx": not args.no_nginx,
             "clients": args.clients,
             "scenarios": {k: dataclasses.asdict(s) for k, s in scenarios.items()},

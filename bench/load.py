@@ -29,6 +29,12 @@ checks that the joined text of both connections equals `done.content` and the ex
 that the first resumed cursor comes after the last one seen. A reconnect answered 404 or 405 means
 the route is not served: the run stops taking new streams and reports `route_missing`.
 
+`--mode openai` opens each stream through the service's OpenAI-compatible route
+(`POST /v1/chat/completions`, `stream: true`, the same body as direct mode) and reads the OpenAI
+chunks as direct mode reads the upstream's: the joined `delta.content` must equal the expected text,
+one delta per token, and the body must end with `data: [DONE]`. A `data: {"error": ...}` chunk (the
+gateway's in-stream error) is recorded as `error_chunk:<code>`; `: ping` comment frames are skipped.
+
 Everything is bounded: a timeout per stream and one for the whole run.
 """
 
@@ -93,7 +99,7 @@ class Run:
                 "maxTokens": self.tokens,
                 "model": self.model,
             }
-        else:
+        else:  # direct, and openai (the service's OpenAI-compatible route): the same request
             self.url = base + "/v1/chat/completions"
             body = {
                 "model": self.model,
@@ -284,8 +290,8 @@ class Run:
         finished = False
         async for data in resp.content.iter_any():
             now = clock()
-            if finished:
-                continue
+            if finished or rec.error:
+                continue  # read on to the end of the body so the connection can be reused
             events = (buf + data if buf else data).split(b"\n\n")
             buf = events.pop()
             arrived = False
@@ -296,7 +302,12 @@ class Run:
                 if payload == b"[DONE]":
                     finished = True
                     break
-                choices = loads(payload).get("choices")
+                obj = loads(payload)
+                if "error" in obj:  # the gateway's in-stream error: the end of the body
+                    error = obj["error"] if isinstance(obj["error"], dict) else {}
+                    rec.error = f"error_chunk:{error.get('code')}"
+                    break
+                choices = obj.get("choices")
                 if choices:
                     content = choices[0].get("delta", {}).get("content")
                     if content:
@@ -307,7 +318,7 @@ class Run:
         rec.end = clock()
         rec.tokens = len(pieces)
         if not finished:
-            rec.error = "truncated"
+            rec.error = rec.error or "truncated"
             return
         rec.completed = True
         if "".join(pieces) != self.expected or rec.tokens != self.tokens:
@@ -500,7 +511,7 @@ def _resume_summary(run: Run) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     parser.add_argument("--url", required=True, help="service or upstream base URL")
-    parser.add_argument("--mode", choices=("service", "direct", "resume"), required=True)
+    parser.add_argument("--mode", choices=("service", "direct", "resume", "openai"), required=True)
     parser.add_argument(
         "--away-min-s", type=float, default=0.03, help="resume mode: shortest time away"
     )

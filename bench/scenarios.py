@@ -20,8 +20,16 @@
    (`ai_stream_resume_retained_streams`, `ai_stream_resume_retained_bytes`, from `/metrics`), in
    total and per stream; a version without them shows none.
 5. Variant rows carry only the key metrics (cost, first token, memory, errors); their targets are
-   the resume feature's bounds where the variant is one of the `--resume-rows` presets
-   (`VARIANT_TARGETS`), none otherwise.
+   the resume feature's bounds where the variant is one of the `--resume-rows` presets, and the
+   OpenAI-compatible surface's where it is the `--openai-rows` one (`VARIANT_TARGETS`), none
+   otherwise.
+6. Routes. A variant's load reads the native route (`POST /api/ai/generate-stream`) unless its
+   `route` is "openai": then it streams `POST /v1/chat/completions` (`stream: true`), reads
+   OpenAI chunks as it reads the upstream's, and checks their joined text against what the bench
+   upstream sent. `ROUTE=openai` in a `--variant`'s settings sets it (it is not passed to the
+   service). The `openai` preset (S1 and S2) runs the default service's settings, so its CPU per
+   token next to the default row is the cost of relaying OpenAI chunks against native events,
+   same run; its target at model pace (S2) is "no more than native" (vs_default ≤ 1).
 """
 
 from __future__ import annotations
@@ -91,6 +99,8 @@ def build(quick: bool) -> dict[str, Scenario]:
 
 
 MODELS = ("bench", "bench-d20", "bench-d1000")
+ROUTES = ("native", "openai")
+ROUTE_KEY = "ROUTE"  # in a variant's settings: the route its load reads, not an env variable
 REDIS_PLACEHOLDER = "@redis"  # a variant's REDIS_URL value: the bench's own redis-server
 
 
@@ -101,6 +111,7 @@ class Variant:
     name: str
     env: dict[str, str]
     only: tuple[str, ...] = ()  # scenario keys; empty: every scenario
+    route: str = "native"  # the streaming route the load reads: "native" or "openai" (note 6)
 
     def applies(self, key: str) -> bool:
         return not self.only or key in self.only
@@ -116,13 +127,19 @@ def parse_variant(text: str) -> Variant:
     if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"expected NAME[@S1,S2]:KEY=VALUE[,KEY=VALUE...], got {text!r}")
     env: dict[str, str] = {}
+    route = "native"
     for pair in settings.split(","):
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"variant {name}: expected KEY=VALUE, got {pair!r}")
+        if key.strip() == ROUTE_KEY:
+            route = value.strip()
+            if route not in ROUTES:
+                raise ValueError(f"variant {name}: {ROUTE_KEY} is one of {ROUTES}, got {route!r}")
+            continue
         env[key.strip()] = value.strip()
     keys = tuple(k.strip().upper().replace("S2B", "S2b") for k in only.split(",") if k.strip())
-    return Variant(name, env, keys)
+    return Variant(name, env, keys, route)
 
 
 # The resume feature's bounds, measured by `--resume-rows` (resume on is the default service).
@@ -130,6 +147,10 @@ RESUME_VARIANTS = (
     Variant("resume-off", {"RESUME_GRACE_S": "0"}, ("S1", "S2", "S3")),
     Variant("redis", {"REDIS_URL": REDIS_PLACEHOLDER}, ("S2", "S3", "R1")),
 )
+
+# The OpenAI-compatible route's row, measured by `--openai-rows`: the same settings as the
+# default service, its load streaming `POST /v1/chat/completions` (design note 6).
+OPENAI_VARIANTS = (Variant("openai", {}, ("S1", "S2"), "openai"),)
 
 
 @dataclass(slots=True)
@@ -315,6 +336,7 @@ VARIANT_TARGETS: dict[tuple[str, str, str], tuple[str, Check]] = {
     ("resume-off", "S3", "RSS per stream"): ("on ≤ off × 1.20", _at_least(1 / 1.2, "vs_default")),
     ("redis", "S2", "Redis round trips per token"): ("≤ 0.5 (batched)", _at_most(0.5)),
     ("redis", "R1", "reconnect to first missed p99"): ("< 20 ms", _at_most(20)),
+    ("openai", "S2", "CPU per token"): ("≤ native", _at_most(1.0, "vs_default")),
 }
 
 

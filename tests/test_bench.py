@@ -20,9 +20,11 @@ import pytest
 from aiohttp import web
 
 from bench import load, nginx
-from bench.__main__ import retained_gauges
+from bench.__main__ import parse_args, retained_gauges
 from bench.procs import Child, child_env, free_port
 from bench.scenarios import (
+    MODELS,
+    OPENAI_VARIANTS,
     RESUME_VARIANTS,
     Round,
     Scenario,
@@ -32,6 +34,7 @@ from bench.scenarios import (
     table,
 )
 from tests.conftest import tool_required
+from tests.process import service
 
 SHIPPED = nginx.SHIPPED.read_text()
 
@@ -140,6 +143,92 @@ async def test_ramp_spreads_arrivals_over_the_given_time(tmp_path: Path) -> None
     assert (summary["completed"], summary["mismatches"]) == (5, 0)
     # Stream i starts at i * 0.8 / 5 s: the last first token comes at least 0.64 s after the first.
     assert 0.6 <= summary["first_token_spread_s"] < 5
+
+
+# --- the OpenAI route's client ------------------------------------------------------------------
+
+
+async def test_openai_mode_reads_the_services_openai_route_and_checks_the_text(
+    tmp_path: Path,
+) -> None:
+    with bench_upstream(tmp_path) as upstream:
+        env = {
+            "OPENAI_BASE_URL": upstream + "/v1",
+            "OPENAI_API_KEY": "bench",
+            "OPENAI_MODEL": "bench",
+            "ALLOWED_MODELS": ",".join(MODELS),
+            "HEARTBEAT_INTERVAL_S": "0.05",  # `: ping` frames between the chunks, skipped
+            "RATE_LIMIT_RPM": "0",
+            "RATE_LIMIT_CONCURRENT": "0",
+            "RATE_LIMIT_TPM": "0",
+        }
+        async with service(env, tmp_path) as svc:
+            args = load_args(
+                f"--url={svc.url}", "--mode=openai", "--concurrency=4", "--streams=6",
+                "--tokens=12", "--model=bench-d20", "--stream-timeout=20", "--timeout=30",
+            )  # fmt: skip
+            summary = await load.drive(args)
+    assert (summary["completed"], summary["error_count"], summary["mismatches"]) == (6, 0, 0)
+    assert summary["tokens_received"] == 6 * 12
+    assert summary["gap_ms"]["count"] == 6 * 11  # one read per token at model pace
+
+
+@contextlib.asynccontextmanager
+async def openai_route(body: bytes) -> AsyncIterator[str]:
+    """A server whose `/v1/chat/completions` answers every stream with `body`."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(body)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _chunk(content: str) -> bytes:
+    choice = {"index": 0, "delta": {"content": content}, "finish_reason": None}
+    return b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("tail", "error", "mismatches"),
+    [
+        (b"data: [DONE]\n\n", None, 0),
+        (
+            b'data: {"error":{"code":"rate_limited","type":"rate_limit_error"}}\n\n',
+            "error_chunk:rate_limited",
+            0,
+        ),
+        (b"", "truncated", 0),  # ended without [DONE]: never a completed stream
+    ],
+)
+async def test_openai_mode_counts_an_error_chunk_and_a_missing_done(
+    tail: bytes, error: str | None, mismatches: int
+) -> None:
+    body = b": ping\n\n" + b"".join(_chunk(f" w{i}") for i in range(3)) + tail
+    async with openai_route(body) as url:
+        args = load_args(
+            f"--url={url}", "--mode=openai", "--concurrency=2", "--streams=2", "--tokens=3",
+            "--stream-timeout=20", "--timeout=30",
+        )  # fmt: skip
+        summary = await load.drive(args)
+    assert summary["mismatches"] == mismatches
+    if error is None:
+        assert (summary["completed"], summary["error_count"]) == (2, 0)
+    else:
+        assert summary["completed"] == 0
+        assert summary["errors"] == {error: 2}
 
 
 # --- the reconnect scenario's client, against a server that follows the resume contract --------
@@ -311,6 +400,45 @@ def test_variant_parsing() -> None:
         with pytest.raises(ValueError, match="expected"):
             parse_variant(bad)
     assert [v.name for v in RESUME_VARIANTS] == ["resume-off", "redis"]
+    assert all(v.route == "native" for v in RESUME_VARIANTS)
+
+
+def test_openai_variant_parsing_and_the_preset() -> None:
+    variant = parse_variant("oa@S1,S2:ROUTE=openai,HEARTBEAT_INTERVAL_S=5")
+    assert (variant.route, variant.only) == ("openai", ("S1", "S2"))
+    assert variant.env == {"HEARTBEAT_INTERVAL_S": "5"}  # ROUTE is the bench's, not the service's
+    assert parse_variant("x:K=V").route == "native"
+    with pytest.raises(ValueError, match="ROUTE is one of"):
+        parse_variant("x:ROUTE=graphql")
+    [preset] = OPENAI_VARIANTS
+    assert (preset.name, preset.env, preset.only, preset.route) == (
+        "openai", {}, ("S1", "S2"), "openai",
+    )  # fmt: skip
+    args = parse_args(["--no-nginx", "--resume-rows", "--openai-rows"])
+    assert [v.name for v in args.variant] == ["resume-off", "redis", "openai"]
+    assert [v.name for v in parse_args(["--no-nginx"]).variant] == []
+
+
+def test_openai_rows_compare_cpu_per_token_with_the_native_route() -> None:
+    s2 = build(True)["S2"]
+    native = Round(None, None, _summary(1000, 12.0), service_proc={"cpu_s": 0.040})
+
+    def openai(cpu_s: float) -> Round:
+        return Round(
+            None, None, _summary(1000, 12.5), service_proc={"cpu_s": cpu_s},
+            baseline=native.service, baseline_proc=native.service_proc,
+        )  # fmt: skip
+
+    cheaper = {r.metric: r for r in rows_for(s2, [openai(0.036)], "openai")}
+    assert cheaper["CPU per token"].service == pytest.approx(36.0)
+    assert cheaper["CPU per token"].vs_default == pytest.approx(0.9)
+    assert cheaper["CPU per token"].target == "≤ native"
+    assert cheaper["CPU per token"].met is True
+    dearer = {r.metric: r for r in rows_for(s2, [openai(0.044)], "openai")}
+    assert dearer["CPU per token"].met is False
+    s1 = {r.metric: r for r in rows_for(build(True)["S1"], [openai(0.044)], "openai")}
+    assert s1["CPU per token"].target == ""  # reported at S1, bounded at model pace only
+    assert "S2 openai  CPU per token" in table(rows_for(s2, [openai(0.036)], "openai"))
 
 
 def test_quick_scenarios_keep_the_shapes_and_drop_s4() -> None:
