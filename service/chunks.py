@@ -199,9 +199,9 @@ class ChunkParser:
             refusal = delta.get("refusal") if delta else None
             if lenient:  # strings other than the text: lone halves replaced (design note 2)
                 obj, choice = _scrub(obj), _scrub(choice)
-            if self.model is None:
+            if not self.model:  # Azure's first chunk names none: the next one does
                 model = obj.get("model")
-                self.model = model if isinstance(model, str) else None
+                self.model = model if isinstance(model, str) and model else None
             usage = obj.get("usage")
             if usage:
                 self.usage = usage

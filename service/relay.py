@@ -831,6 +831,7 @@ class Generation:
             deltas=result.deltas,
             ttft_ms=round((self._first_token - self.arrived) * 1000) if result.deltas else None,
             duration_ms=result.elapsed_ms,
+            upstream=self._attempts.server,
             upstream_error=result.upstream_error_kind,
             upstream_detail=result.upstream_error_detail,
             finish_reason=result.finish_reason,

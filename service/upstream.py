@@ -8,9 +8,9 @@ transport failures become `UpstreamError` with a bounded `kind` and a message fr
 URL; that text is kept, capped, as `detail` for the log.
 
 Design notes:
-1. Retries are the SDK's and happen only before the response headers, so no text is ever sent
-   twice. A stream that breaks after its headers is not retried: the client may already have
-   seen part of it.
+1. Retries happen only before the answer's first batch, so no text is ever sent twice. The
+   gateway's own `FailoverUpstream` (`failover`) owns them, with each server's SDK retries off
+   (`max_retries=0`); `max_retries` stays a parameter here for a caller that wants the SDK's.
 2. Retries are counted from the SDK's `x-stainless-retry-count` request header in an httpx
    request hook: one hook per attempt, nothing per token.
 3. The SDK runs on its aiohttp transport (`DefaultAioHttpClient`): aiohttp parses the chunked
@@ -56,6 +56,7 @@ from .chunks import (
     read_whole,
 )
 from .config import Settings
+from .parsers import UpstreamServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,7 @@ class Attempts:
     """The tries of one upstream call so far (design note 5)."""
 
     failure: UpstreamError | None = None  # what the latest finished try met, if it failed
+    server: str | None = None  # the configured name of the server that answered (`failover`)
 
 
 ATTEMPTS: ContextVar[Attempts | None] = ContextVar("upstream_attempts", default=None)
@@ -280,10 +282,15 @@ class OpenAIUpstream:
         *,
         base_url: str | None = None,
         api_key: str | None = None,
+        server: UpstreamServer | None = None,
+        max_retries: int | None = None,
         on_retry: Callable[[], None] | None = None,
     ) -> None:
-        """`on_retry` is called once per retried attempt (design note 2)."""
+        """`server`: one of `UPSTREAMS` (else the single-upstream settings); `max_retries`: the
+        SDK's own (0 under `failover`, whose loop owns retries); `on_retry` is called once per
+        retried attempt (design note 2)."""
         self._on_retry = on_retry
+        retries = settings.upstream_max_retries if max_retries is None else max_retries
         read_timeout = max(settings.first_token_timeout_s, settings.idle_timeout_s)
         self._http = _NotingClient(
             limits=httpx2.Limits(
@@ -298,19 +305,34 @@ class OpenAIUpstream:
             event_hooks={"request": [self._count_retry]},
         )
         self.client: openai.AsyncOpenAI
-        if settings.uses_azure and base_url is None:
+        if server is not None and server.azure_endpoint is not None:
+            self.client = openai.AsyncAzureOpenAI(
+                azure_endpoint=server.azure_endpoint,
+                api_key=server.api_key or "unused",
+                api_version=server.api_version,
+                max_retries=retries,
+                http_client=self._http,
+            )
+        elif server is not None:
+            self.client = openai.AsyncOpenAI(
+                api_key=server.api_key or "unused",
+                base_url=server.base_url,
+                max_retries=retries,
+                http_client=self._http,
+            )
+        elif settings.uses_azure and base_url is None:
             self.client = openai.AsyncAzureOpenAI(
                 azure_endpoint=settings.azure_endpoint or "",
                 api_key=settings.azure_api_key or settings.openai_api_key,
                 api_version=settings.openai_api_version,
-                max_retries=settings.upstream_max_retries,
+                max_retries=retries,
                 http_client=self._http,
             )
         else:
             self.client = openai.AsyncOpenAI(
                 api_key=api_key or settings.openai_api_key or "unused",
                 base_url=base_url or settings.openai_base_url,
-                max_retries=settings.upstream_max_retries,
+                max_retries=retries,
                 http_client=self._http,
             )
 
