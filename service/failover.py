@@ -191,7 +191,7 @@ class FailoverUpstream:
         self._deadline_s = settings.first_token_timeout_s
         self._on_attempt = on_attempt
         self._on_retry = on_retry
-        self._clock = clock
+        self.clock = clock  # public: a test may stand in for it
         self.reports: dict[str, str] = {s.config.name: "not checked yet" for s in self._servers}
 
     @classmethod
@@ -220,7 +220,7 @@ class FailoverUpstream:
 
     def _candidates(self, model: str) -> list[tuple[_Server, str]]:
         serving = [(s, m) for s in self._servers if (m := s.config.serves(model)) is not None]
-        now = self._clock()
+        now = self.clock()
         ready = [(s, m) for s, m in serving if s.cooling_until <= now]
         return ready or serving  # note 4: all cooling, all tried
 
@@ -228,7 +228,7 @@ class FailoverUpstream:
         self._count(server, err.kind)
         server.failures += 1
         if server.failures >= self._threshold:
-            server.cooling_until = self._clock() + self._cooldown_s
+            server.cooling_until = self.clock() + self._cooldown_s
 
     def _count(self, server: _Server, result: str) -> None:
         if self._on_attempt is not None:
@@ -236,7 +236,7 @@ class FailoverUpstream:
 
     @asynccontextmanager
     async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
-        started = self._clock()
+        started = self.clock()
         attempts = ATTEMPTS.get()
         last: UpstreamError | None = None
         tries = 0
@@ -247,7 +247,7 @@ class FailoverUpstream:
             if round_:
                 assert last is not None
                 wait = retry_delay(round_ - 1, _headers(last))
-                if self._deadline_s and self._clock() - started + wait > self._deadline_s:
+                if self._deadline_s and self.clock() - started + wait > self._deadline_s:
                     raise last  # note 3: a wait past the deadline is not waited
                 await asyncio.sleep(wait)
             for server, model in candidates:
