@@ -8,7 +8,7 @@ import asyncio
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2
@@ -18,11 +18,12 @@ import pytest
 from openai._models import FinalRequestOptions
 
 from service import keys
-from service.failover import FailoverUpstream, retry_after, retry_delay
+from service.failover import FailoverUpstream, retry_after, retry_delay, should_retry
 from service.parsers import UpstreamServer
+from service.upstream import translate
 from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway
-from tests.fake_azure import API_VERSION, AZURE_KEY, AZURE_MODEL, AzureUpstream, running_azure
-from tests.fake_upstream import Drop, FakeUpstream, Finish, Gate, Status, Text, answer, running
+from tests.fake_azure import API_VERSION, AZURE_KEY, AzureUpstream, running_azure
+from tests.fake_upstream import Drop, FakeUpstream, Gate, Raw, Status, Text, answer, running
 from tests.process import ROOT, clean_env
 
 CHAT_STREAM = "/api/v1/ai/chat/stream"
@@ -66,7 +67,9 @@ def attempts(gateway: Gateway, upstream: str, result: str) -> float:
     return gateway.sample("ai_stream_upstream_attempts_total", upstream=upstream, result=result)
 
 
-async def two(make_gateway: MakeGateway, first_url: str, second: FakeUpstream, **kw: Any) -> Gateway:
+async def two(
+    make_gateway: MakeGateway, first_url: str, second: FakeUpstream, **kw: Any
+) -> Gateway:
     servers = (openai_server("a", first_url), openai_server("b", second.url))
     return await make_gateway(upstreams=servers, **kw)
 
@@ -118,7 +121,8 @@ async def test_a_server_that_accepts_and_says_nothing_is_left_at_its_first_byte_
         make_gateway, fake.url, second, upstream_attempt_first_byte_s=0.3, first_token_timeout_s=3
     )
     silent = [Gate(asyncio.Event())]
-    fake.queue([Finish(None), *silent] if headers_out else silent)  # Finish(None): no text
+    nothing = Raw(b": still here\n\n")  # the headers and a comment: no chunk, no text
+    fake.queue([nothing, *silent] if headers_out else silent)
     second.queue(answer("b"))
     assert (await done_of(gateway))["content"] == "b"
     async with asyncio.timeout(WAIT):
@@ -249,10 +253,29 @@ def test_the_backoff_is_the_sdks(
     monkeypatch: pytest.MonkeyPatch, headers: dict[str, str], retries_taken: int
 ) -> None:
     for fixed in (0.0, 0.5, 0.999):
-        monkeypatch.setattr("openai._base_client.random", lambda fixed=fixed: fixed)
-        ours = retry_delay(retries_taken, httpx2.Headers(headers), lambda fixed=fixed: fixed)
+        rand = constant(fixed)
+        monkeypatch.setattr("openai._base_client.random", rand)
+        ours = retry_delay(retries_taken, httpx2.Headers(headers), rand)
         assert ours == pytest.approx(sdk_delay(retries_taken, headers))
     assert retry_after(None) is None
+
+
+def constant(value: float) -> Callable[[], float]:
+    return lambda: value
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 409, 422, 429, 500, 502, 503, 504])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"x-should-retry": "true"}, {"x-should-retry": "false"}, {"retry-after": "121"}],
+)
+def test_which_statuses_move_on_is_the_sdks(status: int, headers: dict[str, str]) -> None:
+    client = openai.OpenAI(api_key="x", base_url="http://127.0.0.1:9/v1")
+    request = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    response = httpx2.Response(status, headers=headers, request=request)
+    err = translate(openai.APIStatusError("m", response=response, body=None))
+    err.__cause__ = openai.APIStatusError("m", response=response, body=None)
+    assert should_retry(err) is client._should_retry(response)
 
 
 async def test_readiness_names_each_server_and_passes_while_one_answers(

@@ -306,7 +306,11 @@ def test_upstreams_is_an_ordered_list_of_servers_with_keys_read_from_the_variabl
     )
     settings = from_env({"UPSTREAMS": raw, "KEY_A": "sk-a", "KEY_B": "az-b"})
     first, second = settings.upstreams
-    assert (first.name, first.base_url, first.api_key) == ("openai", "https://api.example/v1", "sk-a")
+    assert (first.name, first.base_url, first.api_key) == (
+        "openai",
+        "https://api.example/v1",
+        "sk-a",
+    )
     assert (second.azure_endpoint, second.api_version, second.api_key) == (
         "https://r.example",
         "2024-10-21",
@@ -314,7 +318,8 @@ def test_upstreams_is_an_ordered_list_of_servers_with_keys_read_from_the_variabl
     )
     assert (second.serves("gpt-4o"), second.serves("other")) == ("my-deployment", None)
     assert UpstreamServer(name="any", base_url="http://h").serves("other") == "other"
-    assert "sk-a" not in repr(settings) and "az-b" not in repr(settings)
+    assert "sk-a" not in repr(settings)
+    assert "az-b" not in repr(settings)
     assert not settings.uses_demo_upstream
 
 
@@ -337,7 +342,10 @@ def test_upstreams_is_an_ordered_list_of_servers_with_keys_read_from_the_variabl
             '[{"name": "a", "base_url": "http://h", "api_key_env": "NOT_SET"}]',
             "server 'a': api_key_env must name a set environment variable",
         ),
-        ('[{"name": "a", "base_url": "ftp://h"}]', "server 'a': must be an http:// or https:// URL"),
+        (
+            '[{"name": "a", "base_url": "ftp://h"}]',
+            "server 'a': must be an http:// or https:// URL",
+        ),
         ('[{"name": "a", "base_url": "http://h", "key": "sk"}]', "unknown server field 'key'"),
         (
             '[{"name": "a", "base_url": "http://h", "models": {"m": 1}}]',
