@@ -10,6 +10,9 @@ Design notes:
    (a content delta; for a relayed chunk stream, any chunk). Only then is the stream handed to the
    relay, so nothing a failed attempt received ever reaches a client, and a stream that breaks
    after that is never retried (the client may have seen part of it): it ends `upstream_error`.
+   An attempt's 200 is told at once (`Attempts.answered`), so the OpenAI-compatible routes send
+   their headers when a server has answered, as before; a later failover is still before any
+   byte of content, and a call that then fails ends in an error chunk rather than a status.
 2. Which failures move on follow the SDK's `_should_retry`: connection errors and timeouts, 408,
    409, 429 and 5xx (an `x-should-retry` header overrides; a `Retry-After` above the SDK's
    maximum refuses). Any other status (400, 401, 404, ...) ends the call at once, as the SDK does,
@@ -289,6 +292,9 @@ class FailoverUpstream:
         try:
             async with asyncio.timeout(self._first_byte_s or None):
                 stream = await stack.enter_async_context(server.upstream.stream(asked))
+                attempts = ATTEMPTS.get()
+                if attempts is not None and attempts.answered is not None:
+                    attempts.answered()  # its 200: headers may go out (note 1)
                 batches = aiter(stream)
                 stack.push_async_callback(_close, batches)
                 try:

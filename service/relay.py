@@ -714,6 +714,7 @@ class Generation:
 
     async def _pump(self) -> None:
         ATTEMPTS.set(self._attempts)  # this task's upstream tries note what they meet
+        self._attempts.answered = self._answered.set  # a server's 200, before its first batch
         loop_time = asyncio.get_running_loop().time
         metrics, model = self.metrics, self.metrics.model_label(self.request.model)
         gap = metrics.child(metrics.inter_token_latency, self.route, model).observe

@@ -113,6 +113,9 @@ class Attempts:
 
     failure: UpstreamError | None = None  # what the latest finished try met, if it failed
     server: str | None = None  # the configured name of the server that answered (`failover`)
+    # called when a try's server has answered 200 (its headers), before its first batch: the
+    # OpenAI-compatible routes send their own headers then (relay design note 13)
+    answered: Callable[[], None] | None = None
 
 
 ATTEMPTS: ContextVar[Attempts | None] = ContextVar("upstream_attempts", default=None)
