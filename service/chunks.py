@@ -1,10 +1,11 @@
 """Parse an OpenAI-compatible chat-completion event stream once, straight from the bytes.
 
 The SDK's own stream builds a pydantic model per chunk, which costs more CPU than everything else
-the relay does per token; this parser reads the raw body the SDK hands back (auth, retries and
-Azure stay the SDK's) and keeps only what the relay needs: the text deltas, the usage, the model,
-the finish reason. Deltas that arrive in one network read come back joined, with their count, so
-the relay writes one event for them (the README's `tokenCount` note).
+the relay does per token; this parser reads the raw body the SDK hands back (auth and Azure stay the
+SDK's) and keeps only what the relay needs: the text deltas, the usage, the model (the first
+non-empty one: Azure's first chunk names none), the finish reason. Deltas that arrive in one network
+read come back joined, with their count, so the relay writes one event for them (the README's
+`tokenCount` note).
 
 Design notes:
 1. orjson reads every chunk first. What it refuses but JSON allows (a lone UTF-16 surrogate

@@ -1,18 +1,19 @@
 """The model server, behind a small Protocol; the only module that imports the `openai` SDK.
 
-`OpenAIUpstream` calls `chat.completions` through the SDK's streaming-response API, so the SDK
-keeps what it is good at (auth, Azure, retries with jittered backoff that honour `Retry-After`,
-all before the first byte of the answer), and `chunks.ChunkParser` reads the body once. SDK and
-transport failures become `UpstreamError` with a bounded `kind` and a message from a fixed table
-(`MESSAGE_BY_KIND`) that never carries the upstream's own text (which can echo key fragments) or a
-URL; that text is kept, capped, as `detail` for the log.
+`OpenAIUpstream` calls `chat.completions` through the SDK's streaming-response API, so the SDK keeps
+what it is good at (auth, Azure deployment URLs, timeouts), `failover` owns retries, and
+`chunks.ChunkParser` reads the body once. SDK and transport failures become `UpstreamError` with a
+bounded `kind` and a message from a fixed table (`MESSAGE_BY_KIND`) that never carries the
+upstream's own text (which can echo key fragments) or a URL; that text is kept, capped, as `detail`
+for the log.
 
 Design notes:
 1. Retries happen only before the answer's first batch, so no text is ever sent twice. The
    gateway's own `FailoverUpstream` (`failover`) owns them, with each server's SDK retries off
    (`max_retries=0`); `max_retries` stays a parameter here for a caller that wants the SDK's.
-2. Retries are counted from the SDK's `x-stainless-retry-count` request header in an httpx
-   request hook: one hook per attempt, nothing per token.
+2. When the SDK does retry (`max_retries` above 0, never under `failover`), its retries are
+   counted from its `x-stainless-retry-count` request header in an httpx request hook: one hook
+   per attempt, nothing per token.
 3. The SDK runs on its aiohttp transport (`DefaultAioHttpClient`): aiohttp parses the chunked
    body in C and hands over everything buffered in one read, which cut the relay's CPU per token
    about fourfold against the default httpx transport (README, Performance). That transport maps
@@ -24,10 +25,10 @@ Design notes:
    transform of the parameters, which cost about half of the service's CPU to open a stream
    (README, Performance). The body is built here from an already validated request, and the raw
    response comes back unread.
-5. A clock can run out between the SDK's retries (its backoff outlasting the first-token
-   timeout). So that the stream then ends naming the upstream's failure rather than a timeout,
-   each try's result is noted in the calling task's `Attempts` (a context variable the relay
-   sets) by the HTTP client's `send`, which sees every try: its status, or its transport error.
+5. A clock can run out between retries (a backoff outlasting the first-token timeout). So that the
+   stream then ends naming the upstream's failure rather than a timeout, each try's result is noted
+   in the calling task's `Attempts` (a context variable the relay sets) by the HTTP client's `send`,
+   which sees every try: its status, or its transport error.
 6. A request from the OpenAI-compatible routes carries the client's own `body`: every field the
    gateway does not read goes to the upstream as the client sent it; the gateway sets `model`,
    `messages`, the token cap (when the client set none) and, for a stream, `stream_options.
