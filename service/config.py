@@ -68,7 +68,7 @@ class UpstreamSettings:
     upstreams: tuple[parse.UpstreamServer, ...] = ()
     upstream_failure_threshold: int = 3
     upstream_cooldown_s: float = 30.0
-    upstream_attempt_first_byte_s: float = 10.0
+    upstream_attempt_first_byte_s: float = 30.0
 
     @property
     def uses_demo_upstream(self) -> bool:

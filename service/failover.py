@@ -32,7 +32,11 @@ Design notes:
    with servers to try never refuses without trying.
 5. `UPSTREAM_ATTEMPT_FIRST_BYTE_S` bounds each attempt up to its first batch (0 = off), so a
    server that accepts the request and then says nothing is left for the next one (as a
-   `timeout` failure). The relay's first-token clock still bounds the whole call.
+   `timeout` failure). The relay's first-token clock still bounds the whole call. Its default,
+   30 s, sits above the time to first token of slow reasoning models (a deadline below it would
+   fail every such answer over) and well below `FIRST_TOKEN_TIMEOUT_S`' 120. A non-stream call
+   (the OpenAI route's `stream: false`) has no first byte before its whole answer: it is not
+   bounded per attempt.
 6. A server's `models` map names its own model (or Azure deployment) for the model a client asked
    for; a server whose map lacks it is not tried; an empty map serves every model as asked. No
    server serving the model ends the call as `not_found`.
@@ -289,8 +293,9 @@ class FailoverUpstream:
     ) -> _Answer:
         """Open one server's answer and read its first batch under the first-byte deadline."""
         asked = request if model == request.model else dataclasses.replace(request, model=model)
+        deadline = self._first_byte_s if request.streamed else 0  # note 5: a whole answer's
         try:
-            async with asyncio.timeout(self._first_byte_s or None):
+            async with asyncio.timeout(deadline or None):
                 stream = await stack.enter_async_context(server.upstream.stream(asked))
                 attempts = ATTEMPTS.get()
                 if attempts is not None and attempts.answered is not None:

@@ -23,7 +23,7 @@ from service.parsers import UpstreamServer
 from service.upstream import translate
 from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway
 from tests.fake_azure import API_VERSION, AZURE_KEY, AzureUpstream, running_azure
-from tests.fake_upstream import Drop, FakeUpstream, Gate, Raw, Status, Text, answer, running
+from tests.fake_upstream import Drop, FakeUpstream, Gate, Raw, Sleep, Status, Text, answer, running
 from tests.process import ROOT, clean_env
 
 CHAT_STREAM = "/api/v1/ai/chat/stream"
@@ -128,6 +128,20 @@ async def test_a_server_that_accepts_and_says_nothing_is_left_at_its_first_byte_
     async with asyncio.timeout(WAIT):
         await fake.seen[0].ended.wait()  # the silent attempt was closed
     assert attempts(gateway, "a", "timeout") == 1
+
+
+async def test_a_non_stream_call_is_not_bounded_by_the_first_byte_deadline(
+    make_gateway: MakeGateway, fake: FakeUpstream, second: FakeUpstream
+) -> None:
+    gateway = await two(make_gateway, fake.url, second, upstream_attempt_first_byte_s=0.1)
+    fake.queue([Sleep(0.3), *answer("whole")])  # its whole answer comes after the deadline
+    resp = await gateway.post(
+        "/v1/chat/completions",
+        {"model": "test-model", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert resp.status == 200
+    assert (await resp.json())["choices"][0]["message"]["content"] == "whole"
+    assert second.seen == []
 
 
 async def test_never_mid_stream_a_server_that_dies_after_its_first_byte_ends_the_stream(
