@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -22,9 +24,9 @@ from service.failover import FailoverUpstream, retry_after, retry_delay, should_
 from service.parsers import UpstreamServer
 from service.upstream import translate
 from tests.conftest import API_KEY, WAIT, Gateway, MakeGateway
-from tests.fake_azure import API_VERSION, AZURE_KEY, AzureUpstream, running_azure
+from tests.fake_azure import API_VERSION, AZURE_KEY, AZURE_MODEL, AzureUpstream, running_azure
 from tests.fake_upstream import Drop, FakeUpstream, Gate, Raw, Sleep, Status, Text, answer, running
-from tests.process import ROOT, clean_env
+from tests.process import ROOT, clean_env, service
 
 CHAT_STREAM = "/api/v1/ai/chat/stream"
 
@@ -330,3 +332,42 @@ def test_upstreams_beside_a_single_upstream_stops_start_up() -> None:
         "UPSTREAMS": "must not be set beside OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT "
         "(name every server in UPSTREAMS, or use the single-upstream variables)"
     }
+
+
+async def test_the_process_reads_upstreams_and_fails_over_to_azure(
+    tmp_path: Path, azure: AzureUpstream
+) -> None:
+    servers = [
+        {"name": "down", "base_url": refused_url(), "api_key_env": "KEY_DOWN"},
+        {
+            "name": "azure",
+            "azure_endpoint": azure.endpoint,
+            "api_version": API_VERSION,
+            "api_key_env": "KEY_AZURE",
+            "models": {"test-model": "dep-1"},
+        },
+    ]
+    env = {
+        "UPSTREAMS": orjson.dumps(servers).decode(),
+        "KEY_DOWN": API_KEY,
+        "KEY_AZURE": AZURE_KEY,
+        "OPENAI_MODEL": "test-model",
+    }
+    async with service(env, tmp_path) as svc, aiohttp.ClientSession() as session:
+        resp = await session.post(f"{svc.url}/api/ai/generate-stream", json={"prompt": "x"})
+        assert resp.status == 200
+        body = await resp.read()
+        ready = await session.get(f"{svc.url}/health/ready")
+        readiness = await ready.json()
+        metrics = await (await session.get(f"{svc.url}/metrics")).text()
+    events = [orjson.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+    assert (events[-1]["type"], events[-1]["model"]) == ("done", AZURE_MODEL)
+    assert azure.deployments == ["dep-1"]
+    assert azure.seen[0].headers["api-key"] == AZURE_KEY
+    assert ready.status == 200
+    assert readiness["upstreams"] == {
+        "down": "The connection to the model server failed.",
+        "azure": "ok",
+    }
+    assert 'ai_stream_upstream_attempts_total{result="connection",upstream="down"} 1.0' in metrics
+    assert 'ai_stream_upstream_attempts_total{result="ok",upstream="azure"} 1.0' in metrics
