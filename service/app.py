@@ -15,6 +15,7 @@ from . import demo_upstream, keys, logs, shared_streams, tcp
 from .chat.stores import ConversationStore, RedisStore, SqliteStore, StoreUnavailable
 from .chat.turns import Chats
 from .config import Settings
+from .failover import FailoverUpstream
 from .health import Check, ReadinessProbe, UpstreamCheck, ping
 from .limits.access import Access
 from .limits.accounts import Limits
@@ -24,7 +25,7 @@ from .metrics import create_metrics
 from .mirror import Mirror, instance_name, save_orphan
 from .relay import Generations
 from .routes import chat, generate, health, openai_compat, probe, streams
-from .upstream import OpenAIUpstream, Upstream
+from .upstream import Upstream
 from .web import errors, on_prepare, require_key, vary_on_origin
 
 log = structlog.get_logger("service.app")
@@ -212,8 +213,14 @@ async def _sdk_upstream(app: web.Application) -> AsyncIterator[None]:
             "from the bundled demo upstream.",
             base_url=base_url,
         )
-    upstream = app[keys.UPSTREAM] = OpenAIUpstream(
-        settings, base_url=base_url, on_retry=app[keys.METRICS].upstream_retries.inc
+    metrics = app[keys.METRICS]
+    upstream = app[keys.UPSTREAM] = FailoverUpstream.from_settings(
+        settings,
+        base_url=base_url,
+        on_attempt=lambda name, result: metrics.child(
+            metrics.upstream_attempts, name, result
+        ).inc(),
+        on_retry=metrics.upstream_retries.inc,
     )
     try:
         yield

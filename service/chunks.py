@@ -1,10 +1,11 @@
 """Parse an OpenAI-compatible chat-completion event stream once, straight from the bytes.
 
 The SDK's own stream builds a pydantic model per chunk, which costs more CPU than everything else
-the relay does per token; this parser reads the raw body the SDK hands back (auth, retries and
-Azure stay the SDK's) and keeps only what the relay needs: the text deltas, the usage, the model,
-the finish reason. Deltas that arrive in one network read come back joined, with their count, so
-the relay writes one event for them (the README's `tokenCount` note).
+the relay does per token; this parser reads the raw body the SDK hands back (auth and Azure stay the
+SDK's) and keeps only what the relay needs: the text deltas, the usage, the model (the first
+non-empty one: Azure's first chunk names none), the finish reason. Deltas that arrive in one network
+read come back joined, with their count, so the relay writes one event for them (the README's
+`tokenCount` note).
 
 Design notes:
 1. orjson reads every chunk first. What it refuses but JSON allows (a lone UTF-16 surrogate
@@ -199,9 +200,9 @@ class ChunkParser:
             refusal = delta.get("refusal") if delta else None
             if lenient:  # strings other than the text: lone halves replaced (design note 2)
                 obj, choice = _scrub(obj), _scrub(choice)
-            if self.model is None:
+            if not self.model:  # Azure's first chunk names none: the next one does
                 model = obj.get("model")
-                self.model = model if isinstance(model, str) else None
+                self.model = model if isinstance(model, str) and model else None
             usage = obj.get("usage")
             if usage:
                 self.usage = usage

@@ -64,12 +64,21 @@ class UpstreamSettings:
     upstream_max_connections: int = 20_000
     upstream_connect_timeout_s: float = 10.0
     demo_tokens_per_s: float = 40.0
+    # Failover (`failover`): the ordered servers; empty = the single upstream above.
+    upstreams: tuple[parse.UpstreamServer, ...] = ()
+    upstream_failure_threshold: int = 3
+    upstream_cooldown_s: float = 30.0
+    upstream_attempt_first_byte_s: float = 30.0
 
     @property
     def uses_demo_upstream(self) -> bool:
         """No key and no base URL anywhere: the bundled demo upstream serves."""
         return not (
-            self.openai_api_key or self.openai_base_url or self.azure_endpoint or self.azure_api_key
+            self.upstreams
+            or self.openai_api_key
+            or self.openai_base_url
+            or self.azure_endpoint
+            or self.azure_api_key
         )
 
     @property
@@ -235,6 +244,16 @@ def _upstream(read: parse.Reader) -> UpstreamSettings:
             "UPSTREAM_CONNECT_TIMEOUT_S", parse.rate, d.upstream_connect_timeout_s
         ),
         demo_tokens_per_s=read("DEMO_TOKENS_PER_S", parse.rate, d.demo_tokens_per_s),
+        upstreams=read("UPSTREAMS", parse.upstreams(read.env), d.upstreams),
+        upstream_failure_threshold=read(
+            "UPSTREAM_FAILURE_THRESHOLD",
+            parse.between(parse.integer, 1, 1000),
+            d.upstream_failure_threshold,
+        ),
+        upstream_cooldown_s=read("UPSTREAM_COOLDOWN_S", parse.seconds, d.upstream_cooldown_s),
+        upstream_attempt_first_byte_s=read(
+            "UPSTREAM_ATTEMPT_FIRST_BYTE_S", parse.seconds, d.upstream_attempt_first_byte_s
+        ),
     )
     if upstream.uses_demo_upstream and not read.given("OPENAI_MODEL"):
         upstream = dataclasses.replace(upstream, openai_model=DEMO_MODEL)
@@ -364,6 +383,15 @@ def _one_upstream(u: UpstreamSettings) -> str | None:
     return None
 
 
+def _one_form(u: UpstreamSettings) -> str | None:
+    if u.upstreams and (u.openai_base_url or u.azure_endpoint):
+        return (
+            "must not be set beside OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT "
+            "(name every server in UPSTREAMS, or use the single-upstream variables)"
+        )
+    return None
+
+
 def _azure_key(u: UpstreamSettings) -> str | None:
     if u.azure_endpoint and not (u.azure_api_key or u.openai_api_key):
         return "required with AZURE_OPENAI_ENDPOINT"
@@ -412,6 +440,7 @@ class Rule:
 
 RULES: Final[tuple[Rule, ...]] = (
     Rule(("OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT"), _one_upstream),
+    Rule(("UPSTREAMS", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT"), _one_form),
     Rule(("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "OPENAI_API_KEY"), _azure_key),
     Rule(("DEFAULT_MAX_TOKENS", "MAX_TOKENS_LIMIT"), _default_tokens),
     Rule(("CHAT_CONTEXT_TOKENS", "CHAT_MESSAGE_MAX_CHARS", "CHAT_SYSTEM_PROMPT"), _context_fits),

@@ -1,6 +1,8 @@
 """Readiness: a list of named checks, one per dependency, each answering "ok" or what is wrong.
 
-The model server's check is cached, so load-balancer probes never hammer it; a store's check is
+The model server's check is cached, so load-balancer probes never hammer it (under `failover` it
+asks every server at once and passes while one answers; each server's word is in the readiness
+body); a store's check is
 a ping (or a cheap query) bounded by `PING_TIMEOUT_S`, never cached.
 """
 

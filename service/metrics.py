@@ -51,6 +51,7 @@ class Metrics:
     rate_limited: Counter
     upstream_errors: Counter
     upstream_retries: Counter
+    upstream_attempts: Counter
     heartbeats: Counter
     limiter_errors: Counter
     checkpoints: Counter
@@ -139,6 +140,12 @@ def create_metrics(registry: CollectorRegistry, models: Collection[str]) -> Metr
         ),
         upstream_retries=Counter(
             f"{PREFIX}_upstream_retries", "Upstream retries before the first token", registry=r
+        ),
+        upstream_attempts=Counter(
+            f"{PREFIX}_upstream_attempts",
+            "Upstream attempts by server and result",
+            ["upstream", "result"],
+            registry=r,
         ),
         heartbeats=Counter(f"{PREFIX}_heartbeats", "Heartbeat comments written", registry=r),
         limiter_errors=Counter(

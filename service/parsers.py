@@ -4,9 +4,11 @@ noting every problem instead of stopping at the first. `config` reads the settin
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .limits.access import parse_networks
@@ -155,6 +157,90 @@ def redis_url(raw: str) -> str:
     return raw
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamServer:
+    """One model server of `UPSTREAMS`: OpenAI-shaped (`base_url`) or Azure-shaped
+    (`azure_endpoint` and `api_version`); `models` maps a client's model to the server's model or
+    Azure deployment (empty: every model, under the client's name)."""
+
+    name: str
+    base_url: str | None = None
+    azure_endpoint: str | None = None
+    api_version: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    models: tuple[tuple[str, str], ...] = ()
+
+    def serves(self, model: str) -> str | None:
+        """The server's name for a client's `model`, or None when it does not serve it."""
+        if not self.models:
+            return model
+        return dict(self.models).get(model)
+
+
+_SERVER_KEYS = frozenset(
+    ("name", "base_url", "azure_endpoint", "api_version", "api_key_env", "models")
+)
+
+
+def _server(item: Any, env: Mapping[str, str], seen: set[str]) -> UpstreamServer:
+    if not isinstance(item, dict):
+        raise Invalid("each server must be a JSON object")
+    unknown = sorted(set(item) - _SERVER_KEYS)
+    if unknown:
+        raise Invalid(f"unknown server field {unknown[0]!r}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 64:
+        raise Invalid("each server needs a name (1 to 64 characters)")
+    if name in seen:
+        raise Invalid(f"server name {name!r} is used twice")
+    seen.add(name)
+    base, azure, version = item.get("base_url"), item.get("azure_endpoint"), item.get("api_version")
+    if (base is None) == (azure is None):
+        raise Invalid(f"server {name!r} needs one of base_url or azure_endpoint")
+    if azure is not None and not isinstance(version, str):
+        raise Invalid(f"server {name!r} needs api_version beside azure_endpoint")
+    if base is not None and version is not None:
+        raise Invalid(f"server {name!r}: api_version goes with azure_endpoint only")
+    key_env = item.get("api_key_env")
+    key = None
+    if key_env is not None:
+        if not isinstance(key_env, str) or not env.get(key_env):
+            raise Invalid(f"server {name!r}: api_key_env must name a set environment variable")
+        key = env[key_env]
+    models = item.get("models", {})
+    if not isinstance(models, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in models.items()
+    ):
+        raise Invalid(f"server {name!r}: models must map model names to model names")
+    try:
+        return UpstreamServer(
+            name=name,
+            base_url=url(base) if base is not None else None,
+            azure_endpoint=url(azure) if azure is not None else None,
+            api_version=version,
+            api_key=key,
+            models=tuple(models.items()),
+        )
+    except Invalid as err:
+        raise Invalid(f"server {name!r}: {err}") from None
+
+
+def upstreams(env: Mapping[str, str]) -> Parser[tuple[UpstreamServer, ...]]:
+    """`UPSTREAMS`: a JSON list of servers; keys are read from the variables they name."""
+
+    def check(raw: str) -> tuple[UpstreamServer, ...]:
+        try:
+            items = json.loads(raw)
+        except ValueError:
+            raise Invalid("must be a JSON list of servers") from None
+        if not isinstance(items, list) or not items:
+            raise Invalid("must be a non-empty JSON list of servers")
+        seen: set[str] = set()
+        return tuple(_server(item, env, seen) for item in items)
+
+    return check
+
+
 class Reader:
     """Reads variables through their parsers, noting every problem instead of stopping at the
     first; a variable that is unset, empty or bad reads as its default."""
@@ -162,6 +248,10 @@ class Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
         self.problems: dict[str, str] = {}
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return self._env
 
     def given(self, name: str) -> bool:
         return bool(self._env.get(name))

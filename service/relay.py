@@ -36,10 +36,11 @@ Design notes:
    `rate(ai_stream_completion_tokens_total)` shows a long answer while it streams rather than in
    one step at its end; when the upstream's usage reports more tokens than deltas, the rest is
    added at the end.
-7. A clock that runs out before the first token while the upstream has been failing (the SDK
-   backing off between retries) ends the stream as `upstream_error` with the failure's kind,
-   not as a timeout: the cause is what users and `ai_stream_upstream_errors_total` need to see
-   (upstream design note 5).
+7. A clock that runs out before the first token while the upstream has been failing (the attempt
+   loop backing off between retries, `failover`) ends the stream as `upstream_error` with the
+   failure's kind, not as a timeout: the cause is what users and `ai_stream_upstream_errors_total`
+   need to see (upstream design note 5). The loop does not even start a wait that would end past the
+   first-token deadline: it ends the call with the failure at once (`failover` note 3).
 8. A reader that has caught up is written to by the pump itself, in the pump's task, and the
    pump waits for that write: no task hop per token (a future per token per reader costs a loop
    turn each at model pace), and a reader that stops reading holds the generation back as it
@@ -714,6 +715,7 @@ class Generation:
 
     async def _pump(self) -> None:
         ATTEMPTS.set(self._attempts)  # this task's upstream tries note what they meet
+        self._attempts.answered = self._answered.set  # a server's 200, before its first batch
         loop_time = asyncio.get_running_loop().time
         metrics, model = self.metrics, self.metrics.model_label(self.request.model)
         gap = metrics.child(metrics.inter_token_latency, self.route, model).observe
@@ -831,6 +833,7 @@ class Generation:
             deltas=result.deltas,
             ttft_ms=round((self._first_token - self.arrived) * 1000) if result.deltas else None,
             duration_ms=result.elapsed_ms,
+            upstream=self._attempts.server,
             upstream_error=result.upstream_error_kind,
             upstream_detail=result.upstream_error_detail,
             finish_reason=result.finish_reason,

@@ -1,18 +1,19 @@
 """The model server, behind a small Protocol; the only module that imports the `openai` SDK.
 
-`OpenAIUpstream` calls `chat.completions` through the SDK's streaming-response API, so the SDK
-keeps what it is good at (auth, Azure, retries with jittered backoff that honour `Retry-After`,
-all before the first byte of the answer), and `chunks.ChunkParser` reads the body once. SDK and
-transport failures become `UpstreamError` with a bounded `kind` and a message from a fixed table
-(`MESSAGE_BY_KIND`) that never carries the upstream's own text (which can echo key fragments) or a
-URL; that text is kept, capped, as `detail` for the log.
+`OpenAIUpstream` calls `chat.completions` through the SDK's streaming-response API, so the SDK keeps
+what it is good at (auth, Azure deployment URLs, timeouts), `failover` owns retries, and
+`chunks.ChunkParser` reads the body once. SDK and transport failures become `UpstreamError` with a
+bounded `kind` and a message from a fixed table (`MESSAGE_BY_KIND`) that never carries the
+upstream's own text (which can echo key fragments) or a URL; that text is kept, capped, as `detail`
+for the log.
 
 Design notes:
-1. Retries are the SDK's and happen only before the response headers, so no text is ever sent
-   twice. A stream that breaks after its headers is not retried: the client may already have
-   seen part of it.
-2. Retries are counted from the SDK's `x-stainless-retry-count` request header in an httpx
-   request hook: one hook per attempt, nothing per token.
+1. Retries happen only before the answer's first batch, so no text is ever sent twice. The
+   gateway's own `FailoverUpstream` (`failover`) owns them, with each server's SDK retries off
+   (`max_retries=0`); `max_retries` stays a parameter here for a caller that wants the SDK's.
+2. When the SDK does retry (`max_retries` above 0, never under `failover`), its retries are
+   counted from its `x-stainless-retry-count` request header in an httpx request hook: one hook
+   per attempt, nothing per token.
 3. The SDK runs on its aiohttp transport (`DefaultAioHttpClient`): aiohttp parses the chunked
    body in C and hands over everything buffered in one read, which cut the relay's CPU per token
    about fourfold against the default httpx transport (README, Performance). That transport maps
@@ -24,10 +25,10 @@ Design notes:
    transform of the parameters, which cost about half of the service's CPU to open a stream
    (README, Performance). The body is built here from an already validated request, and the raw
    response comes back unread.
-5. A clock can run out between the SDK's retries (its backoff outlasting the first-token
-   timeout). So that the stream then ends naming the upstream's failure rather than a timeout,
-   each try's result is noted in the calling task's `Attempts` (a context variable the relay
-   sets) by the HTTP client's `send`, which sees every try: its status, or its transport error.
+5. A clock can run out between retries (a backoff outlasting the first-token timeout). So that the
+   stream then ends naming the upstream's failure rather than a timeout, each try's result is noted
+   in the calling task's `Attempts` (a context variable the relay sets) by the HTTP client's `send`,
+   which sees every try: its status, or its transport error.
 6. A request from the OpenAI-compatible routes carries the client's own `body`: every field the
    gateway does not read goes to the upstream as the client sent it; the gateway sets `model`,
    `messages`, the token cap (when the client set none) and, for a stream, `stream_options.
@@ -56,6 +57,7 @@ from .chunks import (
     read_whole,
 )
 from .config import Settings
+from .parsers import UpstreamServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,10 @@ class Attempts:
     """The tries of one upstream call so far (design note 5)."""
 
     failure: UpstreamError | None = None  # what the latest finished try met, if it failed
+    server: str | None = None  # the configured name of the server that answered (`failover`)
+    # called when a try's server has answered 200 (its headers), before its first batch: the
+    # OpenAI-compatible routes send their own headers then (relay design note 13)
+    answered: Callable[[], None] | None = None
 
 
 ATTEMPTS: ContextVar[Attempts | None] = ContextVar("upstream_attempts", default=None)
@@ -280,10 +286,15 @@ class OpenAIUpstream:
         *,
         base_url: str | None = None,
         api_key: str | None = None,
+        server: UpstreamServer | None = None,
+        max_retries: int | None = None,
         on_retry: Callable[[], None] | None = None,
     ) -> None:
-        """`on_retry` is called once per retried attempt (design note 2)."""
+        """`server`: one of `UPSTREAMS` (else the single-upstream settings); `max_retries`: the
+        SDK's own (0 under `failover`, whose loop owns retries); `on_retry` is called once per
+        retried attempt (design note 2)."""
         self._on_retry = on_retry
+        retries = settings.upstream_max_retries if max_retries is None else max_retries
         read_timeout = max(settings.first_token_timeout_s, settings.idle_timeout_s)
         self._http = _NotingClient(
             limits=httpx2.Limits(
@@ -298,19 +309,34 @@ class OpenAIUpstream:
             event_hooks={"request": [self._count_retry]},
         )
         self.client: openai.AsyncOpenAI
-        if settings.uses_azure and base_url is None:
+        if server is not None and server.azure_endpoint is not None:
+            self.client = openai.AsyncAzureOpenAI(
+                azure_endpoint=server.azure_endpoint,
+                api_key=server.api_key or "unused",
+                api_version=server.api_version,
+                max_retries=retries,
+                http_client=self._http,
+            )
+        elif server is not None:
+            self.client = openai.AsyncOpenAI(
+                api_key=server.api_key or "unused",
+                base_url=server.base_url,
+                max_retries=retries,
+                http_client=self._http,
+            )
+        elif settings.uses_azure and base_url is None:
             self.client = openai.AsyncAzureOpenAI(
                 azure_endpoint=settings.azure_endpoint or "",
                 api_key=settings.azure_api_key or settings.openai_api_key,
                 api_version=settings.openai_api_version,
-                max_retries=settings.upstream_max_retries,
+                max_retries=retries,
                 http_client=self._http,
             )
         else:
             self.client = openai.AsyncOpenAI(
                 api_key=api_key or settings.openai_api_key or "unused",
                 base_url=base_url or settings.openai_base_url,
-                max_retries=settings.upstream_max_retries,
+                max_retries=retries,
                 http_client=self._http,
             )
 

@@ -23,7 +23,7 @@ from service import keys
 from service.app import create_app
 from service.config import Settings
 from service.errors import Outcome
-from service.upstream import OpenAIUpstream
+from service.failover import FailoverUpstream
 from tests.fake_upstream import FakeUpstream, running
 from tests.process import free_port
 
@@ -138,16 +138,20 @@ MakeGateway = Callable[..., Awaitable[Gateway]]
 
 @pytest.fixture
 async def make_gateway(aiohttp_client: Any, fake: FakeUpstream) -> AsyncIterator[MakeGateway]:
-    upstreams: list[OpenAIUpstream] = []
+    upstreams: list[FailoverUpstream] = []
 
     async def make(**overrides: Any) -> Gateway:
-        settings = make_settings(**{"openai_base_url": fake.url, **overrides})
+        base = None if overrides.get("upstreams") else fake.url
+        settings = make_settings(**{"openai_base_url": base, **overrides})
         registry = CollectorRegistry()
 
         def retried() -> None:  # the app's retry counter, as the app counts its own upstream's
             app[keys.METRICS].upstream_retries.inc()
 
-        upstream = OpenAIUpstream(settings, on_retry=retried)
+        def attempted(name: str, result: str) -> None:
+            app[keys.METRICS].upstream_attempts.labels(name, result).inc()
+
+        upstream = FailoverUpstream.from_settings(settings, on_attempt=attempted, on_retry=retried)
         upstreams.append(upstream)
         app = create_app(settings, upstream=upstream, registry=registry)
         client = await aiohttp_client(app)

@@ -184,6 +184,7 @@ class FakeUpstream:
         self.open_requests = 0
         self.arrived = asyncio.Event()
         self.url = ""
+        self.answered_model: str | None = None  # the model chunks name (None: the one asked for)
         self._runner: web.AppRunner | None = None
 
     @property
@@ -196,10 +197,17 @@ class FakeUpstream:
     def queue(self, *scripts: Sequence[Step]) -> None:
         self.scripts.extend(scripts)
 
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
+
+    def prelude(self) -> bytes:
+        """What a stream writes before its script's first chunk."""
+        return b""
+
+    async def start(self) -> None:
+        app = web.Application()
+        self.routes(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -221,7 +229,7 @@ class FakeUpstream:
         self.open_requests += 1
         self.arrived.set()
         script = self.scripts.popleft() if self.scripts else self._unqueued(seen.body)
-        model = str(seen.body.get("model", "test-model"))  # named back, as real servers do
+        model = self.answered_model or str(seen.body.get("model", "test-model"))  # named back
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         try:
             for step in script:
@@ -242,6 +250,8 @@ class FakeUpstream:
                     return web.json_response(self._whole(script, model))
                 if not resp.prepared:
                     await resp.prepare(request)
+                    if prelude := self.prelude():
+                        await resp.write(prelude)
                 if isinstance(step, Echo):
                     for message in seen.body["messages"]:
                         await resp.write(chunk({"content": echoed([message])}, model=model))

@@ -1,5 +1,5 @@
-"""A clock that runs out while the model server keeps failing (the SDK backing off between
-retries) ends the stream naming the failure, not a timeout: through the real `openai` SDK
+"""A clock that runs out while the model server keeps failing (the attempt loop backing off
+between retries) ends the stream naming the failure, not a timeout: through the real `openai` SDK
 against a local server that answers 500 (or drops the connection) to every try."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from service.errors import Outcome
 from tests.conftest import MakeGateway
 from tests.fake_upstream import Drop, Gate, Status, Step
 
-TRIES = 4  # the first try and the SDK's three retries (UPSTREAM_MAX_RETRIES)
+TRIES = 4  # the first try and three retries (UPSTREAM_MAX_RETRIES)
 
 
 @pytest.mark.parametrize(
@@ -21,7 +21,8 @@ TRIES = 4  # the first try and the SDK's three retries (UPSTREAM_MAX_RETRIES)
 async def test_a_first_token_clock_that_runs_out_while_the_upstream_fails_names_the_failure(
     make_gateway: MakeGateway, step: Step, kind: str
 ) -> None:
-    # the SDK's first backoff (0.375 to 0.5 s) outlasts the clock
+    # the first backoff (0.375 to 0.5 s, the SDK's) outlasts the clock: not waited (failover
+    # note 3), the stream ends at once naming the failure
     gateway = await make_gateway(first_token_timeout_s=0.3)
     gateway.fake.queue(*([step] for _ in range(TRIES)))
     resp, frames = await gateway.stream({"prompt": "x"})

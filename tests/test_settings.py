@@ -24,6 +24,7 @@ from service.config import (
     from_env,
     problems_of,
 )
+from service.parsers import UpstreamServer
 
 GROUPS = (
     ServerSettings,
@@ -61,6 +62,9 @@ EVERY_VARIABLE: dict[str, tuple[str, str, Any]] = {
     "UPSTREAM_MAX_CONNECTIONS": ("1", "upstream_max_connections", 1),
     "UPSTREAM_CONNECT_TIMEOUT_S": ("0.5", "upstream_connect_timeout_s", 0.5),
     "DEMO_TOKENS_PER_S": ("2000", "demo_tokens_per_s", 2000.0),
+    "UPSTREAM_FAILURE_THRESHOLD": ("1", "upstream_failure_threshold", 1),
+    "UPSTREAM_COOLDOWN_S": ("0.5", "upstream_cooldown_s", 0.5),
+    "UPSTREAM_ATTEMPT_FIRST_BYTE_S": ("0", "upstream_attempt_first_byte_s", 0.0),
     "HEARTBEAT_INTERVAL_S": ("0", "heartbeat_interval_s", 0.0),
     "FIRST_TOKEN_TIMEOUT_S": ("1.5", "first_token_timeout_s", 1.5),
     "IDLE_TIMEOUT_S": ("0", "idle_timeout_s", 0.0),
@@ -119,7 +123,10 @@ def test_every_variable_lands_in_its_field_and_every_field_has_one() -> None:
     # AZURE_OPENAI_ENDPOINT is refused beside OPENAI_BASE_URL: read on its own
     azure = from_env({"AZURE_OPENAI_ENDPOINT": "https://a.example/", "OPENAI_API_KEY": "k"})
     assert (azure.azure_endpoint, azure.uses_azure) == ("https://a.example", True)
-    read = {attr for _, attr, _ in EVERY_VARIABLE.values()} | {"azure_endpoint"}
+    # UPSTREAMS is refused beside either: read on its own
+    servers = from_env({"UPSTREAMS": '[{"name": "a", "base_url": "http://h/v1"}]'}).upstreams
+    assert servers == (UpstreamServer(name="a", base_url="http://h/v1"),)
+    read = {attr for _, attr, _ in EVERY_VARIABLE.values()} | {"azure_endpoint", "upstreams"}
     assert read == {f.name for f in dataclasses.fields(Settings)}
 
 
@@ -288,3 +295,76 @@ def test_parse_and_rule_problems_come_together() -> None:
     assert str(caught.value).splitlines()[1:] == [
         f"  {name}: {why}" for name, why in sorted(caught.value.problems.items())
     ]
+
+
+def test_upstreams_is_an_ordered_list_of_servers_with_keys_read_from_the_variables_named() -> None:
+    raw = (
+        '[{"name": "openai", "base_url": "https://api.example/v1/", "api_key_env": "KEY_A",'
+        ' "models": {"gpt-4o": "gpt-4o-2024-08-06"}},'
+        ' {"name": "azure", "azure_endpoint": "https://r.example/", "api_version": "2024-10-21",'
+        ' "api_key_env": "KEY_B", "models": {"gpt-4o": "my-deployment"}}]'
+    )
+    settings = from_env({"UPSTREAMS": raw, "KEY_A": "sk-a", "KEY_B": "az-b"})
+    first, second = settings.upstreams
+    assert (first.name, first.base_url, first.api_key) == (
+        "openai",
+        "https://api.example/v1",
+        "sk-a",
+    )
+    assert (second.azure_endpoint, second.api_version, second.api_key) == (
+        "https://r.example",
+        "2024-10-21",
+        "az-b",
+    )
+    assert (second.serves("gpt-4o"), second.serves("other")) == ("my-deployment", None)
+    assert UpstreamServer(name="any", base_url="http://h").serves("other") == "other"
+    assert "sk-a" not in repr(settings)
+    assert "az-b" not in repr(settings)
+    assert not settings.uses_demo_upstream
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("{}", "must be a non-empty JSON list of servers"),
+        ("[", "must be a JSON list of servers"),
+        ('[{"base_url": "http://h"}]', "each server needs a name (1 to 64 characters)"),
+        ('[{"name": "a"}]', "server 'a' needs one of base_url or azure_endpoint"),
+        (
+            '[{"name": "a", "azure_endpoint": "https://r"}]',
+            "server 'a' needs api_version beside azure_endpoint",
+        ),
+        (
+            '[{"name": "a", "base_url": "http://h"}, {"name": "a", "base_url": "http://i"}]',
+            "server name 'a' is used twice",
+        ),
+        (
+            '[{"name": "a", "base_url": "http://h", "api_key_env": "NOT_SET"}]',
+            "server 'a': api_key_env must name a set environment variable",
+        ),
+        (
+            '[{"name": "a", "base_url": "ftp://h"}]',
+            "server 'a': must be an http:// or https:// URL",
+        ),
+        ('[{"name": "a", "base_url": "http://h", "key": "sk"}]', "unknown server field 'key'"),
+        (
+            '[{"name": "a", "base_url": "http://h", "models": {"m": 1}}]',
+            "server 'a': models must map model names to model names",
+        ),
+    ],
+)
+def test_a_bad_upstreams_list_is_refused_in_words(raw: str, why: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        from_env({"UPSTREAMS": raw})
+    assert caught.value.problems == {"UPSTREAMS": why}
+
+
+@pytest.mark.parametrize("single", ["OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT"])
+def test_upstreams_beside_a_single_upstream_is_refused(single: str) -> None:
+    env = {"UPSTREAMS": '[{"name": "a", "base_url": "http://h"}]', single: "https://x.example"}
+    with pytest.raises(SettingsError) as caught:
+        from_env({**env, "OPENAI_API_KEY": "k"})
+    assert caught.value.problems == {
+        "UPSTREAMS": "must not be set beside OPENAI_BASE_URL or AZURE_OPENAI_ENDPOINT "
+        "(name every server in UPSTREAMS, or use the single-upstream variables)"
+    }

@@ -6,6 +6,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import keys
+from ..failover import FailoverUpstream
 from ..web import json_response
 
 
@@ -18,9 +19,11 @@ async def ready(request: web.Request) -> web.Response:
     if request.app[keys.LIVE].draining:
         checks["shutdown"] = "the server is shutting down"
     ok = all(value == "ok" for value in checks.values())
-    return json_response(
-        {"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503
-    )
+    body: dict[str, object] = {"status": "ok" if ok else "unavailable", "checks": checks}
+    upstream = request.app[keys.UPSTREAM]
+    if request.app[keys.SETTINGS].upstreams and isinstance(upstream, FailoverUpstream):
+        body["upstreams"] = dict(upstream.reports)  # each server's word (failover note 8)
+    return json_response(body, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
