@@ -16,9 +16,11 @@ Design notes:
    running stream is given up to the producer's lease to be reached (`reach`, looking again
    every flush interval): a client that read an event on the producing instance may come back
    here before the flush that carries it; likewise a stream not found is looked for again
-   every flush interval for two of them (plus a round trip's margin) before it is called
-   unknown, as a stream that started a moment ago may not have been flushed yet. Its events
-   then come from one `RemoteStream.read(after)`, which the route closes when its client leaves.
+   every flush interval for up to a second (`UNKNOWN_WAIT_S`) before it is called unknown, as
+   a stream that started a moment ago may not have been flushed yet, and under load a flush
+   can lag its interval (the bench's reconnect scenario met one such 404 with two intervals).
+   Its events then come from one `RemoteStream.read(after)`, which the route closes when its
+   client leaves.
 3. Redis failing when a stream is looked up is "not here": the GET route answers 404 and a
    POST resume its `not_found` event, never a 500. Redis failing mid-read (past the mirror's
    outage allowance) ends the body with no terminal event, so the client reconnects from its
@@ -57,7 +59,7 @@ from .shared_streams import RemoteStream, SharedStreams, StreamMeta
 
 log = structlog.get_logger("service.mirror")
 
-FLUSH_MARGIN_S = 0.05  # a flush's round trip, on top of its interval (note 2)
+UNKNOWN_WAIT_S = 1.0  # how long a stream not found is looked for again (note 2)
 
 
 def instance_name() -> str:
@@ -108,7 +110,7 @@ class Mirror:
         """The stream as Redis holds it now, or None (unknown, expired, or Redis failing)."""
         shared = self.shared
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2 * shared.flush_s + FLUSH_MARGIN_S
+        deadline = loop.time() + max(UNKNOWN_WAIT_S, 2 * shared.flush_s)
         try:
             remote = await shared.open(stream_id)
             while remote is None and loop.time() < deadline:  # note 2: maybe not flushed yet
