@@ -76,6 +76,10 @@ Design notes:
 7. A reader rides out a Redis it cannot reach for up to `outage_s` (default 10), retrying every
    `lease_s / 3` from its cursor, then raises: a Redis restart costs a reader a pause, not its
    stream. The client's `socket_timeout` must exceed `lease_s / 3` (the blocking `XREAD`).
+   A reader holds one connection while it blocks, so the client's pool is a blocking one of
+   `MAX_CONNECTIONS` (redis-py's default of 100 failed lookups with `MaxConnectionsError` once
+   a hundred readers were waiting: the bench's reconnect scenario): past it a command waits
+   for a free connection, up to the lease, instead of failing.
 8. Memory stays bounded through a long Redis outage: an ended log that the flusher could not
    hand over within `max(ttl_s, lease_s)` (when Redis would have dropped it anyway) is given
    up (logged); a reader elsewhere ends with `meta.lost` once the lease has lapsed.
@@ -193,15 +197,22 @@ return 1
 """
 
 
+MAX_CONNECTIONS = 1024  # per instance: blocked readers hold one each (note 7)
+
+
 def connect(url: str, *, lease_s: float = 3.0) -> aioredis.Redis:
     """A client fit for `SharedStreams`: bytes replies, a read timeout above the readers'
-    blocking wait (note 7), one reconnect on a stale connection (as the stores do)."""
-    return aioredis.Redis.from_url(
+    blocking wait, a blocking pool of `MAX_CONNECTIONS` (note 7), one reconnect on a stale
+    connection (as the stores do)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=lease_s,
         socket_connect_timeout=1.0,
         socket_timeout=lease_s / 3 + 2.0,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 
 async def _close(pubsub: PubSub) -> None:
