@@ -331,9 +331,6 @@ class Generations:
     def __iter__(self) -> Iterator[Generation]:
         return iter(list(self._running.values()))
 
-    def get(self, stream_id: str) -> Generation | None:
-        return self._running.get(stream_id)
-
     def find(self, stream_id: str) -> Generation | None:
         """The native stream `stream_id`, running or finished and retained; None when unknown,
         expired or a JSON route's."""
