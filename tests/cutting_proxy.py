@@ -25,7 +25,8 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+
+from tests.tcp_proxy import TcpProxy
 
 BLANK = b"\n\n"
 
@@ -89,18 +90,15 @@ class _Closed(Exception):
     """The connection was cut on purpose."""
 
 
-class CuttingProxy:
+class CuttingProxy(TcpProxy):
     """`arm(Cut(...), ...)` then point a client at `url`; `seen` is what went through."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
+        super().__init__(target_port)
         self.seen: list[Seen] = []
         self.cuts_made = 0
         self._armed: deque[Cut] = deque()
         self._release = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -128,24 +126,9 @@ class CuttingProxy:
     def answers(self) -> list[Seen]:
         return [s for s in self.seen if not s.method]
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(
+    async def connection(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         service_out: asyncio.StreamWriter | None = None
         try:
             service_in, service_out = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -160,7 +143,6 @@ class CuttingProxy:
             # FIN after what was written, not RST: a reset makes the client's kernel drop bytes
             # it has received but its program has not read yet, which would move the cut
             client_out.close()
-            self._tasks.discard(task)
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

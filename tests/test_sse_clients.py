@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import tool_required
 from tests.fake_upstream import Done, FakeUpstream, Finish, Raw, Sleep, Step, Text, Usage, chunk
 from tests.process import ROOT, ServiceProcess, service
+from tests.tcp_proxy import TcpProxy
 from tests.test_admin_browser import CHROMIUM, CHROMIUM_FLAGS, Background
 
 CLIENTS_DIR = ROOT / "tests" / "clients"
@@ -201,36 +202,18 @@ def pieces(data: bytes) -> Iterator[tuple[bytes, bool]]:
         yield data[start:], False
 
 
-class Chopper:
+class Chopper(TcpProxy):
     """A TCP proxy in front of the service. Answers reach the client in the pieces above, with a
     millisecond's pause after each cut inside a character (pacing, so the client's read ends
     there; nothing waits on it). `splits` counts those cuts."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.splits = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(
+    async def connection(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         try:
             service_in, service_out = await asyncio.open_connection("127.0.0.1", self.target_port)
             try:
@@ -243,7 +226,6 @@ class Chopper:
             pass  # either side went away: the connection is over
         finally:
             client_out.close()
-            self._tasks.discard(task)
 
     async def _pipe(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, chop: bool
