@@ -19,8 +19,10 @@ from prometheus_client import CollectorRegistry
 
 from service.events import EventLog
 from service.metrics import Metrics, create_metrics
+from service.mirror import Mirror
 from service.shared_streams import (
     LIVE,
+    MAX_CONNECTIONS,
     RemoteStream,
     SharedStreams,
     StreamMeta,
@@ -465,3 +467,44 @@ async def test_cancel_reaches_an_idle_producer_within_a_round_trip(
             await cancelled.wait()
         assert publication.cancelled
         events.end(END)
+
+
+async def test_a_stream_flushed_late_is_still_found_by_a_reader_elsewhere(
+    redis_server: RedisServer,
+) -> None:
+    """A flush can lag its interval under load, so a stream not in Redis yet is looked for again
+    for up to a second (`mirror.UNKNOWN_WAIT_S`) before the read route calls it unknown."""
+    async with (
+        instance(redis_server, "a", flush_ms=400) as a,
+        instance(redis_server, "b", flush_ms=10) as b,
+    ):
+        events = EventLog()
+        a.publish(meta("late", "a"), events, lambda: None)  # in Redis at a's next flush
+        events.append(token(1))
+        remote = await Mirror(b).open("late")
+        assert remote is not None
+        await remote.aclose()
+        assert await Mirror(b).open("never-published") is None
+
+
+async def test_more_readers_elsewhere_than_the_default_pool_leave_lookups_working(
+    redis_server: RedisServer,
+) -> None:
+    """Each reader elsewhere holds a connection while it blocks for events; the client's pool is
+    a blocking one of `MAX_CONNECTIONS`, so lookups keep working past redis-py's default 100."""
+    assert MAX_CONNECTIONS > 150
+    async with instance(redis_server, "a") as a, instance(redis_server, "b") as b:
+        events = EventLog()
+        a.publish(meta("busy", "a"), events, lambda: None)
+        events.append(token(1))
+        remote = await opened(b, "busy")
+        readers = [asyncio.create_task(read_all(remote, 1)) for _ in range(150)]
+        await until(lambda: _clients_above(b, 150))
+        assert await b.open("busy") is not None  # a command past 100 connections still runs
+        events.end(END)
+        assert [await r for r in readers] == [[(2, END)]] * 150
+
+
+async def _clients_above(shared: SharedStreams, count: int) -> bool:
+    info = await shared.redis.info("clients")
+    return int(info["connected_clients"]) > count
