@@ -18,11 +18,12 @@ from ..edge import SERVER
 STATIC = Path(__file__).parent / "static"
 SETTINGS = web.AppKey("admin_settings", Settings)
 
-# Scripts and styles only from this origin (model text can never run as code even if some
-# future change rendered it as HTML); API calls may go to any http(s) origin, because where the
-# API is depends on ADMIN_API_BASE and on the host name the browser used.
+# Scripts, styles and images only from this origin: model text rendered as Markdown can neither
+# run as code nor make the browser fetch an image from a URL it chose (static/markdown.js renders
+# images as links anyway). API calls may go to any http(s) origin, because where the API is
+# depends on ADMIN_API_BASE and on the host name the browser used.
 _CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: http: https:; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self' http: https:; object-src 'none'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )

@@ -60,7 +60,7 @@ async function main() {
   const options = () => ({ baseUrl: apiBase, apiKey: apiKey() });
   const views = {
     generate: setupGenerate(config, options),
-    chat: setupChat(options),
+    chat: setupChat(config, options),
   };
   setupTabs(views);
   document.body.dataset.ready = "true";

@@ -1,20 +1,34 @@
 // The Chat tab: a conversation with history. Its id lives in the URL (?conversation=...) and in
 // local storage, so a reload (or a shared link) shows the same conversation from the API.
+// Each turn is sent with the model picked for it (the page's models, from config.json); every
+// answer names the model that wrote it and says when it was cut short (its finishReason), live
+// and in the saved history. Answers are rendered as Markdown (markdown.js); the user's own
+// messages are shown as text.
 import { chatStream, getConversation } from "./aiStream.js";
-import { describeError } from "./generate.js";
+import { describeError, describeFinish } from "./generate.js";
+import { MarkdownView } from "./markdown.js";
 
 const STORAGE = "aiStream.conversationId";
 const $ = (id) => document.getElementById(id);
 const NOTES = { partial: "cut short", error: "failed" };
 
-export function setupChat(options) {
+export function setupChat(config, options) {
   const list = $("messages");
+  const modelPicker = $("chat-model");
   const form = $("chat-form");
   const input = $("chat-input");
   const send = $("send");
   const stop = $("chat-stop");
   const status = $("chat-status");
   const label = $("conversation-label");
+
+  for (const name of config.models) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    option.selected = name === config.model;
+    modelPicker.append(option);
+  }
 
   let conversationId =
     new URLSearchParams(location.search).get("conversation") || localStorage.getItem(STORAGE) || null;
@@ -37,22 +51,30 @@ export function setupChat(options) {
     label.textContent = id ? `Conversation ${id}` : "New conversation";
   };
 
-  const addMessage = (role, content = "", note = "") => {
+  const addMessage = (role, content = "", note = "", { model = "", finishReason = null } = {}) => {
     const item = document.createElement("li");
     item.className = `message ${role}`;
     const who = document.createElement("div");
     who.className = "who";
     who.textContent = role === "user" ? "You" : "Assistant";
+    const modelLabel = document.createElement("span");
+    modelLabel.className = "model";
+    modelLabel.textContent = model ?? "";
+    if (role === "assistant") who.append(modelLabel);
     const body = document.createElement("div");
-    body.className = "body";
-    const text = document.createTextNode(content);
-    body.append(text);
+    body.className = role === "user" ? "body" : "body markdown";
+    const view = new MarkdownView(body, { onRender: () => item.scrollIntoView({ block: "nearest" }) });
+    if (role === "user") body.textContent = content;
+    else if (content) view.show(content);
     const small = document.createElement("div");
     small.className = "note";
     small.textContent = note;
-    item.append(who, body, small);
+    const finish = document.createElement("div");
+    finish.className = "finish";
+    finish.textContent = describeFinish(finishReason);
+    item.append(who, body, small, finish);
     list.append(item);
-    return { item, text, note: small };
+    return { item, view, note: small, finish, model: modelLabel };
   };
 
   const usageNote = (usage) => (usage ? `${usage.completion_tokens} tokens` : "");
@@ -66,7 +88,7 @@ export function setupChat(options) {
       list.replaceChildren();
       for (const m of conversation.messages) {
         const note = [NOTES[m.status] ?? "", m.role === "assistant" ? usageNote(m.usage) : ""];
-        addMessage(m.role, m.content, note.filter(Boolean).join(" · "));
+        addMessage(m.role, m.content, note.filter(Boolean).join(" · "), m);
       }
       setStatus("");
     } catch (err) {
@@ -85,14 +107,16 @@ export function setupChat(options) {
     if (!message || running) return;
     input.value = "";
     const mine = addMessage("user", message);
-    const reply = addMessage("assistant");
+    const reply = addMessage("assistant", "", "", { model: modelPicker.value });
     reply.item.classList.add("streaming");
+    reply.view.start();
     reply.item.scrollIntoView({ block: "nearest" });
     setStatus("");
     running = new AbortController();
     send.disabled = true;
     stop.disabled = false;
     const request = conversationId ? { message, conversationId } : { message };
+    if (modelPicker.value) request.model = modelPicker.value;
     let started = false;
     await chatStream(
       request,
@@ -100,13 +124,12 @@ export function setupChat(options) {
         onMetadata: (e) => {
           started = true;
           remember(e.conversationId);
+          reply.model.textContent = e.model;
         },
-        onToken: (e) => {
-          reply.text.appendData(e.content);
-          reply.item.scrollIntoView({ block: "nearest" });
-        },
+        onToken: (e) => reply.view.append(e.content),
         onDone: (e) => {
           reply.note.textContent = usageNote(e.usage);
+          reply.finish.textContent = describeFinish(e.finishReason);
         },
         onError: (e) => {
           if (!started) {
@@ -126,6 +149,7 @@ export function setupChat(options) {
       { ...options(), signal: running.signal },
     );
     reply.item.classList.remove("streaming");
+    if (reply.item.isConnected) reply.view.end();
     running = null;
     send.disabled = false;
     stop.disabled = true;

@@ -1,13 +1,27 @@
 // The Generate tab: one streamed article with progress, Stop, the done metadata and errors.
 // Stop is aiStream.js's abort, which cancels the stream on the server; a dropped connection is
 // reconnected by aiStream.js, and the status line says so while it does.
-// Model text only ever enters the page as text (a Text node's data, or textContent).
+// The answer is rendered as Markdown as it arrives (markdown.js says how model text enters the
+// page, safely); an answer the model did not end itself (cut at max tokens, stopped by a content
+// filter) says so under it. Other model-sent text (placeholders) only enters as textContent.
 import { generateContentStream } from "./aiStream.js";
+import { MarkdownView } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
 
 export function describeError(e) {
   return `Error (${e.code}): ${e.error}`;
+}
+
+const FINISH = {
+  length: "Cut short: the answer reached its token limit",
+  content_filter: "Cut short: the model server's content filter stopped the answer",
+};
+
+/** What to say about an answer's `finishReason`: "" when the model ended it itself. */
+export function describeFinish(reason) {
+  if (!reason || reason === "stop") return "";
+  return `${FINISH[reason] ?? "The answer ended early"} (finish reason: ${reason}).`;
 }
 
 export function setupGenerate(config, options) {
@@ -18,7 +32,17 @@ export function setupGenerate(config, options) {
   const goButton = $("generate");
   const status = $("generate-status");
   const output = $("output");
+  const finishNote = $("generate-finish");
   const bar = $("progress-bar");
+  let atBottom = true;
+  const view = new MarkdownView(output, {
+    onRender: () => {
+      if (atBottom) output.scrollTop = output.scrollHeight;
+    },
+  });
+  output.addEventListener("scroll", () => {
+    atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 24;
+  });
 
   for (const name of config.models) {
     const option = document.createElement("option");
@@ -50,6 +74,9 @@ export function setupGenerate(config, options) {
   const showMeta = (done, images) => {
     $("meta-summary").textContent = `Generated ${done.tokenCount} tokens in ${done.elapsedMs} ms`;
     $("meta-model").textContent = done.model;
+    $("meta-finish").textContent = done.finishReason ?? "–";
+    finishNote.textContent = describeFinish(done.finishReason);
+    finishNote.hidden = !finishNote.textContent;
     $("meta-request").textContent = done.requestId;
     const list = $("meta-placeholders");
     list.replaceChildren();
@@ -72,6 +99,7 @@ export function setupGenerate(config, options) {
     clearInterval(running.timer);
     showStats();
     running = null;
+    view.end();
     goButton.disabled = false;
     stopButton.disabled = true;
     output.setAttribute("aria-busy", "false");
@@ -91,8 +119,9 @@ export function setupGenerate(config, options) {
       model: model.value || undefined,
       maxTokens: limit,
     };
-    const text = document.createTextNode("");
-    output.replaceChildren(text);
+    atBottom = true;
+    view.start();
+    finishNote.hidden = true;
     output.setAttribute("aria-busy", "true");
     $("meta").hidden = true;
     $("progress").hidden = false;
@@ -120,9 +149,7 @@ export function setupGenerate(config, options) {
             setStatus("Streaming…");
           }
           if (running.firstAt === null) running.firstAt = performance.now();
-          const atBottom = output.scrollHeight - output.scrollTop - output.clientHeight < 24;
-          text.appendData(e.delta);
-          if (atBottom) output.scrollTop = output.scrollHeight;
+          view.append(e.delta);
           running.tokens = e.tokenCount;
           showStats();
         },
@@ -132,7 +159,7 @@ export function setupGenerate(config, options) {
           showMeta(done, images);
         },
         onError: (e) => {
-          const kept = text.data ? " The text received so far is kept below." : "";
+          const kept = view.text ? " The text received so far is kept below." : "";
           setStatus(describeError(e) + kept, "error");
         },
         onAbort: () => setStatus(`Stopped after ${running.tokens} tokens.`, "stopped"),

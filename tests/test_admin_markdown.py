@@ -1,0 +1,308 @@
+"""The admin page's Markdown rendering, finish reasons and per-turn models, in Debian's Chromium.
+
+The real API and admin processes run against the scripted upstream (tests/fake_upstream.py), so a
+test chooses the exact Markdown the model writes, holds the answer at a gate to look at the page
+mid-stream, and ends it with the finish reason it wants. Screenshots go to `artifacts/admin/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from tests.conftest import tool_required
+from tests.fake_upstream import Done, FakeUpstream, Finish, Gate, Step, Text, Usage, running
+from tests.process import free_port, service
+from tests.test_admin_browser import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    Background,
+    Stack,
+    open_page,
+    screenshot,
+)
+
+MODELS = ("test-model", "other-model")
+
+# Everything a streamed answer should show as Markdown, in two halves: the gate between them
+# holds the answer mid-paragraph so the page can be looked at while it streams.
+FIRST = (
+    "# Tide pools\n\n"
+    "Some *emphasis*, some **strong** words and a [guide](https://example.com/guide).\n\n"
+    "- anemones\n- crabs\n\n"
+    "```python\nprint('low tide')\n\nprint('high tide')\n```\n\n"
+    "1. look\n2. wait\n\n"
+    "Still writ"
+)
+SECOND = "ing this line.\n\n## Second heading\n\n> a quote\n\nThe end."
+
+
+@dataclass
+class Recorder:
+    """A loopback server that records every request made to it (model text must cause none)."""
+
+    url: str
+    paths: list[str]
+
+
+@dataclass
+class MarkdownStack:
+    stack: Stack
+    fake: FakeUpstream
+    background: Background
+    recorder: Recorder
+
+    def release(self, gate: asyncio.Event) -> None:
+        self.background.loop.call_soon_threadsafe(gate.set)
+
+
+@contextlib.asynccontextmanager
+async def recording_server() -> Any:
+    paths: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        paths.append(request.path_qs)
+        return web.Response(body=b"", content_type="image/png")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield Recorder(f"http://127.0.0.1:{runner.addresses[0][1]}", paths)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def md_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MarkdownStack]:
+    if not Path(CHROMIUM).exists():
+        tool_required("chromium")
+    tmp = tmp_path_factory.mktemp("admin-markdown")
+    api_port, admin_port = free_port(), free_port()
+    background = Background()
+    try:
+        fake = background.enter(running())
+        recorder = background.enter(recording_server())
+        env = {
+            "PORT": str(api_port),
+            "ADMIN_PORT": str(admin_port),
+            "OPENAI_BASE_URL": fake.url,
+            "OPENAI_API_KEY": "sk-upstream-test",
+            "OPENAI_MODEL": MODELS[0],
+            "ALLOWED_MODELS": ",".join(MODELS),
+            "RESUME_GRACE_S": "0",
+        }
+        api = background.enter(service(env, tmp, "api", api_port))
+        admin = background.enter(service(env, tmp, "admin", admin_port))
+        yield MarkdownStack(Stack(api, admin), fake, background, recorder)
+    finally:
+        background.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        tool_required("chromium")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
+        )
+        yield chromium
+        chromium.close()
+
+
+def tokens(text: str) -> list[Step]:
+    """The text as a model streams it: a word (with its spacing) per chunk."""
+    return [Text(t) for t in re.findall(r"\s*\S+\s*|\s+", text)]
+
+
+def ending(reason: str = "stop") -> list[Step]:
+    return [Finish(reason), Usage(9, 20), Done()]
+
+
+def rendered_text(page: Page, markdown: str) -> str:
+    """The text content of the page's own rendering of `markdown` (static/markdown.js)."""
+    return str(
+        page.evaluate(
+            """async md => {
+                const { renderMarkdown } = await import("./static/markdown.js");
+                const template = document.createElement("template");
+                template.innerHTML = renderMarkdown(md);
+                return template.content.textContent;
+            }""",
+            markdown,
+        )
+    )
+
+
+def wait_done(page: Page, pane: str) -> None:
+    if pane == "generate":
+        page.wait_for_selector("#meta:not([hidden])")
+        page.wait_for_function("() => !document.getElementById('generate').disabled")
+    else:
+        page.wait_for_function(
+            """() => !document.querySelector('#messages li.streaming')
+                && !document.getElementById('send').disabled"""
+        )
+
+
+def start(page: Page, pane: str, text: str) -> None:
+    if pane == "generate":
+        page.fill("#prompt", text)
+        page.click("#generate")
+    else:
+        page.fill("#chat-input", text)
+        page.click("#send")
+
+
+PANES = {"generate": "#output", "chat": "#messages li.assistant:last-child .body"}
+
+MARKDOWN_ELEMENTS = (
+    "h1",
+    "ul > li",
+    "ol > li",
+    "pre > code",
+    "a[href='https://example.com/guide']",
+    "em",
+    "strong",
+)
+
+
+@pytest.mark.parametrize("pane", ["generate", "chat"])
+def test_answers_render_as_markdown_while_they_stream(
+    md_stack: MarkdownStack, browser: Browser, pane: str
+) -> None:
+    first, second = asyncio.Event(), asyncio.Event()
+    md_stack.fake.queue(
+        [Gate(first), *tokens(FIRST), Gate(second), *tokens(SECOND), *ending()]
+    )
+    answer = PANES[pane]
+    with open_page(browser, md_stack.stack.page_url + ("#chat" if pane == "chat" else "")) as page:
+        start(page, pane, "Write about tide pools")
+        # before the first token: the typing indicator, no text, no cursor
+        page.wait_for_selector(f"{answer} > .typing")
+        assert page.text_content(answer) == ""
+        assert page.locator(f"{answer} .cursor").count() == 0
+        md_stack.release(first)
+
+        # mid-stream: every element so far, the cursor at the end of the unfinished paragraph
+        page.wait_for_selector(f"{answer} p:last-of-type .cursor")
+        page.wait_for_function(
+            "sel => document.querySelector(sel).textContent.trimEnd().endsWith('Still writ')", arg=answer
+        )
+        for selector in MARKDOWN_ELEMENTS:
+            assert page.locator(f"{answer} {selector}").count() >= 1, selector
+        assert page.locator(f"{answer} .typing").count() == 0
+        assert page.locator(f"{answer} .cursor").count() == 1
+        assert page.locator(f"{answer} ul > li").all_text_contents() == ["anemones", "crabs"]
+        code = page.text_content(f"{answer} pre > code")
+        assert code == "print('low tide')\n\nprint('high tide')\n"
+        screenshot(page, f"markdown-{pane}-streaming")
+        md_stack.release(second)
+
+        wait_done(page, pane)
+        assert page.locator(f"{answer} .cursor").count() == 0
+        assert page.locator(f"{answer} .typing").count() == 0
+        assert page.text_content(f"{answer} h2") == "Second heading"
+        assert page.text_content(f"{answer} blockquote") == "\na quote\n"
+        assert page.text_content(answer) == rendered_text(page, FIRST + SECOND)
+        screenshot(page, f"markdown-{pane}-done")
+
+
+PAYLOAD = """\
+<script>window.__xss = 1</script>
+
+<img src="{rec}/raw-img.png" onerror="window.__xss = 2">
+
+[js](javascript:window.__xss=3) [JS](JaVaScRiPt:window.__xss=3) [data](data:text/html;base64,PHNjcmlwdD53aW5kb3cuX194c3M9NDwvc2NyaXB0Pg==) [vb](vbscript:msgbox) <javascript:window.__xss=5>
+
+![tracker]({rec}/track.png) ![inline](data:image/png;base64,iVBORw0KGgo=)
+
+[![nested]({rec}/nested.png)]({rec}/clicked-only)
+
+<a href="javascript:window.__xss=6">a</a> <svg onload="window.__xss=7"></svg>
+<iframe src="{rec}/frame"></iframe> <style>body {{ background: url({rec}/bg.png) }}</style>
+<div style="background: url({rec}/inline-style.png)">styled</div>
+
+[reference][ref] and [data ref][dref]
+
+[ref]: javascript:window.__xss=8
+[dref]: data:text/html,<script>window.__xss=9</script>
+"""
+
+HARMLESS = """() => {
+  const root = document.querySelector("main");
+  const all = [...root.querySelectorAll("#output *, #messages *")];
+  return {
+    xss: window.__xss ?? null,
+    made: all.filter(e => ["IMG", "SCRIPT", "IFRAME", "SVG", "STYLE", "OBJECT", "EMBED"]
+      .includes(e.tagName.toUpperCase())).length,
+    handlers: all.filter(e => [...e.attributes].some(a => /^on/i.test(a.name))).length,
+    styled: all.filter(e => e.hasAttribute("style")).length,
+    hrefs: all.filter(e => e.hasAttribute("href")).map(e => e.getAttribute("href")),
+    images: [...root.querySelectorAll(".image-link")].map(e => e.textContent),
+  };
+}"""
+
+
+@pytest.mark.parametrize("pane", ["generate", "chat"])
+def test_model_text_cannot_run_script_or_make_the_browser_call_a_url(
+    md_stack: MarkdownStack, browser: Browser, pane: str
+) -> None:
+    rec = md_stack.recorder
+    payload = PAYLOAD.format(rec=rec.url)
+    gate = asyncio.Event()
+    half = payload.index("[reference]")
+    md_stack.fake.queue(
+        [*tokens(payload[:half]), Gate(gate), *tokens(payload[half:]), *ending()]
+    )
+    answer = PANES[pane]
+    with open_page(browser, md_stack.stack.page_url + ("#chat" if pane == "chat" else "")) as page:
+        start(page, pane, "Write something harmless")
+        page.wait_for_selector(f"{answer} .cursor")
+        page.wait_for_function(
+            "sel => document.querySelector(sel).textContent.includes('styled')", arg=answer
+        )
+        seen = [page.evaluate(HARMLESS)]  # mid-stream (frozen blocks and the tail)
+        md_stack.release(gate)
+        wait_done(page, pane)
+        seen.append(page.evaluate(HARMLESS))
+        screenshot(page, f"markdown-{pane}-hostile")
+        # a request the page makes now arrives after any the rendering would have made
+        page.evaluate("url => fetch(url, { mode: 'no-cors' })", rec.url + "/sentinel")
+        page.wait_for_function(
+            "() => performance.getEntriesByType('resource').some(e => e.name.endsWith('/sentinel'))"
+        )
+        text = page.text_content(answer) or ""
+
+    assert rec.paths == ["/sentinel"]
+    rec.paths.clear()
+    for state in seen:
+        assert state["xss"] is None, state
+        assert state["made"] == 0, state
+        assert state["handlers"] == 0, state
+        assert state["styled"] == 0, state
+        for href in state["hrefs"]:
+            assert href.startswith(("https://", "http://")), state
+    assert seen[1]["hrefs"] == [f"{rec.url}/track.png", f"{rec.url}/clicked-only"]
+    assert seen[1]["images"] == ["image: tracker", "image: nested"]
+    # raw HTML is shown as the text it is
+    assert "<script>window.__xss = 1</script>" in text
+    assert '<img src="' in text
+    assert "<javascript:window.__xss=5>" in text
+    # links and images to a refused scheme stay the Markdown they were
+    assert "[js](javascript:window.__xss=3)" in text
+    assert "![inline](data:image/png;base64,iVBORw0KGgo=)" in text
+    assert "[ref]: javascript:window.__xss=8" in text
