@@ -166,6 +166,26 @@ def demo_text(prompt: str, tokens: int) -> str:
     return "".join(itertools.islice(article_tokens(generate_messages(prompt, [], []), 350), tokens))
 
 
+def rendered_text(page: Page, markdown: str) -> str:
+    """The text content of the page's own rendering of `markdown` (static/markdown.js)."""
+    return str(
+        page.evaluate(
+            """async md => {
+                const { renderMarkdown } = await import("./static/markdown.js");
+                const template = document.createElement("template");
+                template.innerHTML = renderMarkdown(md);
+                return template.content.textContent;
+            }""",
+            markdown,
+        )
+    )
+
+
+def shown_words(markdown: str) -> str:
+    """The words a reader sees of the demo's Markdown (headings without their marks)."""
+    return " ".join(re.sub(r"^#+ ", "", markdown, flags=re.MULTILINE).split())
+
+
 def poll(check: Any, what: str, seconds: float = 10.0) -> None:
     """Poll `check()` until true, bounded (waiting on another process's counters)."""
     deadline = time.monotonic() + seconds
@@ -211,8 +231,12 @@ def test_generate_streams_text_as_it_is_written(stack: Stack, browser: Browser) 
         page.wait_for_selector("#meta:not([hidden])")
         screenshot(page, "generate-done")
 
-        text = page.text_content("#output")
-        assert text == expected
+        text = page.text_content("#output") or ""
+        assert text == rendered_text(page, expected)  # the whole answer, rendered as Markdown
+        assert page.text_content("#output h1") == (
+            "<b>bold</b> <img src=x onerror=window.__xss=1> claims"
+        )
+        assert page.locator("#output h2").count() >= 1
         intermediate = {n for n in page.evaluate("window.__lengths") if 0 < n < len(expected)}
         assert len(intermediate) >= 3, intermediate
         summary = page.text_content("#meta-summary") or ""
@@ -229,9 +253,11 @@ def test_generate_streams_text_as_it_is_written(stack: Stack, browser: Browser) 
             "document.getElementById('progress-bar').max]"
         ) == [60, 60]
         assert page.text_content("#generate-status") == "Done."
-        # the model's text was shown as text: no element made from it, no script run
+        # the HTML in the model's text was shown as text: only Markdown's own elements, no
+        # element made from the HTML, no script run
         assert "<b>bold</b>" in text
-        assert page.evaluate("document.querySelectorAll('#output *').length") == 0
+        tags = page.evaluate("[...document.querySelectorAll('#output *')].map(e => e.tagName)")
+        assert set(tags) == {"H1", "H2", "P"}, tags
         assert page.evaluate("window.__xss") is None
         assert page.is_enabled("#generate")
         assert not page.is_enabled("#stop")
@@ -263,10 +289,10 @@ def test_stop_cancels_the_stream_and_the_server_cancels_the_upstream(
             dropped
         )
         poll(lambda: stack.sample("ai_stream_streams_active", **route) == 0, "no open stream")
-        kept = page.text_content("#output") or ""
+        kept = shown_words(page.text_content("#output") or "")
         assert kept
-        assert demo_text(prompt, 300).startswith(kept)
-        assert len(kept) < len(demo_text(prompt, 300))
+        assert shown_words(demo_text(prompt, 300)).startswith(kept)
+        assert len(kept) < len(shown_words(demo_text(prompt, 300)))
         assert page.is_hidden("#meta")
         assert page.is_enabled("#generate")
         assert not page.is_enabled("#stop")
@@ -311,9 +337,9 @@ def test_errors_are_shown_with_their_code_and_partial_text_kept(
         status = page.text_content("#generate-status") or ""
         assert status.startswith("Error (timeout): ")
         assert status.endswith(" The text received so far is kept below.")
-        kept = page.text_content("#output") or ""
+        kept = shown_words(page.text_content("#output") or "")
         assert kept
-        assert demo_text(prompt, 300).startswith(kept)
+        assert shown_words(demo_text(prompt, 300)).startswith(kept)
         assert page.is_hidden("#meta")
         screenshot(page, "error-timeout-partial")
         outcome = {"route": "generate_stream", "outcome": "total_timeout"}
@@ -354,13 +380,13 @@ def shown_messages(page: Page) -> list[tuple[str, str, str]]:
 
 def test_chat_keeps_its_history_across_a_reload(stack: Stack, browser: Browser) -> None:
     first, second = "Tell me about baby sleep patterns", "Explain night feeds"
-    expected = [
-        ("message user", first, ""),
-        ("message assistant", chat_text(first), f"{CHAT_TOKENS} tokens"),
-        ("message user", second, ""),
-        ("message assistant", chat_text(second), f"{CHAT_TOKENS} tokens"),
-    ]
     with open_page(browser, stack.page_url + "#chat") as page:
+        expected = [  # answers rendered as Markdown
+            ("message user", first, ""),
+            ("message assistant", rendered_text(page, chat_text(first)), f"{CHAT_TOKENS} tokens"),
+            ("message user", second, ""),
+            ("message assistant", rendered_text(page, chat_text(second)), f"{CHAT_TOKENS} tokens"),
+        ]
         assert page.is_visible("#panel-chat")
         assert page.is_hidden("#panel-generate")
         assert page.text_content("#conversation-label") == "New conversation"

@@ -28,6 +28,7 @@ from tests.test_admin_browser import (
     Background,
     Stack,
     open_page,
+    rendered_text,
     screenshot,
 )
 
@@ -132,21 +133,6 @@ def ending(reason: str = "stop") -> list[Step]:
     return [Finish(reason), Usage(9, 20), Done()]
 
 
-def rendered_text(page: Page, markdown: str) -> str:
-    """The text content of the page's own rendering of `markdown` (static/markdown.js)."""
-    return str(
-        page.evaluate(
-            """async md => {
-                const { renderMarkdown } = await import("./static/markdown.js");
-                const template = document.createElement("template");
-                template.innerHTML = renderMarkdown(md);
-                return template.content.textContent;
-            }""",
-            markdown,
-        )
-    )
-
-
 def wait_done(page: Page, pane: str) -> None:
     if pane == "generate":
         page.wait_for_selector("#meta:not([hidden])")
@@ -185,9 +171,7 @@ def test_answers_render_as_markdown_while_they_stream(
     md_stack: MarkdownStack, browser: Browser, pane: str
 ) -> None:
     first, second = asyncio.Event(), asyncio.Event()
-    md_stack.fake.queue(
-        [Gate(first), *tokens(FIRST), Gate(second), *tokens(SECOND), *ending()]
-    )
+    md_stack.fake.queue([Gate(first), *tokens(FIRST), Gate(second), *tokens(SECOND), *ending()])
     answer = PANES[pane]
     with open_page(browser, md_stack.stack.page_url + ("#chat" if pane == "chat" else "")) as page:
         start(page, pane, "Write about tide pools")
@@ -200,7 +184,8 @@ def test_answers_render_as_markdown_while_they_stream(
         # mid-stream: every element so far, the cursor at the end of the unfinished paragraph
         page.wait_for_selector(f"{answer} p:last-of-type .cursor")
         page.wait_for_function(
-            "sel => document.querySelector(sel).textContent.trimEnd().endsWith('Still writ')", arg=answer
+            "sel => document.querySelector(sel).textContent.trimEnd().endsWith('Still writ')",
+            arg=answer,
         )
         for selector in MARKDOWN_ELEMENTS:
             assert page.locator(f"{answer} {selector}").count() >= 1, selector
@@ -226,7 +211,9 @@ PAYLOAD = """\
 
 <img src="{rec}/raw-img.png" onerror="window.__xss = 2">
 
-[js](javascript:window.__xss=3) [JS](JaVaScRiPt:window.__xss=3) [data](data:text/html;base64,PHNjcmlwdD53aW5kb3cuX194c3M9NDwvc2NyaXB0Pg==) [vb](vbscript:msgbox) <javascript:window.__xss=5>
+[js](javascript:window.__xss=3) [JS](JaVaScRiPt:window.__xss=3)
+[data](data:text/html;base64,PHNjcmlwdD53aW5kb3cuX194c3M9NDwvc2NyaXB0Pg==)
+[vb](vbscript:msgbox) <javascript:window.__xss=5>
 
 ![tracker]({rec}/track.png) ![inline](data:image/png;base64,iVBORw0KGgo=)
 
@@ -265,9 +252,7 @@ def test_model_text_cannot_run_script_or_make_the_browser_call_a_url(
     payload = PAYLOAD.format(rec=rec.url)
     gate = asyncio.Event()
     half = payload.index("[reference]")
-    md_stack.fake.queue(
-        [*tokens(payload[:half]), Gate(gate), *tokens(payload[half:]), *ending()]
-    )
+    md_stack.fake.queue([*tokens(payload[:half]), Gate(gate), *tokens(payload[half:]), *ending()])
     answer = PANES[pane]
     with open_page(browser, md_stack.stack.page_url + ("#chat" if pane == "chat" else "")) as page:
         start(page, pane, "Write something harmless")
@@ -306,3 +291,102 @@ def test_model_text_cannot_run_script_or_make_the_browser_call_a_url(
     assert "[js](javascript:window.__xss=3)" in text
     assert "![inline](data:image/png;base64,iVBORw0KGgo=)" in text
     assert "[ref]: javascript:window.__xss=8" in text
+
+
+def send(page: Page, message: str, messages_after: int) -> None:
+    page.fill("#chat-input", message)
+    page.click("#send")
+    page.wait_for_function(
+        """n => document.querySelectorAll('#messages li').length === n
+            && !document.querySelector('#messages li.streaming')
+            && !document.getElementById('send').disabled""",
+        arg=messages_after,
+    )
+
+
+def conversation_in(page: Page) -> str:
+    match = re.search(r"[?&]conversation=(c_[A-Za-z0-9_-]+)", page.url)
+    assert match is not None, page.url
+    return match.group(1)
+
+
+def reload_chat(page: Page, messages: int) -> None:
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]", state="attached")
+    page.wait_for_function(
+        "n => document.querySelectorAll('#messages li').length === n", arg=messages
+    )
+
+
+CUT_AT_LIMIT = "Cut short: the answer reached its token limit (finish reason: length)."
+FILTERED = (
+    "Cut short: the model server's content filter stopped the answer "
+    "(finish reason: content_filter)."
+)
+
+
+def test_an_answer_the_model_did_not_end_says_why(
+    md_stack: MarkdownStack, browser: Browser
+) -> None:
+    fake = md_stack.fake
+    with open_page(browser, md_stack.stack.page_url) as page:
+        fake.queue([*tokens("An answer cut at its"), *ending("length")])
+        start(page, "generate", "Write at length")
+        wait_done(page, "generate")
+        assert page.text_content("#generate-finish") == CUT_AT_LIMIT
+        assert page.is_visible("#generate-finish")
+        assert page.text_content("#meta-finish") == "length"
+        assert page.text_content("#generate-status") == "Done."
+        screenshot(page, "finish-length-generate")
+
+        fake.queue([*tokens("A whole answer."), *ending("stop")])
+        start(page, "generate", "Write briefly")
+        wait_done(page, "generate")
+        assert page.is_hidden("#generate-finish")
+        assert page.text_content("#meta-finish") == "stop"
+
+    with open_page(browser, md_stack.stack.page_url + "#chat") as page:
+        fake.queue(
+            [*tokens("Something the filter"), *ending("content_filter")],
+            [*tokens("At its"), *ending("length")],
+            [*tokens("A whole answer."), *ending("stop")],
+        )
+        for n, message in enumerate(("Filtered?", "Long?", "Short?"), 1):
+            send(page, message, 2 * n)
+        expected = [FILTERED, CUT_AT_LIMIT, ""]
+        assert page.locator("#messages li.assistant .finish").all_text_contents() == expected
+        screenshot(page, "finish-reasons-chat")
+        conversation = conversation_in(page)
+        reload_chat(page, 6)  # the saved history says the same
+        assert page.locator("#messages li.assistant .finish").all_text_contents() == expected
+    saved = md_stack.stack.get(f"/api/v1/ai/conversations/{conversation}")["messages"]
+    finish = [m["finishReason"] for m in saved if m["role"] == "assistant"]
+    assert finish == ["content_filter", "length", "stop"]
+
+
+def test_each_chat_turn_is_written_by_the_model_picked_for_it(
+    md_stack: MarkdownStack, browser: Browser
+) -> None:
+    fake = md_stack.fake
+    fake.queue([*tokens("From the first model."), *ending()])
+    fake.queue([*tokens("From the second model."), *ending()])
+    with open_page(browser, md_stack.stack.page_url + "#chat") as page:
+        options = page.locator("#chat-model option").all_text_contents()
+        assert options == sorted(MODELS)
+        assert page.input_value("#chat-model") == "test-model"  # OPENAI_MODEL by default
+        send(page, "First question", 2)
+        page.select_option("#chat-model", "other-model")
+        send(page, "Second question", 4)
+        asked = [seen.body["model"] for seen in fake.seen[-2:]]
+        assert asked == ["test-model", "other-model"]
+        labels = page.locator("#messages li.assistant .who .model").all_text_contents()
+        assert labels == ["test-model", "other-model"]
+        screenshot(page, "chat-models")
+        conversation = conversation_in(page)
+        reload_chat(page, 4)  # the history shows which model wrote each answer
+        labels = page.locator("#messages li.assistant .who .model").all_text_contents()
+        assert labels == ["test-model", "other-model"]
+        bodies = page.locator("#messages li.assistant .body").all_text_contents()
+        assert [b.strip() for b in bodies] == ["From the first model.", "From the second model."]
+    saved = md_stack.stack.get(f"/api/v1/ai/conversations/{conversation}")["messages"]
+    assert [m["model"] for m in saved if m["role"] == "assistant"] == ["test-model", "other-model"]
