@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from service.admin import STATIC, create_admin_app
 from service.config import Settings, SettingsError, from_env
 
-MODULES = ("app.js", "generate.js", "chat.js", "aiStream.js")
+MODULES = ("app.js", "generate.js", "chat.js", "aiStream.js", "markdown.js")
+VENDORED = "vendor/markdown-it.min.mjs"  # markdown-it's browser ES module build, as published
 
 
 async def test_index_loads_its_module_and_styles_from_this_origin(aiohttp_client: Any) -> None:
@@ -27,7 +29,7 @@ async def test_index_loads_its_module_and_styles_from_this_origin(aiohttp_client
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
 
 
-@pytest.mark.parametrize("name", [*MODULES, "admin.css"])
+@pytest.mark.parametrize("name", [*MODULES, VENDORED, "admin.css"])
 async def test_static_files_are_served_with_types_a_browser_accepts(
     aiohttp_client: Any, name: str
 ) -> None:
@@ -38,6 +40,38 @@ async def test_static_files_are_served_with_types_a_browser_accepts(
     assert resp.content_type in (("text/css",) if name.endswith(".css") else scripts)
     assert await resp.read() == (STATIC / name).read_bytes()
     assert resp.headers["Cache-Control"] == "no-cache"
+
+
+async def test_model_text_can_make_the_page_load_no_image_from_elsewhere(
+    aiohttp_client: Any,
+) -> None:
+    client = await aiohttp_client(create_admin_app(Settings()))
+    resp = await client.get("/")
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in resp.headers["Content-Security-Policy"].split(";")
+    )
+    assert policy["img-src"] == "'self'"
+    assert policy["default-src"] == "'self'"
+    assert policy["style-src"] == "'self'"
+
+
+def test_markdown_it_is_vendored_with_its_licences() -> None:
+    """The version the README names, and the licences of markdown-it and what its build bundles."""
+    first = (STATIC / VENDORED).read_text().splitlines()[0]
+    assert (
+        first == "/*! markdown-it 15.0.3 https://github.com/markdown-it/markdown-it @license MIT */"
+    )
+    licence = (STATIC / "vendor" / "markdown-it.LICENSE").read_text()
+    assert licence.startswith("markdown-it 15.0.3 ")
+    bundled = re.findall(r"^Bundled in the build above: (\S+)$", licence, re.MULTILINE)
+    assert [name.rsplit("-", 1)[0] for name in bundled] == [
+        "entities",
+        "linkify-it",
+        "mdurl",
+        "punycode.js",
+        "uc.micro",
+    ]
 
 
 async def test_static_does_not_leave_its_folder(aiohttp_client: Any) -> None:

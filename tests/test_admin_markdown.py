@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from bench import render
 from tests.conftest import tool_required
 from tests.fake_upstream import Done, FakeUpstream, Finish, Gate, Step, Text, Usage, running
 from tests.process import free_port, service
@@ -155,6 +156,13 @@ def start(page: Page, pane: str, text: str) -> None:
 
 PANES = {"generate": "#output", "chat": "#messages li.assistant:last-child .body"}
 
+SAME_AS_WHOLE = """async ([selector, md]) => {
+  const { renderMarkdown } = await import("./static/markdown.js");
+  const shown = document.querySelector(selector).cloneNode(true);
+  shown.querySelectorAll(".cursor").forEach(cursor => cursor.remove());
+  return shown.innerHTML === renderMarkdown(md);
+}"""
+
 MARKDOWN_ELEMENTS = (
     "h1",
     "ul > li",
@@ -170,8 +178,10 @@ MARKDOWN_ELEMENTS = (
 def test_answers_render_as_markdown_while_they_stream(
     md_stack: MarkdownStack, browser: Browser, pane: str
 ) -> None:
-    first, second = asyncio.Event(), asyncio.Event()
-    md_stack.fake.queue([Gate(first), *tokens(FIRST), Gate(second), *tokens(SECOND), *ending()])
+    first, second, third = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    md_stack.fake.queue(
+        [Gate(first), *tokens(FIRST), Gate(second), *tokens(SECOND), Gate(third), *ending()]
+    )
     answer = PANES[pane]
     with open_page(browser, md_stack.stack.page_url + ("#chat" if pane == "chat" else "")) as page:
         start(page, pane, "Write about tide pools")
@@ -196,6 +206,15 @@ def test_answers_render_as_markdown_while_they_stream(
         assert code == "print('low tide')\n\nprint('high tide')\n"
         screenshot(page, f"markdown-{pane}-streaming")
         md_stack.release(second)
+
+        # all the text in, not yet ended: the frozen blocks and the re-rendered tail together
+        # are exactly the rendering of the whole text
+        page.wait_for_function(
+            "s => document.querySelector(s).textContent.trimEnd().endsWith('The end.')",
+            arg=answer,
+        )
+        assert page.evaluate(SAME_AS_WHOLE, [answer, FIRST + SECOND]) is True
+        md_stack.release(third)
 
         wait_done(page, pane)
         assert page.locator(f"{answer} .cursor").count() == 0
@@ -390,3 +409,13 @@ def test_each_chat_turn_is_written_by_the_model_picked_for_it(
         assert [b.strip() for b in bodies] == ["From the first model.", "From the second model."]
     saved = md_stack.stack.get(f"/api/v1/ai/conversations/{conversation}")["messages"]
     assert [m["model"] for m in saved if m["role"] == "assistant"] == ["test-model", "other-model"]
+
+
+def test_the_render_bench_streams_a_whole_article_into_the_page(browser: Browser) -> None:
+    """`python -m bench.render`, short and fast: the page ends showing the whole article as
+    Markdown and Chromium's metrics are read (the README's figure is a full run, not asserted)."""
+    result = render.run(tokens=200, rate=1000, browser=browser)
+    assert result.rendered_ok
+    assert result.tokens == 200
+    assert result.task_s > 0
+    assert result.busy_share > 0

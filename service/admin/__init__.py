@@ -2,7 +2,9 @@
 
 No build step and nothing fetched from elsewhere: `static/` is served as it is. The page reads
 `config.json` (where the API is, its models and limits) and then talks to the API from the
-browser, directly (CORS) or through the proxy in front of both.
+browser, directly (CORS) or through the proxy in front of both. Model text enters the page only
+as `static/markdown.js` renders it (its notes say how that stays harmless); the headers below are
+the second line of defence.
 """
 
 from __future__ import annotations

@@ -1,0 +1,70 @@
+// Unit tests for the admin page's Markdown rendering (service/admin/static/markdown.js): the
+// rules that keep model text harmless, and where the streaming view freezes blocks. Run by Node's
+// built-in runner (tests/test_admin_js.py); the browser tests cover the DOM side.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { MarkdownView, renderMarkdown, safeLink } from "../../service/admin/static/markdown.js";
+
+test("only http(s), mailto and scheme-less links are live", () => {
+  for (const url of ["https://example.com/a", "http://x", "MAILTO:a@b.c", "/docs", "#top", "a/b"]) {
+    assert.equal(safeLink(url), true, url);
+  }
+  for (const url of ["javascript:alert(1)", " JaVaScRiPt:x", "data:text/html,x", "vbscript:x", "file:///etc"]) {
+    assert.equal(safeLink(url), false, url);
+  }
+});
+
+test("raw HTML, refused links and images never become markup that acts", () => {
+  const html = renderMarkdown(
+    '<script>alert(1)</script>\n\n<img src=x onerror="alert(2)">\n\n' +
+      "[a](javascript:alert(3)) <javascript:alert(4)> ![t](http://127.0.0.1:9/t.png) " +
+      "![d](data:image/png;base64,AAAA) [![n](http://h/n.png)](https://h/page)\n",
+  );
+  assert.doesNotMatch(html, /<(script|img|iframe|svg|style)\b/i);
+  assert.doesNotMatch(html, /<[^>]*\son\w+=/i); // no handler attribute on any tag
+  assert.deepEqual(
+    [...html.matchAll(/href="([^"]*)"/g)].map((m) => m[1]),
+    ["http://127.0.0.1:9/t.png", "https://h/page"],
+  );
+  assert.match(html, /<a class="image-link" href="http:\/\/127.0.0.1:9\/t.png"[^>]*>image: t<\/a>/);
+  assert.match(html, /<span class="image-link">image: n<\/span>/);
+  assert.match(html, /&lt;script&gt;alert\(1\)&lt;\/script&gt;/);
+});
+
+test("links open in a new tab with no referrer", () => {
+  assert.equal(
+    renderMarkdown("[x](https://example.com)"),
+    '<p><a href="https://example.com" target="_blank" rel="noopener noreferrer nofollow">x</a></p>\n',
+  );
+});
+
+// Where the view would freeze: the text before the last unindented line after a blank line,
+// never inside a code fence, never before an indented continuation.
+const cutOf = (text) => {
+  const view = new MarkdownView(null);
+  view.text = text;
+  view.scan();
+  return view.cut;
+};
+
+test("blocks freeze at blank lines outside code fences", () => {
+  assert.equal(cutOf("# Title\n\nPara"), 0); // the last line is not complete yet
+  assert.equal(cutOf("# Title\n\nPara\n"), "# Title\n\n".length);
+  assert.equal(cutOf("a\n\n```\ncode\n\nmore\n"), "a\n\n".length);
+  assert.equal(cutOf("a\n\n```\ncode\n\nmore\n```\n\nafter\n"), "a\n\n```\ncode\n\nmore\n```\n\n".length);
+  assert.equal(cutOf("a\n\n~~~~\n```\n\nx\n~~~~\n"), "a\n\n".length); // a shorter fence does not close
+  assert.equal(cutOf("- item\n\n  continued\n"), 0); // indented: the item goes on
+  assert.equal(cutOf("    code\n\n    more code\n"), 0);
+});
+
+test("scanning is incremental: the same cut whatever the pieces", () => {
+  const text = "# T\n\n```js\nlet a;\n\nlet b;\n```\n\n- x\n- y\n\nEnd\n";
+  const view = new MarkdownView(null);
+  for (const piece of text.match(/[\s\S]{1,3}/g)) {
+    view.text += piece;
+    view.scan();
+  }
+  assert.equal(view.cut, cutOf(text));
+  assert.equal(view.cut, text.indexOf("End"));
+});
