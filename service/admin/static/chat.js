@@ -63,9 +63,12 @@ export function setupChat(config, options) {
     if (role === "assistant") who.append(modelLabel);
     const body = document.createElement("div");
     body.className = role === "user" ? "body" : "body markdown";
-    const view = new MarkdownView(body, { onRender: () => item.scrollIntoView({ block: "nearest" }) });
+    let view = null;
     if (role === "user") body.textContent = content;
-    else if (content) view.show(content);
+    else {
+      view = new MarkdownView(body, { onRender: () => item.scrollIntoView({ block: "nearest" }) });
+      if (content) view.show(content);
+    }
     const small = document.createElement("div");
     small.className = "note";
     small.textContent = note;

@@ -26,7 +26,7 @@ const md = markdownit({ html: false, linkify: false, typographer: false });
 const SAFE_SCHEME = /^(https?|mailto):/i;
 const ANY_SCHEME = /^[a-z][a-z0-9+.-]*:/i;
 const FENCE = /^ {0,3}(`{3,}|~{3,})/;
-const VOID = new Set(["HR", "BR", "IMG", "INPUT"]);
+const NO_CURSOR_INSIDE = new Set(["A", "HR", "BR", "IMG", "INPUT"]); // links, void elements
 const escape = md.utils.escapeHtml;
 
 /** Whether markdown-it may make `url` (already normalised by it) a live link (note 2). */
@@ -91,7 +91,7 @@ function cursorHost(node) {
   for (let depth = 0; depth < 32; depth++) {
     let last = host.lastChild;
     while (last && last.nodeType === Node.TEXT_NODE && !last.data.trim()) last = last.previousSibling;
-    if (!last || last.nodeType !== Node.ELEMENT_NODE || VOID.has(last.tagName)) break;
+    if (!last || last.nodeType !== Node.ELEMENT_NODE || NO_CURSOR_INSIDE.has(last.tagName)) break;
     host = last;
   }
   return host;
