@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -62,6 +63,8 @@ def test_markdown_it_is_vendored_with_its_licences() -> None:
     assert (
         first == "/*! markdown-it 15.0.3 https://github.com/markdown-it/markdown-it @license MIT */"
     )
+    digest = hashlib.sha256((STATIC / VENDORED).read_bytes()).hexdigest()
+    assert digest == "d5432491790141da046b1197353705db03264f40b5727f3b4b591f5aba193e30"
     licence = (STATIC / "vendor" / "markdown-it.LICENSE").read_text()
     assert licence.startswith("markdown-it 15.0.3 ")
     bundled = re.findall(r"^Bundled in the build above: (\S+)$", licence, re.MULTILINE)

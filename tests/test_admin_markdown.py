@@ -219,10 +219,48 @@ def test_answers_render_as_markdown_while_they_stream(
         wait_done(page, pane)
         assert page.locator(f"{answer} .cursor").count() == 0
         assert page.locator(f"{answer} .typing").count() == 0
+        assert page.evaluate(SAME_AS_WHOLE, [answer, FIRST + SECOND]) is True
         assert page.text_content(f"{answer} h2") == "Second heading"
         assert page.text_content(f"{answer} blockquote") == "\na quote\n"
         assert page.text_content(answer) == rendered_text(page, FIRST + SECOND)
         screenshot(page, f"markdown-{pane}-done")
+
+
+# Animation frames run by hand: requestAnimationFrame only queues its callback.
+MANUAL_FRAMES = """() => {
+  window.__frames = [];
+  window.requestAnimationFrame = callback => window.__frames.push(callback);
+  window.cancelAnimationFrame = id => { if (id) window.__frames[id - 1] = () => {}; };
+}"""
+RUN_FRAMES = "() => window.__frames.splice(0).forEach(callback => callback(performance.now()))"
+
+
+def test_rendering_waits_for_the_next_frame_however_many_tokens_arrive(
+    md_stack: MarkdownStack, browser: Browser
+) -> None:
+    gate = asyncio.Event()
+    first = tokens(FIRST)
+    md_stack.fake.queue([*first, Gate(gate), *tokens(SECOND), *ending()])
+    with open_page(browser, md_stack.stack.page_url) as page:
+        page.evaluate(MANUAL_FRAMES)
+        start(page, "generate", "Write about tide pools")
+        page.wait_for_function(
+            "n => document.getElementById('stat-tokens').textContent === String(n)",
+            arg=len(first),
+        )
+        # every token is in, one frame is pending, nothing is rendered before it runs
+        assert page.evaluate("window.__frames.length") == 1
+        assert page.evaluate("document.getElementById('output').innerHTML") == (
+            '<span class="typing" role="status" aria-label="Writing…">'
+            "<span></span><span></span><span></span></span>"
+        )
+        page.evaluate(RUN_FRAMES)
+        assert page.text_content("#output h1") == "Tide pools"
+        assert page.locator("#output .cursor").count() == 1
+        assert page.evaluate("window.__frames.length") == 0
+        md_stack.release(gate)
+        wait_done(page, "generate")  # the end renders the whole text without waiting for a frame
+        assert page.evaluate(SAME_AS_WHOLE, ["#output", FIRST + SECOND]) is True
 
 
 PAYLOAD = """\

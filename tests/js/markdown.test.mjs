@@ -68,3 +68,16 @@ test("scanning is incremental: the same cut whatever the pieces", () => {
   assert.equal(view.cut, cutOf(text));
   assert.equal(view.cut, text.indexOf("End"));
 });
+
+test("finish reasons other than stop are said in words", async () => {
+  const { describeFinish } = await import("../../service/admin/static/generate.js");
+  assert.equal(describeFinish("stop"), "");
+  assert.equal(describeFinish(null), "");
+  assert.equal(describeFinish(undefined), "");
+  assert.equal(describeFinish("length"), "Cut short: the answer reached its token limit (finish reason: length).");
+  assert.equal(
+    describeFinish("content_filter"),
+    "Cut short: the model server's content filter stopped the answer (finish reason: content_filter).",
+  );
+  assert.equal(describeFinish("tool_calls"), "The answer ended early (finish reason: tool_calls).");
+});
