@@ -3,6 +3,10 @@
 No build step and nothing fetched from elsewhere: `static/` is served as it is. The page reads
 `config.json` (where the API is, its models and limits) and then talks to the API from the
 browser, directly (CORS) or through the proxy in front of both.
+
+The operations view is the one exception: its numbers come from this app, which reads the API's
+`/metrics` and `/health/ready` itself (`ops`, `GET /admin/api/ops`, keyed like the API when
+`API_KEYS` is set), so the API's `/metrics` never needs CORS.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..edge import SERVER
+from . import ops
 
 STATIC = Path(__file__).parent / "static"
 SETTINGS = web.AppKey("admin_settings", Settings)
@@ -77,4 +82,5 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/", _index)
     app.router.add_get("/config.json", _config)
     app.router.add_static("/static/", STATIC)
+    ops.setup(app, settings)
     return app

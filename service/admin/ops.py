@@ -1,0 +1,319 @@
+"""The operations view's data: the API's own `/metrics` and `/health/ready`, read server-side.
+
+Design notes:
+
+1. **Server-side reads.** The admin app scrapes every base URL of `ADMIN_METRICS_URLS` (default:
+   the local API, `http://HOST:PORT`, a wildcard HOST read as loopback) every
+   `ADMIN_METRICS_INTERVAL_S`, all instances at once, each read bounded by the interval (at
+   least 1 s, at most 10 s). The API's `/metrics` therefore needs no CORS and gains none; the
+   browser only ever calls this app's `GET /admin/api/ops`.
+2. **An instance that does not answer is down, never an exception.** A refused connection, a
+   timeout, a non-200 `/metrics` or an exposition the parser rejects all make that instance's
+   sample `up: false` with a short reason; its counters are left out of that sample and the
+   others go on. `/health/ready` answers its own JSON on 503 too (the model servers' word); an
+   instance whose readiness cannot be read shows `ready: null`.
+3. **A ring, not a database.** The sampler keeps the samples of the last `WINDOW_S` (15 minutes)
+   in a bounded deque (`WINDOW_S / interval` samples, at most `MAX_SAMPLES`), in memory, per admin
+   process. A restarted admin app starts with an empty history.
+4. **Across instances.** Rates are computed per instance (its counter's increase over its own
+   read times; a counter that went down is a restarted process, its new value is the increase,
+   as Prometheus' `rate()` does) and then summed; an instance down at either end of a step adds
+   nothing to that step. Open streams are the sum of the instances up. Time to first token
+   p50/p95 comes from the histogram's buckets: each instance's bucket increases over the last
+   `QUANTILE_WINDOW_S` (one minute) are summed, then interpolated within the bucket the rank
+   falls in, as Prometheus' `histogram_quantile()` does (a rank in the `+Inf` bucket answers the
+   largest finite bound); no first token in that minute is `null`.
+5. **What the JSON says** (`ops_payload`): `intervalS`, `windowS`, `instances` (each URL, `up`,
+   `error`, and `ready`: `/health/ready`'s body), and `series`: `t` (Unix seconds of each sample),
+   `streamsActive`, `tokensPerSecond` (`ai_stream_completion_tokens_total`, counted as tokens
+   flow), `ttftP50`/`ttftP95` (seconds), `outcomesPerMinute` (by outcome) and
+   `rateLimitedPerMinute` (by limit: requests, concurrency, tokens). Every list has one value per
+   sample; a value that cannot be known (the first sample's rates, every instance down) is `null`.
+6. **The key rule.** With `API_KEYS` set, `/admin/api/ops` needs `Authorization: Bearer <key>`
+   like the API's routes (the admin site is public in the shipped proxies); without it, it is
+   open. Keys are checked by the API's own `Access` (constant time).
+7. **Charts are hand-drawn SVG** (`static/ops.js`): a polyline per series over the window, a few
+   dozen lines of code, so no charting library is vendored and nothing comes from elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..config import Settings
+from ..errors import ApiError, ErrorCode
+from ..limits.access import Access
+
+WINDOW_S = 900.0
+MAX_SAMPLES = 9000
+QUANTILE_WINDOW_S = 60.0
+STREAMS_ACTIVE = "ai_stream_streams_active"
+TOKENS = "ai_stream_completion_tokens_total"
+OUTCOMES = "ai_stream_outcomes_total"
+RATE_LIMITED = "ai_stream_rate_limited_total"
+TTFT_BUCKET = "ai_stream_time_to_first_token_seconds_bucket"
+
+
+def metrics_urls(settings: Settings) -> tuple[str, ...]:
+    """The instances to read: `ADMIN_METRICS_URLS`, or the local API (a wildcard bind address
+    is reached on loopback)."""
+    if settings.admin_metrics_urls:
+        return settings.admin_metrics_urls
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(
+        settings.host, settings.host
+    )
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return (f"http://{host}:{settings.port}",)
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """One instance's word at one moment (`t`: monotonic seconds when its /metrics answered)."""
+
+    url: str
+    up: bool
+    t: float
+    error: str | None = None
+    streams_active: float = 0.0
+    tokens: float = 0.0
+    outcomes: dict[str, float] = field(default_factory=dict)
+    rate_limited: dict[str, float] = field(default_factory=dict)
+    ttft_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    ready: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    wall: float  # Unix seconds
+    scrapes: tuple[Scrape, ...]
+
+
+def parse_exposition(url: str, t: float, text: str) -> Scrape:
+    """The families the view charts, summed over their other labels. Raises ValueError on text
+    that is not the exposition format."""
+    streams = tokens = 0.0
+    outcomes: dict[str, float] = {}
+    limited: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == STREAMS_ACTIVE:
+                streams += s.value
+            elif s.name == TOKENS:
+                tokens += s.value
+            elif s.name == OUTCOMES:
+                key = s.labels.get("outcome", "")
+                outcomes[key] = outcomes.get(key, 0.0) + s.value
+            elif s.name == RATE_LIMITED:
+                key = s.labels.get("limit", "")
+                limited[key] = limited.get(key, 0.0) + s.value
+            elif s.name == TTFT_BUCKET:
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+    return Scrape(url, True, t, None, streams, tokens, outcomes, limited, buckets)
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' interpolation over cumulative buckets (`le` -> count, `+Inf` included)."""
+    bounds = sorted(buckets)
+    if not bounds or not math.isinf(bounds[-1]):
+        return None
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if math.isinf(le):
+                return lower if len(bounds) > 1 else None
+            if count == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return None
+
+
+def _increase(now: float, before: float) -> float:
+    return now - before if now >= before else now  # a drop is a restart: count from zero
+
+
+def _step(now: Scrape, before: Scrape | None) -> Scrape | None:
+    return before if before is not None and before.up and now.up else None
+
+
+class OpsSampler:
+    """The ring of samples and the loop that fills it."""
+
+    def __init__(self, urls: Sequence[str], interval_s: float) -> None:
+        self.urls = tuple(urls)
+        self.interval_s = interval_s
+        self.samples: deque[Sample] = deque(
+            maxlen=min(MAX_SAMPLES, math.ceil(WINDOW_S / interval_s))
+        )
+        self.timeout_s = min(10.0, max(1.0, interval_s))
+
+    async def _read(self, session: aiohttp.ClientSession, url: str) -> Scrape:
+        try:
+            async with session.get(url + "/metrics") as resp:
+                if resp.status != 200:
+                    return Scrape(url, False, time.monotonic(), f"/metrics answered {resp.status}")
+                text = await resp.text()
+                t = time.monotonic()
+            scrape = parse_exposition(url, t, text)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return Scrape(url, False, time.monotonic(), f"no answer ({type(exc).__name__})")
+        except ValueError:
+            return Scrape(url, False, time.monotonic(), "/metrics is not the exposition format")
+        ready: dict[str, Any] | None = None
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            async with session.get(url + "/health/ready") as resp:
+                body = json.loads(await resp.text())
+                ready = body if isinstance(body, dict) else None
+        return Scrape(
+            url,
+            True,
+            scrape.t,
+            None,
+            scrape.streams_active,
+            scrape.tokens,
+            scrape.outcomes,
+            scrape.rate_limited,
+            scrape.ttft_buckets,
+            ready,
+        )
+
+    async def sample_once(self, session: aiohttp.ClientSession) -> Sample:
+        wall = time.time()
+        scrapes = await asyncio.gather(*(self._read(session, url) for url in self.urls))
+        sample = Sample(wall, tuple(scrapes))
+        self.samples.append(sample)
+        return sample
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            next_at = time.monotonic()
+            while True:
+                await self.sample_once(session)
+                next_at = max(next_at + self.interval_s, time.monotonic())
+                await asyncio.sleep(next_at - time.monotonic())
+
+    def payload(self) -> dict[str, Any]:
+        return ops_payload(list(self.samples), self.interval_s)
+
+
+def _per_minute(
+    samples: Sequence[Sample], pick: Callable[[Scrape], dict[str, float]]
+) -> dict[str, list[float | None]]:
+    names = sorted({k for s in samples for sc in s.scrapes if sc.up for k in pick(sc)})
+    out: dict[str, list[float | None]] = {n: [None] for n in names} if samples else {}
+    for i in range(1, len(samples)):
+        rates = dict.fromkeys(names, 0.0)
+        known = False
+        for now, before in zip(samples[i].scrapes, samples[i - 1].scrapes, strict=True):
+            prev = _step(now, before)
+            if prev is None or now.t <= prev.t:
+                continue
+            known = True
+            for n in names:
+                rates[n] += _increase(pick(now).get(n, 0.0), pick(prev).get(n, 0.0)) / (
+                    now.t - prev.t
+                )
+        for n in names:
+            out[n].append(round(rates[n] * 60, 3) if known else None)
+    return out
+
+
+def ops_payload(samples: Sequence[Sample], interval_s: float) -> dict[str, Any]:
+    """The view's JSON (note 5) from the ring's samples, oldest first."""
+    streams: list[float | None] = []
+    tokens: list[float | None] = []
+    p50: list[float | None] = []
+    p95: list[float | None] = []
+    start = 0  # the oldest sample within QUANTILE_WINDOW_S of the current one
+    for i, sample in enumerate(samples):
+        ups = [sc for sc in sample.scrapes if sc.up]
+        streams.append(sum(sc.streams_active for sc in ups) if ups else None)
+        rate: float | None = None
+        if i > 0:
+            for now, before in zip(sample.scrapes, samples[i - 1].scrapes, strict=True):
+                prev = _step(now, before)
+                if prev is not None and now.t > prev.t:
+                    rate = (rate or 0.0) + _increase(now.tokens, prev.tokens) / (now.t - prev.t)
+        tokens.append(None if rate is None else round(rate, 3))
+        while sample.wall - samples[start].wall > QUANTILE_WINDOW_S:
+            start += 1
+        summed: dict[float, float] = {}
+        if start < i:
+            for now, before in zip(sample.scrapes, samples[start].scrapes, strict=True):
+                prev = _step(now, before)
+                if prev is None:
+                    continue
+                for le, count in now.ttft_buckets.items():
+                    inc = _increase(count, prev.ttft_buckets.get(le, 0.0))
+                    summed[le] = summed.get(le, 0.0) + inc
+        p50.append(histogram_quantile(0.5, summed))
+        p95.append(histogram_quantile(0.95, summed))
+    last = samples[-1].scrapes if samples else ()
+    return {
+        "intervalS": interval_s,
+        "windowS": WINDOW_S,
+        "instances": [
+            {"url": sc.url, "up": sc.up, "error": sc.error, "ready": sc.ready} for sc in last
+        ],
+        "series": {
+            "t": [round(s.wall, 3) for s in samples],
+            "streamsActive": streams,
+            "tokensPerSecond": tokens,
+            "ttftP50": p50,
+            "ttftP95": p95,
+            "outcomesPerMinute": _per_minute(samples, lambda sc: sc.outcomes),
+            "rateLimitedPerMinute": _per_minute(samples, lambda sc: sc.rate_limited),
+        },
+    }
+
+
+SAMPLER = web.AppKey("ops_sampler", OpsSampler)
+ACCESS = web.AppKey("ops_access", Access)
+
+
+async def ops(request: web.Request) -> web.Response:
+    access = request.app[ACCESS]
+    if access.auth_required and access.authenticate(request.headers.get("Authorization")) is None:
+        error = ApiError(
+            ErrorCode.UNAUTHORIZED,
+            "A valid API key is required (Authorization: Bearer).",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        return web.json_response(error.body(), status=error.status, headers=error.headers)
+    return web.json_response(request.app[SAMPLER].payload())
+
+
+async def _sampling(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[SAMPLER].run(), name="ops-sampler")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def setup(app: web.Application, settings: Settings) -> None:
+    app[SAMPLER] = OpsSampler(metrics_urls(settings), settings.admin_metrics_interval_s)
+    app[ACCESS] = Access.build(settings.api_keys, ())
+    app.cleanup_ctx.append(_sampling)
+    app.router.add_get("/admin/api/ops", ops)
