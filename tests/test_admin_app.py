@@ -9,7 +9,7 @@ import pytest
 from service.admin import STATIC, create_admin_app
 from service.config import Settings, SettingsError, from_env
 
-MODULES = ("app.js", "generate.js", "chat.js", "aiStream.js")
+MODULES = ("app.js", "generate.js", "chat.js", "aiStream.js", "ops.js")
 
 
 async def test_index_loads_its_module_and_styles_from_this_origin(aiohttp_client: Any) -> None:
