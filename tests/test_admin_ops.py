@@ -107,7 +107,7 @@ async def test_an_instance_that_does_not_answer_is_shown_down(
     series = ended["series"]
     assert series["streamsActive"][-2:] == [1, 0]  # the one up instance's gauge
     assert open_["series"]["streamsActive"][-1] == 1
-    assert series["outcomesPerMinute"]["completed"][-1] > 0
+    assert series["outcomesLastMinute"]["completed"][-1] == 1
     assert series["tokensPerSecond"][-1] > 0
     assert len(series["t"]) == len(series["ttftP95"]) == len(series["streamsActive"])
 
@@ -158,9 +158,17 @@ def test_rates_are_per_instance_then_summed(instances: tuple[Metrics, Metrics]) 
     assert series["t"] == [1000.0, 1002.0, 1004.0, 1006.0, 1008.0]
     assert series["tokensPerSecond"] == [None, 50.0, 65.0, 0.0, 10.0]
     assert series["streamsActive"] == [0, 3, 0, 0, 0]
-    # b's 2 completions and 1 refusal in its 3 s step, per minute
-    assert series["outcomesPerMinute"]["completed"][:2] == [None, 40.0]
-    assert series["rateLimitedPerMinute"]["requests"][:2] == [None, 20.0]
+    # b's 2 completions and 1 refusal stay counted while they are within the last minute
+    assert series["outcomesLastMinute"] == {"completed": [None, 2, 2, 2, 2]}
+    assert series["rateLimitedLastMinute"] == {"requests": [None, 1, 1, 1, 1]}
+    later = Sample(1063.0, (scrape(a, "a", 73.0), scrape(fresh, "b", 80.0)))
+    series = ops_payload([*samples, later], 2.0)["series"]
+    assert series["outcomesLastMinute"]["completed"][-1] == 0
+    # a name seen late reads 0 back to where the window was known
+    b.outcomes.labels("generate_stream", "timeout").inc()
+    last = Sample(1064.0, (scrape(a, "a", 74.0), scrape(b, "b", 81.0)))
+    series = ops_payload([*samples, later, last], 2.0)["series"]
+    assert series["outcomesLastMinute"]["timeout"] == [None, 0, 0, 0, 0, 0, 1]
 
 
 def test_time_to_first_token_comes_from_the_summed_buckets(

@@ -44,9 +44,9 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -64,6 +64,7 @@ TOKENS = "ai_stream_completion_tokens_total"
 OUTCOMES = "ai_stream_outcomes_total"
 RATE_LIMITED = "ai_stream_rate_limited_total"
 TTFT_BUCKET = "ai_stream_time_to_first_token_seconds_bucket"
+K = TypeVar("K", str, float)
 
 
 def metrics_urls(settings: Settings) -> tuple[str, ...]:
@@ -217,26 +218,66 @@ class OpsSampler:
         return ops_payload(list(self.samples), self.interval_s)
 
 
-def _per_minute(
-    samples: Sequence[Sample], pick: Callable[[Scrape], dict[str, float]]
-) -> dict[str, list[float | None]]:
-    names = sorted({k for s in samples for sc in s.scrapes if sc.up for k in pick(sc)})
-    out: dict[str, list[float | None]] = {n: [None] for n in names} if samples else {}
-    for i in range(1, len(samples)):
-        rates = dict.fromkeys(names, 0.0)
-        known = False
-        for now, before in zip(samples[i].scrapes, samples[i - 1].scrapes, strict=True):
-            prev = _step(now, before)
-            if prev is None or now.t <= prev.t:
-                continue
-            known = True
-            for n in names:
-                rates[n] += _increase(pick(now).get(n, 0.0), pick(prev).get(n, 0.0)) / (
-                    now.t - prev.t
-                )
-        for n in names:
-            out[n].append(round(rates[n] * 60, 3) if known else None)
-    return out
+@dataclass(slots=True)
+class _Step:
+    """What the instances up at both ends of one step between samples added in it."""
+
+    known: bool = False
+    tokens_per_s: float = 0.0
+    outcomes: dict[str, float] = field(default_factory=dict)
+    rate_limited: dict[str, float] = field(default_factory=dict)
+    ttft_buckets: dict[float, float] = field(default_factory=dict)
+
+
+def _add(into: dict[K, float], now: dict[K, float], before: dict[K, float]) -> None:
+    for key, value in now.items():
+        into[key] = into.get(key, 0.0) + _increase(value, before.get(key, 0.0))
+
+
+def _step_between(now: Sample, before: Sample) -> _Step:
+    step = _Step()
+    for scrape, earlier in zip(now.scrapes, before.scrapes, strict=True):
+        prev = _step(scrape, earlier)
+        if prev is None or scrape.t <= prev.t:
+            continue
+        step.known = True
+        step.tokens_per_s += _increase(scrape.tokens, prev.tokens) / (scrape.t - prev.t)
+        _add(step.outcomes, scrape.outcomes, prev.outcomes)
+        _add(step.rate_limited, scrape.rate_limited, prev.rate_limited)
+        _add(step.ttft_buckets, scrape.ttft_buckets, prev.ttft_buckets)
+    return step
+
+
+class _Window:
+    """Running sums of the steps of the last QUANTILE_WINDOW_S."""
+
+    def __init__(self) -> None:
+        self.known = 0
+        self.outcomes: dict[str, float] = {}
+        self.rate_limited: dict[str, float] = {}
+        self.ttft_buckets: dict[float, float] = {}
+
+    def move(self, step: _Step, sign: float) -> None:
+        self.known += 1 if sign > 0 else -1
+        _shift(self.outcomes, step.outcomes, sign)
+        _shift(self.rate_limited, step.rate_limited, sign)
+        _shift(self.ttft_buckets, step.ttft_buckets, sign)
+
+
+def _shift(into: dict[K, float], values: dict[K, float], sign: float) -> None:
+    for key, value in values.items():
+        into[key] = into.get(key, 0.0) + sign * value
+
+
+def _named(
+    out: dict[str, list[float | None]], known: list[bool], values: dict[str, float] | None
+) -> None:
+    """Append each name's value (None: unknown) to its list; a name seen for the first time is
+    0 back to where the window was known (nothing of it had happened), else None."""
+    for name in values or {}:
+        out.setdefault(name, [0.0 if k else None for k in known[:-1]])
+    for name, series in out.items():
+        series.append(None if values is None else round(max(values.get(name, 0.0), 0.0), 3))
 
 
 def ops_payload(samples: Sequence[Sample], interval_s: float) -> dict[str, Any]:
@@ -245,30 +286,30 @@ def ops_payload(samples: Sequence[Sample], interval_s: float) -> dict[str, Any]:
     tokens: list[float | None] = []
     p50: list[float | None] = []
     p95: list[float | None] = []
-    start = 0  # the oldest sample within QUANTILE_WINDOW_S of the current one
+    outcomes: dict[str, list[float | None]] = {}
+    limited: dict[str, list[float | None]] = {}
+    steps: list[_Step] = [_Step()]  # steps[i]: from samples[i - 1] to samples[i]
+    window = _Window()
+    known_at: list[bool] = []
+    start = 0  # steps start+1 .. i are within QUANTILE_WINDOW_S of sample i
     for i, sample in enumerate(samples):
         ups = [sc for sc in sample.scrapes if sc.up]
         streams.append(sum(sc.streams_active for sc in ups) if ups else None)
-        rate: float | None = None
         if i > 0:
-            for now, before in zip(sample.scrapes, samples[i - 1].scrapes, strict=True):
-                prev = _step(now, before)
-                if prev is not None and now.t > prev.t:
-                    rate = (rate or 0.0) + _increase(now.tokens, prev.tokens) / (now.t - prev.t)
-        tokens.append(None if rate is None else round(rate, 3))
+            steps.append(_step_between(sample, samples[i - 1]))
+            if steps[i].known:
+                window.move(steps[i], 1.0)
         while sample.wall - samples[start].wall > QUANTILE_WINDOW_S:
             start += 1
-        summed: dict[float, float] = {}
-        if start < i:
-            for now, before in zip(sample.scrapes, samples[start].scrapes, strict=True):
-                prev = _step(now, before)
-                if prev is None:
-                    continue
-                for le, count in now.ttft_buckets.items():
-                    inc = _increase(count, prev.ttft_buckets.get(le, 0.0))
-                    summed[le] = summed.get(le, 0.0) + inc
-        p50.append(histogram_quantile(0.5, summed))
-        p95.append(histogram_quantile(0.95, summed))
+            if steps[start].known:
+                window.move(steps[start], -1.0)
+        tokens.append(round(steps[i].tokens_per_s, 3) if steps[i].known else None)
+        known = window.known > 0
+        known_at.append(known)
+        p50.append(histogram_quantile(0.5, window.ttft_buckets) if known else None)
+        p95.append(histogram_quantile(0.95, window.ttft_buckets) if known else None)
+        _named(outcomes, known_at, window.outcomes if known else None)
+        _named(limited, known_at, window.rate_limited if known else None)
     last = samples[-1].scrapes if samples else ()
     return {
         "intervalS": interval_s,
@@ -282,8 +323,8 @@ def ops_payload(samples: Sequence[Sample], interval_s: float) -> dict[str, Any]:
             "tokensPerSecond": tokens,
             "ttftP50": p50,
             "ttftP95": p95,
-            "outcomesPerMinute": _per_minute(samples, lambda sc: sc.outcomes),
-            "rateLimitedPerMinute": _per_minute(samples, lambda sc: sc.rate_limited),
+            "outcomesLastMinute": dict(sorted(outcomes.items())),
+            "rateLimitedLastMinute": dict(sorted(limited.items())),
         },
     }
 

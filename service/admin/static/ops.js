@@ -11,9 +11,9 @@ const $ = (id) => document.getElementById(id);
 const CHARTS = [
   { id: "streams", title: "Open streams", unit: "", digits: 0, pick: (s) => ({ open: s.streamsActive }) },
   { id: "tokens", title: "Tokens per second", unit: "tokens/s", digits: 1, pick: (s) => ({ tokens: s.tokensPerSecond }) },
-  { id: "ttft", title: "Time to first token (last minute)", unit: "s", digits: 3, pick: (s) => ({ p50: s.ttftP50, p95: s.ttftP95 }) },
-  { id: "outcomes", title: "Streams ended per minute, by outcome", unit: "/min", digits: 1, pick: (s) => s.outcomesPerMinute },
-  { id: "limited", title: "Rate-limit refusals per minute, by limit", unit: "/min", digits: 1, pick: (s) => s.rateLimitedPerMinute },
+  { id: "ttft", title: "Time to first token (last minute)", unit: "s", digits: 3, floor: 0.01, pick: (s) => ({ p50: s.ttftP50, p95: s.ttftP95 }) },
+  { id: "outcomes", title: "Streams ended in the last minute, by outcome", unit: "", digits: 0, pick: (s) => s.outcomesLastMinute },
+  { id: "limited", title: "Rate-limit refusals in the last minute, by limit", unit: "", digits: 0, pick: (s) => s.rateLimitedLastMinute },
 ];
 
 function el(name, attrs = {}, text) {
@@ -44,7 +44,7 @@ function draw(figure, chart, t, series, windowS) {
   const end = t.length ? t[t.length - 1] : 0;
   const start = t.length ? Math.max(t[0], end - windowS) : 0;
   const span = Math.max(end - start, 1e-9);
-  let top = 1;
+  let top = chart.floor ?? 1;
   for (const name of names) for (const v of series[name]) if (v !== null && v > top) top = v;
   top *= 1.1;
   const x = (when) => PAD + ((when - start) / span) * (WIDTH - 2 * PAD);
@@ -77,9 +77,10 @@ function draw(figure, chart, t, series, windowS) {
   const first = names.length ? latest(series[names[0]]) : null;
   figure.dataset.latest = first === null ? "" : String(first);
   figure.dataset.series = JSON.stringify(series);
+  figure.dataset.t = JSON.stringify(t);
   figure.dataset.samples = String(t.length);
   figure.querySelector(".now").textContent =
-    names.length ? `${format(first, chart)} ${chart.unit}`.trim() : "none yet";
+    names.length ? `${format(first, chart)} ${chart.unit}`.trim() : "none";
 }
 
 function renderInstances(list, instances) {
@@ -125,7 +126,7 @@ export function setupOps(options) {
     timer = null;
     if (panel.hidden) return;
     running = true;
-    let delayS = 5;
+    let delayS = 1;
     try {
       const headers = {};
       const key = options().apiKey;
