@@ -199,3 +199,9 @@ def test_histogram_quantile_edges() -> None:
     assert histogram_quantile(0.5, {1.0: 4, 2.0: 4}) is None  # no +Inf: not a histogram
     assert histogram_quantile(0.99, {1.0: 1, 2.0: 1, inf: 10}) == 2.0  # in +Inf: largest bound
     assert histogram_quantile(0.5, {1.0: 10, inf: 10}) == 0.5
+
+
+def test_the_ring_holds_fifteen_minutes() -> None:
+    assert OpsSampler(("http://a",), 5.0).samples.maxlen == 180
+    assert OpsSampler(("http://a",), 2.0).samples.maxlen == 450
+    assert OpsSampler(("http://a",), 0.1).samples.maxlen == 9000

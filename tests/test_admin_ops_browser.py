@@ -144,6 +144,8 @@ def chart(page: Page, name: str) -> tuple[list[float], dict[str, list[float | No
 def test_the_charts_show_a_known_load(ops_stack: tuple[Stack, str], browser: Browser) -> None:
     stack, dead = ops_stack
     with open_page(browser, stack.page_url + "#ops") as page:
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
         # with API_KEYS set the view asks for the key, then shows the data once it is given
         page.wait_for_selector("#ops-status.error")
         assert "needs the API key" in page.inner_text("#ops-status")
@@ -200,4 +202,8 @@ def test_the_charts_show_a_known_load(ops_stack: tuple[Stack, str], browser: Bro
         _, ttft = chart(page, "ttft")
         assert any(v is not None and v > 0 for v in ttft["p95"])
         assert stack.sample("ai_stream_streams_active") == 0
+        # the page read only the admin app: never the API's /metrics or /health/ready
+        ops = [url for url in requests if "/admin/api/ops" in url]
+        assert len(ops) >= 10
+        assert not [url for url in requests if "/metrics" in url or "/health" in url]
         screenshot(page, "ops")
