@@ -25,8 +25,9 @@ from service.admin.ops import (
 )
 from service.config import Settings
 from service.metrics import Metrics, create_metrics
-from tests.conftest import Gateway
-from tests.fake_upstream import Done, Finish, Gate, Text
+from service.parsers import UpstreamServer
+from tests.conftest import Gateway, MakeGateway
+from tests.fake_upstream import Done, FakeUpstream, Finish, Gate, Text
 from tests.process import free_port
 
 QUIET = 60.0  # the admin app's own loop samples once at start, then waits: tests sample by hand
@@ -205,3 +206,26 @@ def test_the_ring_holds_fifteen_minutes() -> None:
     assert OpsSampler(("http://a",), 5.0).samples.maxlen == 180
     assert OpsSampler(("http://a",), 2.0).samples.maxlen == 450
     assert OpsSampler(("http://a",), 0.1).samples.maxlen == 9000
+
+
+async def test_each_model_servers_readiness_and_no_cors_on_metrics(
+    aiohttp_client: Any, fake: FakeUpstream, make_gateway: MakeGateway
+) -> None:
+    gateway = await make_gateway(
+        upstreams=(
+            UpstreamServer(name="first", base_url=fake.url, api_key="sk-upstream"),
+            UpstreamServer(
+                name="gone", base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="sk-upstream"
+            ),
+        ),
+    )
+    metrics = await gateway.client.get("/metrics", headers={"Origin": "http://127.0.0.1:3300"})
+    assert metrics.status == 200
+    assert not any(h.lower().startswith("access-control-") for h in metrics.headers)
+    api = str(gateway.client.make_url("")).rstrip("/")
+    client = await aiohttp_client(create_admin_app(admin_settings(admin_metrics_urls=(api,))))
+    [instance] = (await sampled(client))["instances"]
+    assert instance["up"] is True
+    assert instance["ready"]["status"] == "ok"  # one server answering is enough
+    assert instance["ready"]["upstreams"]["first"] == "ok"
+    assert instance["ready"]["upstreams"]["gone"] != "ok"

@@ -11,24 +11,28 @@ Design notes:
    timeout, a non-200 `/metrics` or an exposition the parser rejects all make that instance's
    sample `up: false` with a short reason; its counters are left out of that sample and the
    others go on. `/health/ready` answers its own JSON on 503 too (the model servers' word); an
-   instance whose readiness cannot be read shows `ready: null`.
+   instance whose readiness cannot be read shows `ready: null`. The API caches its model-server
+   check (`health`), so reading readiness every interval never hammers the model server.
 3. **A ring, not a database.** The sampler keeps the samples of the last `WINDOW_S` (15 minutes)
    in a bounded deque (`WINDOW_S / interval` samples, at most `MAX_SAMPLES`), in memory, per admin
    process. A restarted admin app starts with an empty history.
-4. **Across instances.** Rates are computed per instance (its counter's increase over its own
-   read times; a counter that went down is a restarted process, its new value is the increase,
-   as Prometheus' `rate()` does) and then summed; an instance down at either end of a step adds
-   nothing to that step. Open streams are the sum of the instances up. Time to first token
-   p50/p95 comes from the histogram's buckets: each instance's bucket increases over the last
-   `QUANTILE_WINDOW_S` (one minute) are summed, then interpolated within the bucket the rank
-   falls in, as Prometheus' `histogram_quantile()` does (a rank in the `+Inf` bucket answers the
-   largest finite bound); no first token in that minute is `null`.
+4. **Across instances.** Everything is computed per step between two samples, from the instances
+   up at both ends of it (an instance down at either end adds nothing to that step): a counter's
+   increase is taken per instance (a counter that went down is a restarted process, its new
+   value is the increase, as Prometheus' `rate()` does) and then summed. Tokens per second is a
+   step's summed per-instance rate (each over its own read times). Open streams are the sum of
+   the instances up. Outcomes, rate-limit refusals and time to first token are sums of the steps
+   of the last `QUANTILE_WINDOW_S` (one minute), kept as running sums; p50/p95 are interpolated
+   from the summed histogram buckets within the bucket the rank falls in, as Prometheus'
+   `histogram_quantile()` does (a rank in the `+Inf` bucket answers the largest finite bound);
+   no first token in that minute is `null`.
 5. **What the JSON says** (`ops_payload`): `intervalS`, `windowS`, `instances` (each URL, `up`,
    `error`, and `ready`: `/health/ready`'s body), and `series`: `t` (Unix seconds of each sample),
    `streamsActive`, `tokensPerSecond` (`ai_stream_completion_tokens_total`, counted as tokens
-   flow), `ttftP50`/`ttftP95` (seconds), `outcomesPerMinute` (by outcome) and
-   `rateLimitedPerMinute` (by limit: requests, concurrency, tokens). Every list has one value per
-   sample; a value that cannot be known (the first sample's rates, every instance down) is `null`.
+   flow), `ttftP50`/`ttftP95` (seconds), `outcomesLastMinute` (by outcome) and
+   `rateLimitedLastMinute` (by limit: requests, concurrency, tokens). Every list has one value per
+   sample; a value that cannot be known (the first sample's, every instance down) is `null`; a
+   name first seen late reads 0 back to where the window was known.
 6. **The key rule.** With `API_KEYS` set, `/admin/api/ops` needs `Authorization: Bearer <key>`
    like the API's routes (the admin site is public in the shipped proxies); without it, it is
    open. Keys are checked by the API's own `Access` (constant time).
