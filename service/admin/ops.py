@@ -13,9 +13,11 @@ Design notes:
    others go on. `/health/ready` answers its own JSON on 503 too (the model servers' word); an
    instance whose readiness cannot be read shows `ready: null`. The API caches its model-server
    check (`health`), so reading readiness every interval never hammers the model server.
-3. **A ring, not a database.** The sampler keeps the samples of the last `WINDOW_S` (15 minutes)
-   in a bounded deque (`WINDOW_S / interval` samples, at most `MAX_SAMPLES`), in memory, per admin
-   process. A restarted admin app starts with an empty history.
+3. **A ring, not a database.** Each sample is turned into one `Point` (the charted values) as it
+   arrives, in constant time (`Derived`: the steps of the last minute with running sums), and the
+   points of the last `WINDOW_S` (15 minutes: `WINDOW_S / interval` points, at most
+   `MAX_SAMPLES`) are kept in a bounded deque, in memory, per admin process; the JSON is built
+   once per sample however many pages poll. A restarted admin app starts with an empty history.
 4. **Across instances.** Everything is computed per step between two samples, from the instances
    up at both ends of it (an instance down at either end adds nothing to that step): a counter's
    increase is taken per instance (a counter that went down is a restarted process, its new
@@ -53,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -161,16 +164,149 @@ def _step(now: Scrape, before: Scrape | None) -> Scrape | None:
     return before if before is not None and before.up and now.up else None
 
 
+@dataclass(slots=True)
+class _Step:
+    """What the instances up at both ends of one step between samples added in it."""
+
+    known: bool = False
+    tokens_per_s: float = 0.0
+    outcomes: dict[str, float] = field(default_factory=dict)
+    rate_limited: dict[str, float] = field(default_factory=dict)
+    ttft_buckets: dict[float, float] = field(default_factory=dict)
+
+
+def _add(into: dict[K, float], now: dict[K, float], before: dict[K, float]) -> None:
+    for key, value in now.items():
+        into[key] = into.get(key, 0.0) + _increase(value, before.get(key, 0.0))
+
+
+def _shift(into: dict[K, float], values: dict[K, float], sign: float) -> None:
+    for key, value in values.items():
+        into[key] = into.get(key, 0.0) + sign * value
+
+
+def _step_between(now: Sample, before: Sample) -> _Step:
+    step = _Step()
+    for scrape, earlier in zip(now.scrapes, before.scrapes, strict=True):
+        prev = _step(scrape, earlier)
+        if prev is None or scrape.t <= prev.t:
+            continue
+        step.known = True
+        step.tokens_per_s += _increase(scrape.tokens, prev.tokens) / (scrape.t - prev.t)
+        _add(step.outcomes, scrape.outcomes, prev.outcomes)
+        _add(step.rate_limited, scrape.rate_limited, prev.rate_limited)
+        _add(step.ttft_buckets, scrape.ttft_buckets, prev.ttft_buckets)
+    return step
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One sample's values as the view charts them (None: not known)."""
+
+    t: float
+    streams_active: float | None
+    tokens_per_s: float | None
+    ttft_p50: float | None
+    ttft_p95: float | None
+    outcomes: dict[str, float] | None  # over the last minute
+    rate_limited: dict[str, float] | None
+
+
+class Derived:
+    """Turns samples, fed oldest first, into points, each in constant time: the steps of the
+    last QUANTILE_WINDOW_S are kept with running sums (note 4)."""
+
+    def __init__(self, maxlen: int | None = None) -> None:
+        self.points: deque[Point] = deque(maxlen=maxlen)
+        self._last: Sample | None = None
+        self._steps: deque[tuple[float, _Step]] = deque()  # (wall of the step's start, step)
+        self._outcomes: dict[str, float] = {}
+        self._limited: dict[str, float] = {}
+        self._buckets: dict[float, float] = {}
+
+    def _move(self, step: _Step, sign: float) -> None:
+        _shift(self._outcomes, step.outcomes, sign)
+        _shift(self._limited, step.rate_limited, sign)
+        _shift(self._buckets, step.ttft_buckets, sign)
+
+    def add(self, sample: Sample) -> Point:
+        step = _step_between(sample, self._last) if self._last is not None else _Step()
+        if step.known and self._last is not None:
+            self._steps.append((self._last.wall, step))
+            self._move(step, 1.0)
+        self._last = sample
+        while self._steps and sample.wall - self._steps[0][0] > QUANTILE_WINDOW_S:
+            self._move(self._steps.popleft()[1], -1.0)
+        ups = [sc for sc in sample.scrapes if sc.up]
+        known = bool(self._steps)
+
+        def counts(values: dict[str, float]) -> dict[str, float] | None:
+            return {k: round(max(v, 0.0), 3) for k, v in values.items()} if known else None
+
+        point = Point(
+            t=round(sample.wall, 3),
+            streams_active=sum(sc.streams_active for sc in ups) if ups else None,
+            tokens_per_s=round(step.tokens_per_s, 3) if step.known else None,
+            ttft_p50=histogram_quantile(0.5, self._buckets) if known else None,
+            ttft_p95=histogram_quantile(0.95, self._buckets) if known else None,
+            outcomes=counts(self._outcomes),
+            rate_limited=counts(self._limited),
+        )
+        self.points.append(point)
+        return point
+
+
+def _named(values: Sequence[dict[str, float] | None]) -> dict[str, list[float | None]]:
+    """One list per name over the points: a name a known point lacks is 0 (nothing of it
+    happened in its window), an unknown point is None."""
+    names = sorted({name for v in values if v for name in v})
+    return {n: [None if v is None else v.get(n, 0.0) for v in values] for n in names}
+
+
+def render(
+    points: Sequence[Point], instances: Sequence[Scrape], interval_s: float
+) -> dict[str, Any]:
+    """The view's JSON (note 5)."""
+    return {
+        "intervalS": interval_s,
+        "windowS": WINDOW_S,
+        "instances": [
+            {"url": sc.url, "up": sc.up, "error": sc.error, "ready": sc.ready} for sc in instances
+        ],
+        "series": {
+            "t": [p.t for p in points],
+            "streamsActive": [p.streams_active for p in points],
+            "tokensPerSecond": [p.tokens_per_s for p in points],
+            "ttftP50": [p.ttft_p50 for p in points],
+            "ttftP95": [p.ttft_p95 for p in points],
+            "outcomesLastMinute": _named([p.outcomes for p in points]),
+            "rateLimitedLastMinute": _named([p.rate_limited for p in points]),
+        },
+    }
+
+
+def ops_payload(samples: Sequence[Sample], interval_s: float) -> dict[str, Any]:
+    """The JSON for these samples, oldest first (what the sampler serves, built at once)."""
+    derived = Derived()
+    for sample in samples:
+        derived.add(sample)
+    return render(derived.points, samples[-1].scrapes if samples else (), interval_s)
+
+
 class OpsSampler:
-    """The ring of samples and the loop that fills it."""
+    """The loop that reads the instances, and the ring of points it derives (note 3)."""
 
     def __init__(self, urls: Sequence[str], interval_s: float) -> None:
         self.urls = tuple(urls)
         self.interval_s = interval_s
-        self.samples: deque[Sample] = deque(
-            maxlen=min(MAX_SAMPLES, math.ceil(WINDOW_S / interval_s))
-        )
+        self.derived = Derived(min(MAX_SAMPLES, math.ceil(WINDOW_S / interval_s)))
+        self.latest: tuple[Scrape, ...] = ()
         self.timeout_s = min(10.0, max(1.0, interval_s))
+        self._body: bytes | None = None  # the JSON of the current points, built once
+
+    @property
+    def samples(self) -> deque[Point]:
+        return self.derived.points
 
     async def _read(self, session: aiohttp.ClientSession, url: str) -> Scrape:
         try:
@@ -206,7 +342,9 @@ class OpsSampler:
         wall = time.time()
         scrapes = await asyncio.gather(*(self._read(session, url) for url in self.urls))
         sample = Sample(wall, tuple(scrapes))
-        self.samples.append(sample)
+        self.derived.add(sample)
+        self.latest = sample.scrapes
+        self._body = None
         return sample
 
     async def run(self) -> None:
@@ -218,119 +356,11 @@ class OpsSampler:
                 next_at = max(next_at + self.interval_s, time.monotonic())
                 await asyncio.sleep(next_at - time.monotonic())
 
-    def payload(self) -> dict[str, Any]:
-        return ops_payload(list(self.samples), self.interval_s)
-
-
-@dataclass(slots=True)
-class _Step:
-    """What the instances up at both ends of one step between samples added in it."""
-
-    known: bool = False
-    tokens_per_s: float = 0.0
-    outcomes: dict[str, float] = field(default_factory=dict)
-    rate_limited: dict[str, float] = field(default_factory=dict)
-    ttft_buckets: dict[float, float] = field(default_factory=dict)
-
-
-def _add(into: dict[K, float], now: dict[K, float], before: dict[K, float]) -> None:
-    for key, value in now.items():
-        into[key] = into.get(key, 0.0) + _increase(value, before.get(key, 0.0))
-
-
-def _step_between(now: Sample, before: Sample) -> _Step:
-    step = _Step()
-    for scrape, earlier in zip(now.scrapes, before.scrapes, strict=True):
-        prev = _step(scrape, earlier)
-        if prev is None or scrape.t <= prev.t:
-            continue
-        step.known = True
-        step.tokens_per_s += _increase(scrape.tokens, prev.tokens) / (scrape.t - prev.t)
-        _add(step.outcomes, scrape.outcomes, prev.outcomes)
-        _add(step.rate_limited, scrape.rate_limited, prev.rate_limited)
-        _add(step.ttft_buckets, scrape.ttft_buckets, prev.ttft_buckets)
-    return step
-
-
-class _Window:
-    """Running sums of the steps of the last QUANTILE_WINDOW_S."""
-
-    def __init__(self) -> None:
-        self.known = 0
-        self.outcomes: dict[str, float] = {}
-        self.rate_limited: dict[str, float] = {}
-        self.ttft_buckets: dict[float, float] = {}
-
-    def move(self, step: _Step, sign: float) -> None:
-        self.known += 1 if sign > 0 else -1
-        _shift(self.outcomes, step.outcomes, sign)
-        _shift(self.rate_limited, step.rate_limited, sign)
-        _shift(self.ttft_buckets, step.ttft_buckets, sign)
-
-
-def _shift(into: dict[K, float], values: dict[K, float], sign: float) -> None:
-    for key, value in values.items():
-        into[key] = into.get(key, 0.0) + sign * value
-
-
-def _named(
-    out: dict[str, list[float | None]], known: list[bool], values: dict[str, float] | None
-) -> None:
-    """Append each name's value (None: unknown) to its list; a name seen for the first time is
-    0 back to where the window was known (nothing of it had happened), else None."""
-    for name in values or {}:
-        out.setdefault(name, [0.0 if k else None for k in known[:-1]])
-    for name, series in out.items():
-        series.append(None if values is None else round(max(values.get(name, 0.0), 0.0), 3))
-
-
-def ops_payload(samples: Sequence[Sample], interval_s: float) -> dict[str, Any]:
-    """The view's JSON (note 5) from the ring's samples, oldest first."""
-    streams: list[float | None] = []
-    tokens: list[float | None] = []
-    p50: list[float | None] = []
-    p95: list[float | None] = []
-    outcomes: dict[str, list[float | None]] = {}
-    limited: dict[str, list[float | None]] = {}
-    steps: list[_Step] = [_Step()]  # steps[i]: from samples[i - 1] to samples[i]
-    window = _Window()
-    known_at: list[bool] = []
-    start = 0  # steps start+1 .. i are within QUANTILE_WINDOW_S of sample i
-    for i, sample in enumerate(samples):
-        ups = [sc for sc in sample.scrapes if sc.up]
-        streams.append(sum(sc.streams_active for sc in ups) if ups else None)
-        if i > 0:
-            steps.append(_step_between(sample, samples[i - 1]))
-            if steps[i].known:
-                window.move(steps[i], 1.0)
-        while sample.wall - samples[start].wall > QUANTILE_WINDOW_S:
-            start += 1
-            if steps[start].known:
-                window.move(steps[start], -1.0)
-        tokens.append(round(steps[i].tokens_per_s, 3) if steps[i].known else None)
-        known = window.known > 0
-        known_at.append(known)
-        p50.append(histogram_quantile(0.5, window.ttft_buckets) if known else None)
-        p95.append(histogram_quantile(0.95, window.ttft_buckets) if known else None)
-        _named(outcomes, known_at, window.outcomes if known else None)
-        _named(limited, known_at, window.rate_limited if known else None)
-    last = samples[-1].scrapes if samples else ()
-    return {
-        "intervalS": interval_s,
-        "windowS": WINDOW_S,
-        "instances": [
-            {"url": sc.url, "up": sc.up, "error": sc.error, "ready": sc.ready} for sc in last
-        ],
-        "series": {
-            "t": [round(s.wall, 3) for s in samples],
-            "streamsActive": streams,
-            "tokensPerSecond": tokens,
-            "ttftP50": p50,
-            "ttftP95": p95,
-            "outcomesLastMinute": dict(sorted(outcomes.items())),
-            "rateLimitedLastMinute": dict(sorted(limited.items())),
-        },
-    }
+    def payload_json(self) -> bytes:
+        if self._body is None:
+            payload = render(self.derived.points, self.latest, self.interval_s)
+            self._body = orjson.dumps(payload)
+        return self._body
 
 
 SAMPLER = web.AppKey("ops_sampler", OpsSampler)
@@ -346,7 +376,7 @@ async def ops(request: web.Request) -> web.Response:
             headers={"WWW-Authenticate": "Bearer"},
         )
         return web.json_response(error.body(), status=error.status, headers=error.headers)
-    return web.json_response(request.app[SAMPLER].payload())
+    return web.Response(body=request.app[SAMPLER].payload_json(), content_type="application/json")
 
 
 async def _sampling(app: web.Application) -> AsyncIterator[None]:
