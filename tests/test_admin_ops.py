@@ -1,6 +1,6 @@
-"""The operations view's data (`service.admin.ops`): the key rule, no CORS, instances that do not
-answer, and the arithmetic across instances (rates summed per instance, quantiles from summed
-buckets), against the real API app and real exposition text."""
+"""The operations view's data (`service.admin.ops` and `series`): the key rule, no CORS,
+instances that do not answer, and the arithmetic across instances (rates summed per instance,
+quantiles from summed buckets), against the real API app and real exposition text."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from service.admin import create_admin_app
-from service.admin.ops import (
-    SAMPLER,
-    OpsSampler,
+from service.admin.ops import SAMPLER, OpsSampler, metrics_urls
+from service.admin.series import (
     Sample,
     Scrape,
     histogram_quantile,
-    metrics_urls,
     ops_payload,
     parse_exposition,
 )
