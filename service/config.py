@@ -49,6 +49,10 @@ class ServerSettings:
     # origin always; a URL = that API.
     admin_api_base: str | None = None
     listen_backlog: int = 4096
+    # The operations view (`admin.ops`): the API instances whose /metrics the admin app reads
+    # (empty = the local API, http://HOST:PORT) and how often.
+    admin_metrics_urls: tuple[str, ...] = ()
+    admin_metrics_interval_s: float = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +206,14 @@ def _write_timeout(raw: str) -> float:
     return value
 
 
+def _base_urls(raw: str) -> tuple[str, ...]:
+    """Comma-separated http(s) base URLs, each as `parse.url` takes it (no credentials)."""
+    urls = tuple(parse.url(part) for part in parse.csv(raw))
+    if not urls:
+        raise parse.Invalid("must name at least one http:// or https:// URL")
+    return urls
+
+
 def _level(raw: str) -> str:
     return parse.one_of(LOG_LEVELS)(raw.strip().lower())
 
@@ -218,6 +230,12 @@ def _server(read: parse.Reader) -> ServerSettings:
         admin_api_base=read("ADMIN_API_BASE", parse.api_base, d.admin_api_base),
         listen_backlog=read(
             "LISTEN_BACKLOG", parse.between(parse.integer, 1, 65535), d.listen_backlog
+        ),
+        admin_metrics_urls=read("ADMIN_METRICS_URLS", _base_urls, d.admin_metrics_urls),
+        admin_metrics_interval_s=read(
+            "ADMIN_METRICS_INTERVAL_S",
+            parse.between(parse.number, 0.1, 60.0),
+            d.admin_metrics_interval_s,
         ),
     )
 

@@ -11,7 +11,7 @@ import pytest
 from service.admin import STATIC, create_admin_app
 from service.config import Settings, SettingsError, from_env
 
-MODULES = ("app.js", "generate.js", "chat.js", "aiStream.js", "markdown.js")
+MODULES = ("app.js", "generate.js", "chat.js", "aiStream.js", "markdown.js", "ops.js")
 VENDORED = "vendor/markdown-it.min.mjs"  # markdown-it's browser ES module build, as published
 
 

@@ -5,6 +5,10 @@ No build step and nothing fetched from elsewhere: `static/` is served as it is. 
 browser, directly (CORS) or through the proxy in front of both. Model text enters the page only
 as `static/markdown.js` renders it (its notes say how that stays harmless); the headers below are
 the second line of defence.
+
+The operations view is the one exception: its numbers come from this app, which reads the API's
+`/metrics` and `/health/ready` itself (`ops`, `GET /admin/api/ops`, keyed like the API when
+`API_KEYS` is set), so the API's `/metrics` never needs CORS.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..edge import SERVER
+from . import ops
 
 STATIC = Path(__file__).parent / "static"
 SETTINGS = web.AppKey("admin_settings", Settings)
@@ -80,4 +85,5 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/", _index)
     app.router.add_get("/config.json", _config)
     app.router.add_static("/static/", STATIC)
+    ops.setup(app, settings)
     return app

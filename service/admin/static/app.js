@@ -1,6 +1,7 @@
 // The admin page: loads config.json, keeps the API key, switches tabs, starts both views.
 import { setupChat } from "./chat.js";
 import { setupGenerate } from "./generate.js";
+import { setupOps } from "./ops.js";
 
 const KEY_STORAGE = "aiStream.apiKey";
 const $ = (id) => document.getElementById(id);
@@ -31,8 +32,8 @@ function setupApiKey(config, apiBase) {
 
 function setupTabs(views) {
   const show = () => {
-    const name = location.hash === "#chat" ? "chat" : "generate";
-    for (const other of ["generate", "chat"]) {
+    const name = { "#chat": "chat", "#ops": "ops" }[location.hash] ?? "generate";
+    for (const other of ["generate", "chat", "ops"]) {
       const active = other === name;
       $(`panel-${other}`).hidden = !active;
       $(`tab-${other}`).setAttribute("aria-selected", String(active));
@@ -61,6 +62,7 @@ async function main() {
   const views = {
     generate: setupGenerate(config, options),
     chat: setupChat(config, options),
+    ops: setupOps(options),
   };
   setupTabs(views);
   document.body.dataset.ready = "true";
