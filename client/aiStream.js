@@ -1,6 +1,8 @@
 // aiStream.js: a dependency-free client for the gateway's Server-Sent Event streams.
-// Copy this one file into any frontend (browser or Node 18+): it needs only fetch,
-// ReadableStream, TextDecoder and AbortController.
+// It is the main module of the package `@ai-stream-gateway/client` (this folder: `npm install
+// --install-links <repo>/client`; types in aiStream.d.ts, React hooks in react.js), and the admin
+// page serves this same file as /static/aiStream.js. Or copy this one file into any frontend
+// (browser or Node 18+): it needs only fetch, ReadableStream, TextDecoder and AbortController.
 //
 //   import { generateContentStream } from "./aiStream.js";
 //   const stop = new AbortController();
@@ -70,6 +72,12 @@
 //    resume, the events produced until then arrive, then onError with code `cancelled` and
 //    reason `client_disconnect` (the finished stream is still kept), or onError `not_found`
 //    (it has expired, after `RESUME_TTL_S`). Aborting while paused stops as in 6.
+// 8. The result says whether the stream ever had an id (`streamId`, null when none came back):
+//    without one the server ended the generation when the client left (before its first event),
+//    so the React hooks may ask the JSON routes (`generateContent`, `chat`) instead without
+//    billing a second generation; with one they never do. An answer that is not an event stream
+//    but names its stream in `X-Stream-ID` (a proxy that rewrote the type of a stream that did
+//    start) counts as having one, so `onStream` hears of it before the `bad_stream` error.
 
 /** Incremental event-stream parser. Feed it bytes (Uint8Array) or strings, in any pieces. */
 export class SseParser {
@@ -243,15 +251,26 @@ export function deleteConversation(id, options = {}) {
   return apiJson("DELETE", `/api/v1/ai/conversations/${encodeURIComponent(id)}`, undefined, options);
 }
 
+/** `POST /api/ai/generate`: one generation returned whole; rejects with an ApiError. */
+export function generateContent(request, options = {}) {
+  return apiJson("POST", "/api/ai/generate", request, options);
+}
+
+/** `POST /api/v1/ai/chat`: one chat turn returned whole; rejects with an ApiError. */
+export function chat(request, options = {}) {
+  return apiJson("POST", "/api/v1/ai/chat", request, options);
+}
+
 /** An answer that is not 2xx, or no answer: `code` for programs, `message` for people. */
 export class ApiError extends Error {
-  constructor({ error, code, status, retryAfter, requestId }) {
+  constructor({ error, code, status, retryAfter, requestId, reason }) {
     super(error);
     this.name = "ApiError";
     this.code = code;
     this.status = status;
     this.retryAfter = retryAfter;
     this.requestId = requestId;
+    this.reason = reason; // the outcome, for an `error` event
   }
 }
 
@@ -259,7 +278,7 @@ export async function apiJson(method, path, body, options = {}) {
   const fetchImpl = options.fetch ?? globalThis.fetch.bind(globalThis);
   let response;
   try {
-    response = await fetchImpl((options.baseUrl ?? "") + path, request(method, body, options));
+    response = await fetchImpl((options.baseUrl ?? "") + path, request(method, body, options, "application/json"));
   } catch (err) {
     throw new ApiError(networkError(err));
   }
@@ -268,8 +287,8 @@ export async function apiJson(method, path, body, options = {}) {
   return response.json();
 }
 
-function request(method, body, { apiKey, signal }) {
-  const headers = { Accept: body === undefined ? "application/json" : "text/event-stream" };
+function request(method, body, { apiKey, signal }, accept = "text/event-stream") {
+  const headers = { Accept: accept };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
   return {
@@ -415,6 +434,7 @@ async function runStream(kind, body, callbacks, options) {
     return {
       status,
       text,
+      streamId,
       ...(status === "done" ? { data: payload } : {}),
       ...(status === "error" ? { error: payload } : {}),
       ...(status === "aborted" ? { stopped } : {}),
@@ -484,12 +504,12 @@ async function runStream(kind, body, callbacks, options) {
     if (!response.ok) {
       return { fail: await httpError(response).catch(() => ({ code: "network", error: "The answer was cut off." })) };
     }
+    learn(response.headers.get("X-Stream-ID")); // before the type: a started stream counts (note 8)
     const type = response.headers.get("Content-Type") ?? "";
     if (!type.startsWith("text/event-stream") || !response.body) {
       await response.body?.cancel().catch(() => {});
       return { fail: { code: "bad_stream", error: `Expected an event stream, got ${type || "no content type"}.` } };
     }
-    learn(response.headers.get("X-Stream-ID"));
     let progress = false;
     const parser = new SseParser({
       onComment: (comment) => callbacks.onComment?.(comment),

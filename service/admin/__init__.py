@@ -3,6 +3,14 @@
 No build step and nothing fetched from elsewhere: `static/` is served as it is. The page reads
 `config.json` (where the API is, its models and limits) and then talks to the API from the
 browser, directly (CORS) or through the proxy in front of both.
+
+Design notes:
+1. `static/aiStream.js` is the app developers' client package's own module (`client/aiStream.js`,
+   `@ai-stream-gateway/client`), reached through a symbolic link: one file, no copy, no build
+   step. The link points out of `static/`, which the static route rightly refuses to follow, so
+   that one URL has its own route, which serves the link's target. A wheel holds the target's
+   bytes in place of the link (setuptools copies what a link points to), and the route serves
+   those the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from ..config import Settings
 from ..edge import SERVER
 
 STATIC = Path(__file__).parent / "static"
+CLIENT_MODULE = "aiStream.js"  # served from the client package (note 1)
 SETTINGS = web.AppKey("admin_settings", Settings)
 
 # Scripts and styles only from this origin (model text can never run as code even if some
@@ -65,6 +74,10 @@ def page_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def _client_module(_: web.Request) -> web.FileResponse:
+    return web.FileResponse((STATIC / CLIENT_MODULE).resolve())
+
+
 async def _config(request: web.Request) -> web.Response:
     return web.json_response(page_config(request.app[SETTINGS]))
 
@@ -76,5 +89,6 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/", _index)
     app.router.add_get("/config.json", _config)
+    app.router.add_get(f"/static/{CLIENT_MODULE}", _client_module)
     app.router.add_static("/static/", STATIC)
     return app
