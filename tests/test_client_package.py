@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import subprocess
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -97,7 +96,9 @@ class StrippingProxy:
         mode, path = request.match_info["mode"], "/" + request.match_info["path"]
         self.counts[f"{mode} {path}"] += 1
         if mode == "html" and path in self.STREAMS:
-            return web.Response(text="<html><body>Streaming is off here.</body></html>", content_type="text/html")
+            return web.Response(
+                text="<html><body>Streaming is off here.</body></html>", content_type="text/html"
+            )
         headers = {k: v for k, v in request.headers.items() if k in self.PASSED}
         async with (
             aiohttp.ClientSession() as session,
@@ -289,12 +290,14 @@ def test_the_package_installs_into_an_app_and_imports(node: str, tmp_path: Path)
     assert npm is not None
     app = tmp_path / "app"
     app.mkdir()
-    (app / "package.json").write_text(json.dumps({"name": "app", "private": True, "type": "module"}))
+    (app / "package.json").write_text(
+        json.dumps({"name": "app", "private": True, "type": "module"})
+    )
     lock = json.loads((CLIENTS_DIR / "package-lock.json").read_text())["packages"]
     react = [f"{name}@{lock[f'node_modules/{name}']['version']}" for name in ("react", "react-dom")]
+    flags = ["--install-links", "--offline", "--no-audit", "--no-fund", "--loglevel=error"]
     done = subprocess.run(
-        [npm, "install", "--install-links", "--offline", "--no-audit", "--no-fund"]
-        + ["--loglevel=error", str(CLIENT_DIR), *react],
+        [npm, "install", *flags, str(CLIENT_DIR), *react],
         cwd=app,
         capture_output=True,
         text=True,

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { RECONNECT, backoffDelay, chatStream, generateContentStream, parseCursor } from "../../service/admin/static/aiStream.js";
+import { RECONNECT, backoffDelay, chatStream, generateContentStream, parseCursor } from "../../client/aiStream.js";
 
 const SID = "80c74cbf6NEyoKlz_ww42A";
 const bytes = (text) => new TextEncoder().encode(text);
@@ -212,7 +212,7 @@ test("abort: cancels the stream with the key, then closes; stopped says the serv
     { ...callbacks, onContent: (e) => (callbacks.onContent(e), controller.abort()) },
     { fetch, baseUrl: "http://api", apiKey: "sk-1", batchMs: 0, signal: controller.signal, reconnect: FAST },
   );
-  assert.deepEqual(result, { status: "aborted", text: "part", stopped: true });
+  assert.deepEqual(result, { status: "aborted", text: "part", streamId: SID, stopped: true });
   assert.equal(calls.length, 2);
   assert.equal(calls[1].url, `http://api/api/v1/ai/streams/${SID}/cancel`);
   assert.equal(calls[1].init.method, "POST");
@@ -293,4 +293,30 @@ test("pause then resume at once: read on at once, not as a failed try", async ()
   assert.equal(result.text, "one two");
   assert.equal(log.filter(([k]) => k === "reconnect").length, 0);
   assert.equal(calls[1].init.headers["Last-Event-ID"], `${SID}:2`);
+});
+
+test("the result names the stream id, or null when none came back (note 8)", async () => {
+  const seen = scripted([answer([START, frame(2, { type: "done", content: "" })])]);
+  const done = await generateContentStream({ prompt: "x" }, {}, { fetch: seen.fetch, baseUrl: "http://api", reconnect: FAST });
+  assert.equal(done.status, "done");
+  assert.equal(done.streamId, SID);
+  const html = new Response("<html></html>", { status: 200, headers: { "Content-Type": "text/html" } });
+  const none = await generateContentStream({ prompt: "x" }, {}, { fetch: async () => html, baseUrl: "http://api" });
+  assert.equal(none.status, "error");
+  assert.equal(none.error.code, "bad_stream");
+  assert.equal(none.streamId, null);
+  // a relabelled stream that names itself in X-Stream-ID had an id: onStream hears of it
+  const handles = [];
+  const relabelled = new Response("data: {}\n\n", {
+    status: 200,
+    headers: { "Content-Type": "text/plain", "X-Stream-ID": SID },
+  });
+  const named = await generateContentStream(
+    { prompt: "x" },
+    { onStream: (h) => handles.push(h.streamId) },
+    { fetch: async () => relabelled, baseUrl: "http://api" },
+  );
+  assert.equal(named.error.code, "bad_stream");
+  assert.equal(named.streamId, SID);
+  assert.deepEqual(handles, [SID]);
 });
