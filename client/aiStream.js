@@ -60,9 +60,12 @@
 //    `reconnect: false` turns all of this off.
 // 6. Abort is stop. Aborting `signal` once the stream id is known sends
 //    `POST /api/v1/ai/streams/{streamId}/cancel` (with the API key), and closes the connection
-//    when it has answered (at most 3 s later), so the generation ends `cancelled` and its spend
-//    stops, whatever the server's grace window (a dropped connection alone would only start
-//    it). Events arriving meanwhile are not delivered. onAbort (and the result) get `stopped`:
+//    when it has answered (at most 3 s later) and, after a 204, the stream's final event has
+//    arrived on it (at most 3 s more): the server writes that event once the generation has
+//    ended and its answer is saved, so a request made after the promise resolves (a new turn in
+//    the same conversation) never meets the stopped one. The generation ends `cancelled` and
+//    its spend stops, whatever the server's grace window (a dropped connection alone would only
+//    start it). Events arriving meanwhile are not delivered. onAbort (and the result) get `stopped`:
 //    true when the server answered 204. Before the stream id is known, closing the request is
 //    enough (the server ends a stream whose client left before its first event).
 // 7. Pause is reading later. `onStream(handle)` is called once, when the stream id is known;
@@ -362,6 +365,7 @@ async function runStream(kind, body, callbacks, options) {
   let interrupted = false; // the connection was closed by pause(), even if resume() came at once
   let stopping = null; // the cancel request, once the caller aborted (note 6)
   let wake = null; // ends a wait early (abort, pause, resume)
+  let stopEnded = null; // after a stop: told when the stream's final event arrives (note 6)
   const batcher = new TextBatcher(batchMs, (joined, e, count) => kind.deliver(callbacks, joined, e, count));
   const aborted = () => signal?.aborted === true;
 
@@ -385,8 +389,21 @@ async function runStream(kind, body, callbacks, options) {
     if (streamId !== null && ending === null && stopping === null) {
       // stop first, then close: the server never sees a plain disconnect (note 6)
       const current = connection;
+      let settled = null;
+      const ended = new Promise((resolve) => (stopEnded = resolve));
       stopping = cancel();
-      stopping.finally(() => current?.abort());
+      stopping
+        .then((stopped) => {
+          // closing a body whose end has arrived can leave its read pending forever (undici),
+          // so once the final event is in, the read loop ends by itself instead
+          if (!stopped || current === null || current.signal.aborted || ending !== null) return null;
+          const limit = new Promise((resolve) => (settled = setTimeout(resolve, STOP_WAIT_MS)));
+          return Promise.race([ended, limit]);
+        })
+        .finally(() => {
+          clearTimeout(settled);
+          if (ending === null) current?.abort();
+        });
     } else {
       connection?.abort();
     }
@@ -442,7 +459,15 @@ async function runStream(kind, body, callbacks, options) {
   };
 
   const onEvent = (frame) => {
-    if (ending || aborted()) return;
+    if (ending) return;
+    if (aborted()) {
+      // after a stop, the final event ends the read (not delivered): note 6
+      if (stopEnded !== null && /"type":"(error|done)"/.test(frame.data)) {
+        ending = ["aborted"];
+        stopEnded();
+      }
+      return;
+    }
     if (frame.id) {
       const at = parseCursor(frame.id);
       if (at !== null) {

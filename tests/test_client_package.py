@@ -3,15 +3,15 @@ service, its types under `tsc --strict`, its installation into an app, and the a
 its module.
 
 One real API process relays a fake upstream (through the real `openai` SDK) that answers by a tag
-in the last message: `[story]` a paced story that ends `stop`, `[length]` a short answer cut at
-`length`, `[endless]` text until the connection ends. The hooks run in Node's test runner with
-React, react-dom, jsdom and Testing Library (`tests/clients/`, installed by `npm ci` through the
-`node` fixture; the package itself is linked there, so the tests import it by its name, through
-its `exports`), reaching the API directly, through `tests/cutting_proxy.py` (cut twice, inside a
-frame too) and through a proxy that answers event-stream requests with something else (`/html`:
-a page of its own, the stream never opened; `/typed`: the real stream, relabelled `text/plain`,
-its `X-Stream-ID` kept). Node's exit code and its TAP summary decide; the TAP output is the
-failure message.
+in the last message: `[story]` a paced story that ends `stop`, `[fast]` 100 deltas 5 ms apart,
+`[length]` a short answer cut at `length`, `[endless]` text until the connection ends. The hooks
+run in Node's test runner with React, react-dom, jsdom and Testing Library (`tests/clients/`,
+installed by `npm ci` through the `node` fixture; the package itself is linked there, so the tests
+import it by its name, through its `exports`), reaching the API directly, through
+`tests/cutting_proxy.py` (cut twice, inside a frame too) and through a proxy that answers
+event-stream requests with something else (`/html`: a page of its own, the stream never opened;
+`/typed`: the real stream, relabelled `text/plain`, its `X-Stream-ID` kept). Node's exit code and
+its TAP summary decide; the TAP output is the failure message.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ __all__ = ["node"]  # the fixture, shared with tests/test_sse_clients.py
 CLIENT_DIR = ROOT / "client"
 PIECES = ("Once", " upon", " a time,", " a rocket 🚀", " left", " for 漢字", " and back.")
 PACE_S = 0.05
+FAST, FAST_PACE_S = 100, 0.005  # the `[fast]` answer: 100 deltas in about half a second
 NODE_TIMEOUT_S = 120
 
 
@@ -70,6 +71,11 @@ class TaggedUpstream(FakeUpstream):
         text = _text_of((body.get("messages") or [{}])[-1])
         if "[length]" in text:
             return [Text("Cut"), Text(" short"), Finish("length"), Usage(5, 2), Done()]
+        if "[fast]" in text:
+            steps: list[Step] = []
+            for i in range(FAST):
+                steps += [Text(f"{i} "), Sleep(FAST_PACE_S)]
+            return [*steps, Finish("stop"), Usage(5, FAST), Done()]
         if "[endless]" in text:
             return [Text("Going"), Repeat(" on", 0.02)]
         return _story()
@@ -214,7 +220,7 @@ def test_react_hooks_against_the_live_service(live: Live, node: str) -> None:
         timeout=NODE_TIMEOUT_S,
         check=False,
     )
-    _tap(done, 12)
+    _tap(done, 15)
     # The cut stream was read whole through two reconnects, from one upstream request.
     assert live.cutter.cuts_made == 2
     assert live.upstream.requests("[story] cut") == 1

@@ -97,6 +97,70 @@ test("useAIStream: the text grows over several renders, then metadata has the do
   assert.ok(renders.length < STORY.length * 3, `${renders.length} renders`);
 });
 
+test("renders are batched: a delta every 5 ms makes a render about every 50 ms", async () => {
+  const fast = Array.from({ length: 100 }, (_, i) => `${i} `).join("");
+  const talk = renderRecorded(() => useStreamingChat(client()));
+  const tokens = [];
+  let run;
+  act(() => {
+    run = talk.result.current.streamMessage({ message: "[fast] burst" }, (c) => c.type === "token" && tokens.push(c));
+  });
+  assert.equal((await run).status, "done");
+  await waitFor(() => assert.equal(talk.result.current.isStreaming, false), WAIT);
+  assert.equal(talk.result.current.streamingMessage, fast);
+  assert.equal(tokens.map((t) => t.content).join(""), fast); // onChunk: every event, as it came
+  assert.ok(tokens.length >= 50, `${tokens.length} token events`);
+  assert.ok(talk.renders.length <= 30, `${talk.renders.length} renders for ${tokens.length} events`);
+
+  const ai = renderRecorded(() => useAIStream(client()));
+  act(() => {
+    run = ai.result.current.generate({ prompt: "[fast] burst" });
+  });
+  assert.equal((await run).status, "done");
+  await waitFor(() => assert.equal(ai.result.current.isStreaming, false), WAIT);
+  assert.equal(ai.result.current.content, fast);
+  assert.ok(ai.renders.length <= 30, `${ai.renders.length} renders for 100 deltas`);
+});
+
+test("a new generate stops the one running (cancelled), then streams", async () => {
+  const cancelled = await outcomes("generate_stream", "cancelled");
+  const { result } = renderHook(() => useAIStream(client()));
+  let first;
+  act(() => {
+    first = result.current.generate({ prompt: "[endless] replaced" });
+  });
+  await waitFor(() => assert.ok(result.current.content.length > 0), WAIT);
+  let second;
+  act(() => {
+    second = result.current.generate({ prompt: "[story] replacement" });
+  });
+  assert.equal((await first).status, "aborted");
+  assert.equal((await second).status, "done");
+  await waitFor(() => assert.equal(result.current.isStreaming, false), WAIT);
+  assert.equal(result.current.content, TEXT);
+  await expectOutcome("generate_stream", "cancelled", cancelled + 1);
+});
+
+test("a new message in the same conversation stops the running answer first: no 409", async () => {
+  const { result } = renderHook(() => useStreamingChat(client()));
+  let first;
+  act(() => {
+    first = result.current.streamMessage({ message: "[endless] interrupted" });
+  });
+  await waitFor(() => assert.ok(result.current.streamingMessage.length > 0), WAIT);
+  const id = result.current.conversationId;
+  let second;
+  act(() => {
+    second = result.current.streamMessage({ message: "[story] next turn" }); // sends `id` by itself
+  });
+  assert.equal((await first).status, "aborted");
+  const outcome = await second;
+  assert.equal(outcome.status, "done", JSON.stringify(outcome));
+  assert.equal(outcome.data.conversationId, id);
+  await waitFor(() => assert.equal(result.current.streamingMessage, TEXT), WAIT);
+  assert.equal(result.current.error, null);
+});
+
 test("useAIStream: an answer cut at maxTokens says finishReason length", async () => {
   const { result } = renderHook(() => useAIStream(client()));
   let run;

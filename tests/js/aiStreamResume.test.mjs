@@ -35,14 +35,19 @@ function answer(pieces, { status = 200, cut = false, headers = {} } = {}) {
     );
 }
 
-/** A body that sends `pieces` and stays open until the request is aborted. */
-function hanging(pieces, headers = {}) {
+/** A body that sends `pieces` and stays open until the request is aborted; `opened` gets its
+ * stream's controller (to send more later). */
+function hanging(pieces, headers = {}, opened = () => {}) {
   return (init) =>
     new Response(
       new ReadableStream({
         start(controller) {
+          opened(controller, init);
           for (const piece of pieces) controller.enqueue(bytes(piece));
           init.signal.addEventListener("abort", () => controller.error(new DOMException("aborted", "AbortError")));
+        },
+        cancel() {
+          init.bodyCancelled = true;
         },
       }),
       { status: 200, headers: { "Content-Type": "text/event-stream; charset=utf-8", "X-Stream-ID": SID, ...headers } },
@@ -205,20 +210,42 @@ test("reconnect: never before the stream id is known, and never with reconnect: 
 
 test("abort: cancels the stream with the key, then closes; stopped says the server agreed", async () => {
   const controller = new AbortController();
-  const { fetch, calls } = scripted([hanging([START, content(2, "part")]), answer(null, { status: 204 })]);
+  // The server's way: 204 from the cancel route, then the terminal event on the open stream.
+  let open;
+  const stream = hanging([START, content(2, "part")], {}, (controller) => (open = controller));
+  const cancelled = frame(3, { type: "error", error: "Stopped.", code: "cancelled", reason: "cancelled" });
+  const stop = () => {
+    setTimeout(() => open.enqueue(bytes(cancelled)), 20);
+    return new Response(null, { status: 204 });
+  };
+  const { fetch, calls } = scripted([stream, stop]);
   const { log, callbacks } = recorder();
+  const started = performance.now();
   const result = await generateContentStream(
     { prompt: "x" },
     { ...callbacks, onContent: (e) => (callbacks.onContent(e), controller.abort()) },
     { fetch, baseUrl: "http://api", apiKey: "sk-1", batchMs: 0, signal: controller.signal, reconnect: FAST },
   );
+  assert.ok(performance.now() - started < 1000, "closed when the final event came, not at the limit");
   assert.deepEqual(result, { status: "aborted", text: "part", streamId: SID, stopped: true });
   assert.equal(calls.length, 2);
   assert.equal(calls[1].url, `http://api/api/v1/ai/streams/${SID}/cancel`);
   assert.equal(calls[1].init.method, "POST");
   assert.equal(calls[1].init.headers.Authorization, "Bearer sk-1");
-  assert.ok(calls[0].init.signal.aborted); // the stream's connection is closed too
+  assert.ok(calls[0].init.bodyCancelled); // the stream's read ended at its final event, closing it
   assert.deepEqual(log, [["start", "r"], ["content", "part"], ["abort", "part", true]]);
+});
+
+test("abort: with no final event after the cancel, the connection is closed at the limit", async () => {
+  const controller = new AbortController();
+  const { fetch, calls } = scripted([hanging([START, content(2, "part")]), answer(null, { status: 204 })]);
+  const result = await generateContentStream(
+    { prompt: "x" },
+    { onContent: () => controller.abort() },
+    { fetch, baseUrl: "http://api", batchMs: 0, signal: controller.signal, reconnect: FAST },
+  );
+  assert.deepEqual(result, { status: "aborted", text: "part", streamId: SID, stopped: true });
+  assert.ok(calls[0].init.signal.aborted); // closed: the limit (3 s) passed
 });
 
 test("pause and resume: the connection is closed, then read on from the cursor", async () => {
