@@ -8,10 +8,10 @@ in the last message: `[story]` a paced story that ends `stop`, `[fast]` 100 delt
 run in Node's test runner with React, react-dom, jsdom and Testing Library (`tests/clients/`,
 installed by `npm ci` through the `node` fixture; the package itself is linked there, so the tests
 import it by its name, through its `exports`), reaching the API directly, through
-`tests/cutting_proxy.py` (cut twice, inside a frame too) and through a proxy that answers
-event-stream requests with something else (`/html`: a page of its own, the stream never opened;
-`/typed`: the real stream, relabelled `text/plain`, its `X-Stream-ID` kept). Node's exit code and
-its TAP summary decide; the TAP output is the failure message.
+`tests/cutting_proxy.py` (each stream cut twice, inside a frame too) and through a proxy that
+answers event-stream requests with something else (`/html`: a page of its own, the stream never
+opened; `/typed`: the real stream, relabelled `text/plain`, its `X-Stream-ID` kept). Node's exit
+code and its TAP summary decide; the TAP output is the failure message.
 """
 
 from __future__ import annotations
@@ -203,9 +203,12 @@ def _tap(done: subprocess.CompletedProcess[str], at_least: int) -> None:
 
 
 def test_react_hooks_against_the_live_service(live: Live, node: str) -> None:
-    # The one stream through the cutting proxy is cut twice: after 3 whole events and 9 bytes
-    # of the 4th, then after 2 more events.
-    live.background.run(_arm(live.cutter, Cut(3, extra=9), Cut(2)))
+    # The two streams through the cutting proxy (a generation, then a chat turn) are cut twice
+    # each: the generation after 3 whole events and 9 bytes of the 4th, then after 2 more events
+    # (its third read is not cut: the stream ends first); the chat turn after 2 events and 5
+    # bytes, then after 3 more.
+    cuts = (Cut(3, extra=9), Cut(2), Cut(10_000), Cut(2, extra=5), Cut(3))
+    live.background.run(_arm(live.cutter, *cuts))
     done = subprocess.run(
         [node, "--preserve-symlinks", "--test", "--test-reporter=tap", "react_hooks.test.mjs"],
         cwd=CLIENTS_DIR,
@@ -220,12 +223,13 @@ def test_react_hooks_against_the_live_service(live: Live, node: str) -> None:
         timeout=NODE_TIMEOUT_S,
         check=False,
     )
-    _tap(done, 15)
-    # The cut stream was read whole through two reconnects, from one upstream request.
-    assert live.cutter.cuts_made == 2
+    _tap(done, 16)
+    # The cut streams were read whole through two reconnects each, from one upstream request.
+    assert live.cutter.cuts_made == 4
     assert live.upstream.requests("[story] cut") == 1
+    assert live.upstream.requests("[story] chat-cut") == 1
     resumes = [s for s in live.cutter.requests() if s.method == "GET"]
-    assert len(resumes) >= 2, live.cutter.requests()
+    assert len([s for s in resumes if "/api/v1/ai/streams/" in s.path]) >= 4, resumes
     assert all(s.last_event_id for s in resumes), resumes
     # The fallback asked the JSON route only for the stream that never opened.
     counts = live.stripper.counts

@@ -332,6 +332,30 @@ test("a cut connection is resumed: no text lost or repeated", async () => {
   assert.equal(result.current.error, null);
 });
 
+test("a cut chat connection is resumed: every event once, the saved answer whole", async () => {
+  const options = client({ baseUrl: CUT });
+  const { result } = renderHook(() => useStreamingChat(options));
+  const chunks = [];
+  let run;
+  act(() => {
+    run = result.current.streamMessage({ message: "[story] chat-cut" }, (c) => chunks.push(c));
+  });
+  const outcome = await run;
+  assert.equal(outcome.status, "done", JSON.stringify(outcome));
+  await waitFor(() => assert.equal(result.current.isStreaming, false), WAIT);
+  assert.deepEqual(
+    chunks.map((c) => c.type),
+    ["metadata", ...STORY.map(() => "token"), "done"],
+  );
+  assert.deepEqual(
+    chunks.filter((c) => c.type === "token").map((c) => c.content),
+    STORY,
+  );
+  assert.equal(result.current.streamingMessage, TEXT);
+  const saved = await getConversation(result.current.conversationId, { ...options, baseUrl: API });
+  assert.equal(saved.messages.at(-1).content, TEXT);
+});
+
 test("a stream that never opened falls back to the JSON route", async () => {
   const { result } = renderHook(() => useAIStream(client({ baseUrl: `${STRIP}/html` })));
   let run;
