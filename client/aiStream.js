@@ -348,6 +348,16 @@ export function parseCursor(id) {
   return { streamId: id.slice(0, colon), seq: Number(seq) };
 }
 
+/** A `done` or `error` event's data (the stream's last event). */
+function isFinal(data) {
+  try {
+    const type = JSON.parse(data)?.type;
+    return type === "done" || type === "error";
+  } catch {
+    return false;
+  }
+}
+
 const STOP_WAIT_MS = 3000; // the longest an abort waits for the cancel route before closing anyway
 const INCOMPLETE = { code: "incomplete", error: "The stream ended before the answer was complete." };
 
@@ -462,7 +472,7 @@ async function runStream(kind, body, callbacks, options) {
     if (ending) return;
     if (aborted()) {
       // after a stop, the final event ends the read (not delivered): note 6
-      if (stopEnded !== null && /"type":"(error|done)"/.test(frame.data)) {
+      if (stopEnded !== null && isFinal(frame.data)) {
         ending = ["aborted"];
         stopEnded();
       }
