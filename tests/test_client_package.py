@@ -290,22 +290,47 @@ def test_types_reject_a_wrong_event_field(node: str) -> None:
     assert "'delta' does not exist in type 'ChatTokenEvent'" in errors[0], done.stdout
 
 
-def test_the_package_installs_into_an_app_and_imports(node: str, tmp_path: Path) -> None:
-    """`npm install --install-links <repo>/client` in a new app (offline: React from npm's cache,
-    which `npm ci` filled), then both entry points import under Node and the hook renders with
-    the app's own React."""
+APP_MAIN = """\
+import { generateContentStream, ApiError } from "@ai-stream-gateway/client";
+import { useAIStream, useStreamingChat } from "@ai-stream-gateway/client/react";
+import { createElement } from "react";
+import { renderToString } from "react-dom/server";
+function View() {
+  const a = useAIStream();
+  const c = useStreamingChat();
+  return createElement("p", null, `${a.isStreaming}|${a.content}|${c.conversationId}`);
+}
+const page = renderToString(createElement(View));
+console.log(JSON.stringify([typeof generateContentStream, typeof ApiError, page]));
+"""
+
+
+@pytest.mark.parametrize(
+    ("install", "run"),
+    [
+        pytest.param(["--install-links"], [], id="copied"),
+        pytest.param([], ["--preserve-symlinks"], id="linked"),
+    ],
+)
+def test_the_package_installs_into_an_app_and_imports(
+    node: str, tmp_path: Path, install: list[str], run: list[str]
+) -> None:
+    """`npm install [--install-links] <repo>/client` in a new app (offline: React from npm's
+    cache, which `npm ci` filled), then both entry points import under Node and a component using
+    both hooks renders with the app's own React. Copied (`--install-links`), the package runs as
+    it is; linked (npm's default for a folder), `react.js` finds the app's React when Node keeps
+    the link's path (`--preserve-symlinks`)."""
     npm = shutil.which("npm")
     if npm is None:
         tool_required("npm")
     assert npm is not None
     app = tmp_path / "app"
     app.mkdir()
-    (app / "package.json").write_text(
-        json.dumps({"name": "app", "private": True, "type": "module"})
-    )
+    manifest = {"name": "app", "private": True, "type": "module"}
+    (app / "package.json").write_text(json.dumps(manifest))
     lock = json.loads((CLIENTS_DIR / "package-lock.json").read_text())["packages"]
     react = [f"{name}@{lock[f'node_modules/{name}']['version']}" for name in ("react", "react-dom")]
-    flags = ["--install-links", "--offline", "--no-audit", "--no-fund", "--loglevel=error"]
+    flags = [*install, "--offline", "--no-audit", "--no-fund", "--loglevel=error"]
     done = subprocess.run(
         [npm, "install", *flags, str(CLIENT_DIR), *react],
         cwd=app,
@@ -316,23 +341,11 @@ def test_the_package_installs_into_an_app_and_imports(node: str, tmp_path: Path)
     )
     assert done.returncode == 0, done.stdout + done.stderr
     installed = app / "node_modules" / "@ai-stream-gateway" / "client"
-    assert not installed.is_symlink()
+    assert installed.is_symlink() == (not install)
     assert (installed / "aiStream.js").read_bytes() == (CLIENT_DIR / "aiStream.js").read_bytes()
-    (app / "main.js").write_text(
-        'import { generateContentStream, ApiError } from "@ai-stream-gateway/client";\n'
-        'import { useAIStream, useStreamingChat } from "@ai-stream-gateway/client/react";\n'
-        'import { createElement } from "react";\n'
-        'import { renderToString } from "react-dom/server";\n'
-        "function View() {\n"
-        "  const a = useAIStream();\n"
-        "  const c = useStreamingChat();\n"
-        "  return createElement('p', null, `${a.isStreaming}|${a.content}|${c.conversationId}`);\n"
-        "}\n"
-        "console.log(JSON.stringify([typeof generateContentStream, typeof ApiError,\n"
-        "  renderToString(createElement(View))]));\n"
-    )
+    (app / "main.js").write_text(APP_MAIN)
     ran = subprocess.run(
-        [node, "main.js"], cwd=app, capture_output=True, text=True, timeout=60, check=False
+        [node, *run, "main.js"], cwd=app, capture_output=True, text=True, timeout=60, check=False
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert json.loads(ran.stdout) == ["function", "function", "<p>false||null</p>"]
