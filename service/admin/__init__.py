@@ -9,6 +9,14 @@ the second line of defence.
 The operations view is the one exception: its numbers come from this app, which reads the API's
 `/metrics` and `/health/ready` itself (`ops`, `GET /admin/api/ops`, keyed like the API when
 `API_KEYS` is set), so the API's `/metrics` never needs CORS.
+
+Design notes:
+1. `static/aiStream.js` is the app developers' client package's own module (`client/aiStream.js`,
+   `@ai-stream-gateway/client`), reached through a symbolic link: one file, no copy, no build
+   step. The link points out of `static/`, which the static route rightly refuses to follow, so
+   that one URL has its own route, which serves the link's target. A wheel holds the target's
+   bytes in place of the link (setuptools copies what a link points to), and the route serves
+   those the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from ..edge import SERVER
 from . import ops
 
 STATIC = Path(__file__).parent / "static"
+CLIENT_MODULE = "aiStream.js"  # served from the client package (note 1)
 SETTINGS = web.AppKey("admin_settings", Settings)
 
 # Scripts, styles and images only from this origin: model text rendered as Markdown can neither
@@ -73,6 +82,10 @@ def page_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def _client_module(_: web.Request) -> web.FileResponse:
+    return web.FileResponse((STATIC / CLIENT_MODULE).resolve())
+
+
 async def _config(request: web.Request) -> web.Response:
     return web.json_response(page_config(request.app[SETTINGS]))
 
@@ -84,6 +97,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/", _index)
     app.router.add_get("/config.json", _config)
+    app.router.add_get(f"/static/{CLIENT_MODULE}", _client_module)
     app.router.add_static("/static/", STATIC)
     ops.setup(app, settings)
     return app

@@ -1,4 +1,4 @@
-// aiStream.js (the project's own client, service/admin/static/) under Node, driven line by line:
+// aiStream.js (the project's own client, client/) under Node, driven line by line:
 //   node ai_stream.mjs '{"baseUrl": "...", "path": "/api/ai/generate-stream", "body": {...},
 //                        "then": "pause"}'
 // With "then": "pause" it pauses at the first text, prints {"paused": true, "streamId": ...} on a
@@ -6,7 +6,7 @@
 // report (one JSON line): what the callbacks saw and the result.
 import { createInterface } from "node:readline";
 
-import { chatStream, generateContentStream } from "../../service/admin/static/aiStream.js";
+import { chatStream, generateContentStream } from "../../client/aiStream.js";
 
 const job = JSON.parse(process.argv[2]);
 const run = job.path === "/api/ai/generate-stream" ? generateContentStream : chatStream;

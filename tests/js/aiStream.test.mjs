@@ -12,7 +12,7 @@ import {
   chatStream,
   generateContentStream,
   getConversation,
-} from "../../service/admin/static/aiStream.js";
+} from "../../client/aiStream.js";
 
 const bytes = (text) => new TextEncoder().encode(text);
 

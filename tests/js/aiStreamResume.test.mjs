@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { RECONNECT, backoffDelay, chatStream, generateContentStream, parseCursor } from "../../service/admin/static/aiStream.js";
+import { RECONNECT, backoffDelay, chatStream, generateContentStream, parseCursor } from "../../client/aiStream.js";
 
 const SID = "80c74cbf6NEyoKlz_ww42A";
 const bytes = (text) => new TextEncoder().encode(text);
@@ -35,14 +35,19 @@ function answer(pieces, { status = 200, cut = false, headers = {} } = {}) {
     );
 }
 
-/** A body that sends `pieces` and stays open until the request is aborted. */
-function hanging(pieces, headers = {}) {
+/** A body that sends `pieces` and stays open until the request is aborted; `opened` gets its
+ * stream's controller (to send more later). */
+function hanging(pieces, headers = {}, opened = () => {}) {
   return (init) =>
     new Response(
       new ReadableStream({
         start(controller) {
+          opened(controller, init);
           for (const piece of pieces) controller.enqueue(bytes(piece));
           init.signal.addEventListener("abort", () => controller.error(new DOMException("aborted", "AbortError")));
+        },
+        cancel() {
+          init.bodyCancelled = true;
         },
       }),
       { status: 200, headers: { "Content-Type": "text/event-stream; charset=utf-8", "X-Stream-ID": SID, ...headers } },
@@ -205,20 +210,42 @@ test("reconnect: never before the stream id is known, and never with reconnect: 
 
 test("abort: cancels the stream with the key, then closes; stopped says the server agreed", async () => {
   const controller = new AbortController();
-  const { fetch, calls } = scripted([hanging([START, content(2, "part")]), answer(null, { status: 204 })]);
+  // The server's way: 204 from the cancel route, then the terminal event on the open stream.
+  let open;
+  const stream = hanging([START, content(2, "part")], {}, (controller) => (open = controller));
+  const cancelled = frame(3, { type: "error", error: "Stopped.", code: "cancelled", reason: "cancelled" });
+  const stop = () => {
+    setTimeout(() => open.enqueue(bytes(cancelled)), 20);
+    return new Response(null, { status: 204 });
+  };
+  const { fetch, calls } = scripted([stream, stop]);
   const { log, callbacks } = recorder();
+  const started = performance.now();
   const result = await generateContentStream(
     { prompt: "x" },
     { ...callbacks, onContent: (e) => (callbacks.onContent(e), controller.abort()) },
     { fetch, baseUrl: "http://api", apiKey: "sk-1", batchMs: 0, signal: controller.signal, reconnect: FAST },
   );
-  assert.deepEqual(result, { status: "aborted", text: "part", stopped: true });
+  assert.ok(performance.now() - started < 1000, "closed when the final event came, not at the limit");
+  assert.deepEqual(result, { status: "aborted", text: "part", streamId: SID, stopped: true });
   assert.equal(calls.length, 2);
   assert.equal(calls[1].url, `http://api/api/v1/ai/streams/${SID}/cancel`);
   assert.equal(calls[1].init.method, "POST");
   assert.equal(calls[1].init.headers.Authorization, "Bearer sk-1");
-  assert.ok(calls[0].init.signal.aborted); // the stream's connection is closed too
+  assert.ok(calls[0].init.bodyCancelled); // the stream's read ended at its final event, closing it
   assert.deepEqual(log, [["start", "r"], ["content", "part"], ["abort", "part", true]]);
+});
+
+test("abort: with no final event after the cancel, the connection is closed at the limit", async () => {
+  const controller = new AbortController();
+  const { fetch, calls } = scripted([hanging([START, content(2, "part")]), answer(null, { status: 204 })]);
+  const result = await generateContentStream(
+    { prompt: "x" },
+    { onContent: () => controller.abort() },
+    { fetch, baseUrl: "http://api", batchMs: 0, signal: controller.signal, reconnect: FAST },
+  );
+  assert.deepEqual(result, { status: "aborted", text: "part", streamId: SID, stopped: true });
+  assert.ok(calls[0].init.signal.aborted); // closed: the limit (3 s) passed
 });
 
 test("pause and resume: the connection is closed, then read on from the cursor", async () => {
@@ -293,4 +320,30 @@ test("pause then resume at once: read on at once, not as a failed try", async ()
   assert.equal(result.text, "one two");
   assert.equal(log.filter(([k]) => k === "reconnect").length, 0);
   assert.equal(calls[1].init.headers["Last-Event-ID"], `${SID}:2`);
+});
+
+test("the result names the stream id, or null when none came back (note 8)", async () => {
+  const seen = scripted([answer([START, frame(2, { type: "done", content: "" })])]);
+  const done = await generateContentStream({ prompt: "x" }, {}, { fetch: seen.fetch, baseUrl: "http://api", reconnect: FAST });
+  assert.equal(done.status, "done");
+  assert.equal(done.streamId, SID);
+  const html = new Response("<html></html>", { status: 200, headers: { "Content-Type": "text/html" } });
+  const none = await generateContentStream({ prompt: "x" }, {}, { fetch: async () => html, baseUrl: "http://api" });
+  assert.equal(none.status, "error");
+  assert.equal(none.error.code, "bad_stream");
+  assert.equal(none.streamId, null);
+  // a relabelled stream that names itself in X-Stream-ID had an id: onStream hears of it
+  const handles = [];
+  const relabelled = new Response("data: {}\n\n", {
+    status: 200,
+    headers: { "Content-Type": "text/plain", "X-Stream-ID": SID },
+  });
+  const named = await generateContentStream(
+    { prompt: "x" },
+    { onStream: (h) => handles.push(h.streamId) },
+    { fetch: async () => relabelled, baseUrl: "http://api" },
+  );
+  assert.equal(named.error.code, "bad_stream");
+  assert.equal(named.streamId, SID);
+  assert.deepEqual(handles, [SID]);
 });
