@@ -26,11 +26,23 @@ Design notes:
    reader instead, so the request is answered 400 at once.
 4. `run` stops on SIGINT/SIGTERM through an event rather than `run_app`'s exception from the
    signal handler, so the drain runs in a task that is not being cancelled.
+5. Python's cyclic garbage collector was the largest single cost of opening streams in a burst
+   (py-spy, S3: about a third of the service's samples sat in frames that allocate, the SDK's
+   request headers, asyncio's `Event` and `create_task`, socket creation): every 700 allocations
+   a young collection, and the older generations scanned again and again as thousands of open
+   streams' objects aged into them. Once the app has started, `serve` collects once, freezes
+   everything start-up made (modules, the SDK client, pydantic's validators: never scanned again)
+   and raises the thresholds to `GC_THRESHOLDS`. Reference counting still frees almost
+   everything at once; only garbage in cycles waits longer: up to 20,000 allocations while
+   young, a million once it has lived through a young collection. In `make bench` S3 this cut
+   the CPU per stream by about a third (2.8 to 1.8 ms) and the added first-token p99 from
+   seconds to under 200 ms on a quiet machine (README, Performance).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -56,6 +68,9 @@ log = structlog.get_logger("service.edge")
 
 SERVER: Final = "ai-stream-gateway"
 KEEPALIVE_TIMEOUT_S: Final = 75.0  # web.run_app's default, kept
+# gen0 every 20,000 net allocations (CPython: 700), gen1 every 50 of those (10), the full
+# collection at most every 10 of those (10), and then only past CPython's own 25 % growth rule.
+GC_THRESHOLDS: Final = (20_000, 50, 10)
 _ERROR_HEADERS: Final = {"Server": SERVER, "X-Content-Type-Options": "nosniff"}
 _CLIENT_ERRORS = (HttpProcessingError, web.RequestPayloadError, ConnectionError)
 
@@ -272,12 +287,20 @@ async def serve(
         access_log=None,
     )
     await runner.setup()
+    tune_gc()  # design note 5: after start-up, before the first request
     try:
         await web.TCPSite(runner, host, port, backlog=backlog).start()
         await stop.wait()  # design note 4
         log.info("server.stopping")
     finally:
         await runner.cleanup()
+
+
+def tune_gc() -> None:
+    """Design note 5: freeze what start-up made, and collect the young generations less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(app: web.Application, **options: Any) -> None:
