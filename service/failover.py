@@ -156,9 +156,10 @@ class _Server:
 
 
 class _Answer:
-    """The stream of the attempt that answered: its first batch, then the rest (note 1)."""
+    """The stream of the attempt that answered: its first batch, then the rest (note 1). An
+    iterator of its own (no async generator): after the first batch, one call per batch."""
 
-    __slots__ = ("_first", "_rest", "parser")
+    __slots__ = ("_first", "_over", "_rest", "parser")
 
     def __init__(
         self,
@@ -168,14 +169,20 @@ class _Answer:
     ) -> None:
         self.parser = parser
         self._first = first
+        self._over = first is None  # nothing came: the answer is empty
         self._rest = rest
 
-    async def __aiter__(self) -> AsyncIterator[tuple[str, int]]:
-        if self._first is None:
-            return
-        yield self._first
-        async for batch in self._rest:
-            yield batch
+    def __aiter__(self) -> _Answer:
+        return self
+
+    async def __anext__(self) -> tuple[str, int]:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        if self._over:
+            raise StopAsyncIteration
+        return await self._rest.__anext__()
 
 
 class FailoverUpstream:
