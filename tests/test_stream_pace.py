@@ -243,3 +243,19 @@ async def test_flush_frames_bytes(make_gateway: MakeGateway) -> None:
     assert raw == b'data: {"type":"content","delta":"x\\u2028y","tokenCount":2}\n\n'
     gate.set()
     assert (await frames.rest())[-1]["type"] == "done"
+
+
+async def test_flush_interval_leaves_openai_chunks_as_they_came(make_gateway: MakeGateway) -> None:
+    """The OpenAI-compatible route relays chunk for chunk, whatever `STREAM_FLUSH_MS` says."""
+    gateway = await make_gateway(stream_flush_ms=400)
+    gateway.fake.queue(answer("a", "b", "c"))
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    resp = await gateway.client.post("/v1/chat/completions", json=body)
+    wire = await resp.read()
+    deltas = [
+        orjson.loads(line[6:])["choices"][0]["delta"].get("content")
+        for line in wire.split(b"\n\n")
+        if line.startswith(b"data: {")
+    ]
+    assert deltas == ["a", "b", "c", None]  # one chunk each, then the finish chunk
+    assert wire.endswith(b"data: [DONE]\n\n")
