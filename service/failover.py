@@ -55,7 +55,7 @@ import email.utils
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -157,7 +157,7 @@ class _Server:
 
 class _Answer:
     """The stream of the attempt that answered: its first batch, then the rest (note 1). An
-    iterator of its own (no async generator): after the first batch, one call per batch."""
+    iterator of its own (no async generator) that hands over the rest's awaitables as they are."""
 
     __slots__ = ("_first", "_over", "_rest", "parser")
 
@@ -175,14 +175,18 @@ class _Answer:
     def __aiter__(self) -> _Answer:
         return self
 
-    async def __anext__(self) -> tuple[str, int]:
+    def __anext__(self) -> Awaitable[tuple[str, int]]:
+        """The first batch (already read), then the rest's own awaitable: no frame of this
+        class between the relay and the stream for any later batch."""
         first = self._first
         if first is not None:
             self._first = None
-            return first
+            done: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+            done.set_result(first)
+            return done
         if self._over:
             raise StopAsyncIteration
-        return await self._rest.__anext__()
+        return self._rest.__anext__()
 
 
 class FailoverUpstream:
