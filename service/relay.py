@@ -634,6 +634,7 @@ class Generation:
         self.meter = None
         self.on_end = None
         self.opening = None
+        self._flush = None  # its frame builder holds the vocabulary and metrics (note 14)
 
     def text_so_far(self) -> str:
         """The answer's text as produced so far (all of it once ended)."""
