@@ -38,7 +38,7 @@ Design notes:
    done), its body is read straight from aiohttp's `StreamReader.readany()`, found under the
    httpx response the SDK's transport returns: that skips four wrappers (httpx's `aiter_bytes`,
    `aiter_raw`, its timing stream, the transport's `iter_chunked` generator) and their exception
-   mapping per network read, about a sixth of the relay's CPU at model pace (README,
+   mapping per network read, about 6 % of the service's profile samples at model pace (README,
    Performance). aiohttp's errors are translated as the SDK's would be (`translate` classifies
    by the aiohttp error either way). A body with a `Content-Encoding`, or a transport whose
    response is not found, is read through httpx as before. The batches come from an iterator
