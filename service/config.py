@@ -105,6 +105,7 @@ class ClockSettings:
     shutdown_drain_s: float = 25.0
     body_timeout_s: float = 10.0  # head received -> whole body read, else 408 (0 = off)
     header_timeout_s: float = 10.0  # first byte (or connection open) -> whole head (0 = off)
+    stream_flush_ms: int = 0  # deltas read within it are joined into one frame (0 = each read's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,6 +290,9 @@ def _clocks(read: parse.Reader) -> ClockSettings:
         shutdown_drain_s=read("SHUTDOWN_DRAIN_S", parse.seconds, d.shutdown_drain_s),
         body_timeout_s=read("BODY_TIMEOUT_S", parse.seconds, d.body_timeout_s),
         header_timeout_s=read("HEADER_TIMEOUT_S", parse.seconds, d.header_timeout_s),
+        stream_flush_ms=read(
+            "STREAM_FLUSH_MS", parse.between(parse.integer, 0, 1000), d.stream_flush_ms
+        ),
     )
 
 

@@ -55,7 +55,7 @@ import email.utils
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -156,9 +156,10 @@ class _Server:
 
 
 class _Answer:
-    """The stream of the attempt that answered: its first batch, then the rest (note 1)."""
+    """The stream of the attempt that answered: its first batch, then the rest (note 1). An
+    iterator of its own (no async generator) that hands over the rest's awaitables as they are."""
 
-    __slots__ = ("_first", "_rest", "parser")
+    __slots__ = ("_first", "_over", "_rest", "parser")
 
     def __init__(
         self,
@@ -168,14 +169,24 @@ class _Answer:
     ) -> None:
         self.parser = parser
         self._first = first
+        self._over = first is None  # nothing came: the answer is empty
         self._rest = rest
 
-    async def __aiter__(self) -> AsyncIterator[tuple[str, int]]:
-        if self._first is None:
-            return
-        yield self._first
-        async for batch in self._rest:
-            yield batch
+    def __aiter__(self) -> _Answer:
+        return self
+
+    def __anext__(self) -> Awaitable[tuple[str, int]]:
+        """The first batch (already read), then the rest's own awaitable: no frame of this
+        class between the relay and the stream for any later batch."""
+        first = self._first
+        if first is not None:
+            self._first = None
+            done: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+            done.set_result(first)
+            return done
+        if self._over:
+            raise StopAsyncIteration
+        return self._rest.__anext__()
 
 
 class FailoverUpstream:

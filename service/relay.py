@@ -23,7 +23,8 @@ Design notes:
    deadline and re-reads those stamps. This keeps the per-token path to a parse, a frame and a
    write plus an append.
 2. Deltas that arrive in one network read are written as one frame (`tokenCount` counts deltas,
-   so it stays exact). Nothing is held back to batch: a frame leaves as soon as its read does.
+   so it stays exact). Nothing is held back to batch: a frame leaves as soon as its read does
+   (unless `STREAM_FLUSH_MS` asks otherwise: note 14).
 3. A frame is one `write()` call, so a ping written by a reader's watch can never split it.
 4. Heartbeats count as writes for the heartbeat clock only; idle and first-token clocks measure
    the upstream's silence, not the client's: the clocks are the generation's, the heartbeat and
@@ -85,6 +86,16 @@ Design notes:
    headers go out only then (a failure before is a real status); the terminal line (`[DONE]` or
    an error chunk) is the handler's to write. `clocks` replaces the settings' clocks (a
    non-stream answer arrives whole: only the total clock bounds it).
+14. `STREAM_FLUSH_MS` above 0 (default 0: note 2 as it stands) joins the deltas of a native
+   stream read within the interval into one frame: the first delta held arms one timer (one per
+   frame, never per token), and when it fires everything held leaves as one `content` event,
+   written by a task of its own while the pump waits for its next read. Nothing is held longer
+   than the interval (plus the loop's lateness); `tokenCount` counts every delta in the frame;
+   the held text is written before the terminal event when the answer ends whole, and put in the
+   log before it on any other end (readers catch up). The pump waits for a frame being written
+   before going on, so a reader that stops reading still holds the generation back (note 8).
+   The time to first token is observed when the first frame is written. Passthrough streams
+   (note 13) relay each chunk as it came and are not joined.
 """
 
 from __future__ import annotations
@@ -105,7 +116,7 @@ from .config import Settings
 from .errors import FAILURE_BY_OUTCOME, ApiError, ErrorCode, Outcome
 from .events import EventLog
 from .metrics import Metrics
-from .tasks import settle
+from .tasks import outlive_cancel, settle
 from .upstream import (
     ATTEMPTS,
     Attempts,
@@ -459,6 +470,94 @@ def _unmetered(tokens: int) -> None:
     return None
 
 
+class _Flush:
+    """Text read but not yet written, with `STREAM_FLUSH_MS` (design note 14): the first delta
+    held arms one timer for the interval; when it fires, everything held leaves as one frame, in
+    a task of its own (the pump is then waiting for its next read)."""
+
+    __slots__ = (
+        "_first_written",
+        "_frame",
+        "_generation",
+        "_interval_s",
+        "_timer",
+        "task",
+        "unsent",
+    )
+
+    def __init__(
+        self,
+        generation: Generation,
+        interval_ms: int,
+        frame: Callable[[str], bytes],
+        first_written: Callable[[], None],
+    ) -> None:
+        self._generation = generation
+        self._interval_s = interval_ms / 1000
+        self._frame = frame  # the held text as one content event, with the count so far
+        self._first_written: Callable[[], None] | None = first_written
+        self._timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None  # a held frame being written
+        self.unsent: list[str] = []
+
+    def add(self, text: str) -> None:
+        """Hold `text`; the first text held arms the timer (at most `interval` of holding)."""
+        self.unsent.append(text)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval_s, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if self.task is None and self.unsent:
+            self.task = asyncio.get_running_loop().create_task(self._write())
+
+    def _take(self) -> bytes:
+        text = "".join(self.unsent)
+        self.unsent.clear()
+        return self._frame(text)
+
+    async def _write(self) -> None:
+        try:
+            while self.unsent:  # text held while the last frame was being written goes next
+                await self._generation._publish(self._take())
+                if self._first_written is not None:  # measured once the first is written
+                    self._first_written()
+                    self._first_written = None
+        finally:
+            self.task = None
+
+    async def drain(self) -> None:
+        """The answer ended whole: write what is held now (before the terminal event)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.task is not None:
+            await asyncio.shield(self.task)
+        if self.unsent:
+            self.task = asyncio.get_running_loop().create_task(self._write())
+            await asyncio.shield(self.task)
+
+    async def settle(self) -> None:
+        """The generation is ending: no more timer; a frame being written is written (its
+        reader's write deadline bounds it), so it is never written twice."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self.task
+        if task is not None:
+            await outlive_cancel(asyncio.wait([task]))
+            if not task.cancelled():
+                task.exception()  # retrieved: the pump saw it, or the outcome is taken
+
+    def spill(self) -> None:
+        """What is still held goes into the log, before the terminal event; readers catch up."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.unsent:
+            self._generation.log.append(self._take())
+
+
 @dataclass(slots=True, eq=False)
 class Generation:
     """One upstream call, produced into an event log for its readers (SSE responses), or only
@@ -498,6 +597,7 @@ class Generation:
     _attached: int = field(default=0, init=False)  # readers in all, for the log line
     _resumes: int = field(default=0, init=False)  # of which came back by a cursor
     _held: bool = field(default=False, init=False)  # a reader elsewhere held it (note 9)
+    _flush: _Flush | None = field(default=None, init=False)  # STREAM_FLUSH_MS (note 14)
 
     def __post_init__(self) -> None:
         self.result = Result(
@@ -534,6 +634,7 @@ class Generation:
         self.meter = None
         self.on_end = None
         self.opening = None
+        self._flush = None  # its frame builder holds the vocabulary and metrics (note 14)
 
     def text_so_far(self) -> str:
         """The answer's text as produced so far (all of it once ended)."""
@@ -667,6 +768,8 @@ class Generation:
         finally:
             try:
                 await settle(*tasks)
+                if self._flush is not None:
+                    await self._flush.settle()
             finally:
                 self._disarm()
                 self._finish(outcome, loop.time())
@@ -674,6 +777,8 @@ class Generation:
                 try:
                     await self._close()
                 finally:
+                    if self._flush is not None:
+                        self._flush.spill()  # held text before the terminal event (note 14)
                     self._end_log()
                     self._done.set()
                     self._pieces.clear()  # the text is the result's now (`text_so_far`)
@@ -723,6 +828,19 @@ class Generation:
         tail = vocabulary.content_tail if vocabulary is not None else None
         dumps = sse.dumps
         pieces, result = self._pieces, self.result
+        flush: _Flush | None = None
+        if tail is not None and self.settings.stream_flush_ms:  # note 14
+            route = self.route
+
+            def frame(text: str) -> bytes:
+                return b"%b%b%b" % (head, dumps(text), tail(result.deltas))
+
+            def first_written() -> None:
+                metrics.child(metrics.time_to_first_token, route, model).observe(
+                    loop_time() - self.arrived
+                )
+
+            flush = self._flush = _Flush(self, self.settings.stream_flush_ms, frame, first_written)
         if self._first_reader is not None:
             await self._first_reader
         called = loop_time()
@@ -746,6 +864,11 @@ class Generation:
                 relayed(count)
                 tokens(count)
                 pieces.append(text)
+                if flush is not None:
+                    flush.add(text)
+                    if flush.task is not None:  # a reader that stops reading holds it (note 8)
+                        await asyncio.shield(flush.task)
+                    continue
                 if tail is not None:
                     payload = b"%b%b%b" % (head, dumps(text), tail(result.deltas))
                     seq = append(payload)
@@ -760,6 +883,8 @@ class Generation:
                     metrics.child(metrics.time_to_first_token, self.route, model).observe(
                         loop_time() - self.arrived
                     )
+            if flush is not None:
+                await flush.drain()  # the last text, before the terminal event
             parser = stream.parser
             if self.passthrough and parser.chunks:  # a whole answer's one chunk
                 await self._relay(parser.chunks)
@@ -784,6 +909,16 @@ class Generation:
                     if self._forced is not None:
                         raise
         chunks.clear()
+
+    async def _publish(self, payload: bytes) -> None:
+        """Append one event and write it to the readers that follow; a reader whose write fails
+        leaves (the last one leaving ends the generation). For a held frame (note 14)."""
+        seq = self.log.append(payload)
+        for reader in self._following:
+            try:
+                await reader.deliver(seq, payload)
+            except ConnectionError:
+                self.leave(reader)
 
     async def _watch(self) -> None:
         s, loop = self.settings, asyncio.get_running_loop()

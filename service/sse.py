@@ -95,7 +95,10 @@ def _escape(data: bytes) -> bytes:
 
 def dumps(value: Any) -> bytes:
     """Compact one-line JSON (UTF-8, no ASCII escaping but for U+2028, U+2029 and U+0085)."""
-    return _escape(orjson.dumps(value))
+    data = orjson.dumps(value)
+    if b"\xe2\x80" in data or b"\xc2\x85" in data:  # the lead bytes of the three (per token)
+        return _escape(data)
+    return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,13 +7,20 @@ import asyncio
 import socket
 
 import orjson
+import pytest
 
 from tests.conftest import MakeGateway
 from tests.fake_upstream import Repeat
 
 
-async def test_a_client_that_stops_reading_is_cut_off(make_gateway: MakeGateway) -> None:
-    gateway = await make_gateway(write_timeout_s=0.3, heartbeat_interval_s=0.1)
+@pytest.mark.parametrize("flush_ms", [0, 20], ids=["each-read", "flush-interval"])
+async def test_a_client_that_stops_reading_is_cut_off(
+    make_gateway: MakeGateway, flush_ms: int
+) -> None:
+    """With `STREAM_FLUSH_MS` too: the held frame's write blocks the pump as a frame does."""
+    gateway = await make_gateway(
+        write_timeout_s=0.3, heartbeat_interval_s=0.1, stream_flush_ms=flush_ms
+    )
     gateway.fake.queue([Repeat("x" * 8000, 0.001)])  # about 8 MB/s of text
     server = gateway.client.server
     sock = socket.socket()

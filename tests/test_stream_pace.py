@@ -1,0 +1,261 @@
+"""The per-token path at model pace: the upstream body read straight from aiohttp (and through
+httpx when it is encoded), aiohttp's read timer dropped when the relay's clocks bound silence, and
+`STREAM_FLUSH_MS` (deltas read within the interval joined into one frame, never held longer)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from service.upstream import CompletionRequest, OpenAIUpstream, UpstreamError
+from tests.conftest import Gateway, MakeGateway, make_settings
+from tests.fake_upstream import Done, Drop, Finish, Gate, Sleep, Text, Usage, answer
+
+NEVER = asyncio.Event  # a gate nobody opens
+
+
+def _content(frames: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(f["delta"], f["tokenCount"]) for f in frames if f["type"] == "content"]
+
+
+async def _events(gateway: Gateway, body: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    _, frames = await gateway.stream(body or {"prompt": "x"})
+    return await frames.rest()
+
+
+# --- the upstream body ------------------------------------------------------------------------
+
+
+def _chunk(text: str) -> bytes:
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+    return b"data: %b\n\n" % orjson.dumps({**body, "choices": [choice]})
+
+
+@pytest.fixture
+async def gzip_upstream() -> AsyncIterator[str]:
+    """An OpenAI-compatible server that gzips its event stream (`Content-Encoding: gzip`)."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}
+        )
+        await resp.prepare(request)
+        packer = zlib.compressobj(wbits=31)
+        for piece in (_chunk("Hel"), _chunk("lo"), b"data: [DONE]\n\n"):
+            await resp.write(packer.compress(piece) + packer.flush(zlib.Z_SYNC_FLUSH))
+        await resp.write(packer.flush())
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}/v1"
+    finally:
+        await server.close()
+
+
+async def test_an_encoded_body_is_read_through_httpx_and_relayed_whole(
+    make_gateway: MakeGateway, gzip_upstream: str
+) -> None:
+    gateway = await make_gateway(openai_base_url=gzip_upstream)
+    events = await _events(gateway)
+    assert "".join(d for d, _ in _content(events)) == "Hello"
+    assert events[-1]["type"] == "done"
+    assert events[-1]["content"] == "Hello"
+
+
+async def test_a_plain_body_is_read_straight_from_aiohttp(gateway: Gateway) -> None:
+    """The SDK's transport still hands back a response whose aiohttp reader is found, so the
+    fast path is the one taken (upstream design note 7), and aiohttp's read timer is dropped
+    once the relay's clocks bound the silence (note 8)."""
+    gateway.fake.queue(answer("a", "b"))
+    upstream = OpenAIUpstream(gateway.settings, base_url=gateway.fake.url, max_retries=0)
+    try:
+        async with upstream.stream(CompletionRequest("m", [], 5)) as stream:
+            read = stream._read  # type: ignore[attr-defined]
+            assert getattr(read, "__name__", "") == "readany"
+            owner = getattr(read, "__self__", None)
+            assert type(owner).__module__.startswith("aiohttp")
+            batches = [batch async for batch in stream]
+        assert "".join(t for t, _ in batches) == "ab"
+    finally:
+        await upstream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("clocks", "timed"),
+    [
+        ({}, False),
+        ({"idle_timeout_s": 0}, True),
+        ({"first_token_timeout_s": 0}, True),
+    ],
+    ids=["clocks-on", "idle-off", "first-token-off"],
+)
+async def test_the_read_timer_is_dropped_only_when_the_clocks_bound_silence(
+    gateway: Gateway, clocks: dict[str, float], timed: bool
+) -> None:
+    settings = make_settings(openai_base_url=gateway.fake.url, **clocks)
+    gate = asyncio.Event()
+    gateway.fake.queue([Text("a"), Gate(gate), *answer("b")])
+    upstream = OpenAIUpstream(settings, max_retries=0)
+    try:
+        async with upstream.stream(CompletionRequest("m", [], 5)) as stream:
+            read = stream._read  # type: ignore[attr-defined]
+            protocol = read.__self__._protocol
+            assert (protocol.read_timeout is not None) is timed
+            gate.set()
+            assert "".join([t async for t, _ in stream]) == "ab"
+    finally:
+        await upstream.aclose()
+
+
+async def test_a_body_cut_mid_stream_is_still_a_connection_failure(gateway: Gateway) -> None:
+    gateway.fake.queue([Text("a"), Drop()])
+    upstream = OpenAIUpstream(gateway.settings, base_url=gateway.fake.url, max_retries=0)
+
+    async def read_all() -> None:
+        async with upstream.stream(CompletionRequest("m", [], 5)) as stream:
+            async for _ in stream:
+                pass
+
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await read_all()
+        assert caught.value.kind == "connection"
+    finally:
+        await upstream.aclose()
+
+
+# --- STREAM_FLUSH_MS ----------------------------------------------------------------------------
+
+
+async def test_flush_interval_joins_deltas_read_within_it(make_gateway: MakeGateway) -> None:
+    gateway = await make_gateway(stream_flush_ms=400)
+    gate = asyncio.Event()
+    gateway.fake.queue([Text("a"), Text("b"), Text("c"), Gate(gate), *answer("d")])
+    _, frames = await gateway.stream({"prompt": "x"})
+    assert (await frames.event())["type"] == "start"
+    first = await frames.event()
+    assert (first["delta"], first["tokenCount"]) == ("abc", 3)
+    gate.set()
+    rest = await frames.rest()
+    assert _content(rest) == [("d", 4)]  # the answer's end writes what is held at once
+    done = rest[-1]
+    assert done["type"] == "done"
+    assert done["content"] == "abcd"
+    assert gateway.outcomes() == {"completed": 1}
+
+
+async def test_flush_interval_makes_fewer_frames_with_the_same_text(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(stream_flush_ms=50)
+    script: list[Any] = []
+    for n in range(20):
+        script += [Text(f"t{n} "), Sleep(0.005)]
+    gateway.fake.queue([*script, Finish(), Usage(3, 20), Done()])
+    events = await _events(gateway)
+    content = _content(events)
+    assert len(content) < 20
+    assert (
+        "".join(d for d, _ in content)
+        == events[-1]["content"]
+        == "".join(f"t{n} " for n in range(20))
+    )
+    counts = [c for _, c in content]
+    assert counts == sorted(counts)
+    assert counts[-1] == 20  # tokenCount stays exact
+
+
+async def test_flush_interval_bounds_how_long_text_is_held(make_gateway: MakeGateway) -> None:
+    """A delta followed by silence leaves once the interval has passed, not at the answer's end,
+    and not before the interval."""
+    gateway = await make_gateway(stream_flush_ms=300)
+    gate = asyncio.Event()
+    gateway.fake.queue([Text("a"), Gate(gate), *answer("b")])
+    _, frames = await gateway.stream({"prompt": "x"})
+    assert (await frames.event())["type"] == "start"
+    started = time.monotonic()  # the upstream is called after the first event is written
+    held = await frames.event()
+    waited = time.monotonic() - started
+    assert (held["delta"], held["tokenCount"]) == ("a", 1)
+    assert not gate.is_set()  # left while the upstream is still silent
+    assert 0.25 <= waited < 2.0
+    gate.set()
+    rest = await frames.rest()
+    assert _content(rest) == [("b", 2)]
+    assert rest[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("settings", "after", "reason"),
+    [
+        ({}, [Drop()], "upstream_error"),
+        ({"idle_timeout_s": 0.2}, [Gate(NEVER())], "idle_timeout"),
+    ],
+    ids=["upstream-cut", "idle-timeout"],
+)
+async def test_held_text_is_written_before_the_error(
+    make_gateway: MakeGateway, settings: dict[str, float], after: list[Any], reason: str
+) -> None:
+    gateway = await make_gateway(stream_flush_ms=1000, **settings)
+    gateway.fake.queue([Text("a"), Text("b"), *after])
+    _, frames = await gateway.stream({"prompt": "x"})
+    events = await frames.rest()
+    assert [e["type"] for e in events] == ["start", "content", "error"]
+    assert _content(events) == [("ab", 2)]
+    assert events[-1]["reason"] == reason
+    assert gateway.outcomes() == {reason: 1}
+
+
+async def test_flush_interval_off_writes_each_read_as_it_comes(gateway: Gateway) -> None:
+    """The default (0): a frame leaves as soon as its read does, before the next delta exists."""
+    gate = asyncio.Event()
+    gateway.fake.queue([Text("a"), Gate(gate), *answer("b")])
+    _, frames = await gateway.stream({"prompt": "x"})
+    assert (await frames.event())["type"] == "start"
+    assert (await frames.event())["delta"] == "a"
+    gate.set()
+    assert _content(await frames.rest()) == [("b", 2)]
+
+
+async def test_flush_frames_bytes(make_gateway: MakeGateway) -> None:
+    """A joined frame is the same frame a single read of those deltas makes."""
+    gateway = await make_gateway(stream_flush_ms=400)
+    gate = asyncio.Event()
+    gateway.fake.queue([Text("x"), Text("\u2028y"), Gate(gate), *answer()])
+    _, frames = await gateway.stream({"prompt": "x"})
+    await frames.event()
+    raw = await frames.frame()
+    assert raw == b'data: {"type":"content","delta":"x\\u2028y","tokenCount":2}\n\n'
+    gate.set()
+    assert (await frames.rest())[-1]["type"] == "done"
+
+
+async def test_flush_interval_leaves_openai_chunks_as_they_came(make_gateway: MakeGateway) -> None:
+    """The OpenAI-compatible route relays chunk for chunk, whatever `STREAM_FLUSH_MS` says."""
+    gateway = await make_gateway(stream_flush_ms=400)
+    gateway.fake.queue(answer("a", "b", "c"))
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    resp = await gateway.client.post("/v1/chat/completions", json=body)
+    wire = await resp.read()
+    deltas = [
+        orjson.loads(line[6:])["choices"][0]["delta"].get("content")
+        for line in wire.split(b"\n\n")
+        if line.startswith(b"data: {")
+    ]
+    assert deltas == ["a", "b", "c", None]  # one chunk each, then the finish chunk
+    assert wire.endswith(b"data: [DONE]\n\n")
