@@ -88,7 +88,7 @@ def parse_exposition(url: str, t: float, text: str) -> Scrape:
                 key = s.labels.get("limit", "")
                 limited[key] = limited.get(key, 0.0) + s.value
             elif s.name == TTFT_BUCKET:
-                le = float(s.labels["le"])
+                le = float(s.labels.get("le", "not a bound"))  # ValueError without one
                 buckets[le] = buckets.get(le, 0.0) + s.value
     return Scrape(url, True, t, None, streams, tokens, outcomes, limited, buckets)
 
