@@ -81,3 +81,38 @@ test("finish reasons other than stop are said in words", async () => {
   );
   assert.equal(describeFinish("tool_calls"), "The answer ended early (finish reason: tool_calls).");
 });
+
+// Every cut the streaming view makes is a true block boundary: the frozen part and the rest
+// rendered apart are the whole text's rendering (what end() shows).
+const cutsWhileStreaming = (text) => {
+  const view = new MarkdownView(null);
+  const cuts = new Set();
+  for (const piece of text.match(/[\s\S]{1,2}/g)) {
+    view.text += piece;
+    view.scan();
+    cuts.add(view.cut);
+  }
+  return [...cuts].filter((cut) => cut > 0);
+};
+
+test("fences and blank lines are read as CommonMark reads them", () => {
+  // "``` a`b" is a paragraph, so the real fence is the next "```", and the blank line inside it
+  // is no block boundary; a line of no-break spaces is not blank, nor does "``` \u00a0" close.
+  const texts = [
+    "``` not`a fence\n\n```\ncode\n\nmore code\n```\n\nafter\n",
+    "one\n\u00a0\ntwo\n\nthree\n",
+    "```\ncode\n```\u00a0\n\nstill code\n```\n\nafter\n",
+    "a\r\n\r\n```\r\nx\r\n\r\ny\r\n```\r\n\r\nb\r\n",
+  ];
+  for (const text of texts) {
+    const whole = renderMarkdown(text);
+    const cuts = cutsWhileStreaming(text);
+    assert.ok(cuts.length > 0, JSON.stringify(text));
+    for (const cut of cuts) {
+      const apart = renderMarkdown(text.slice(0, cut)) + renderMarkdown(text.slice(cut));
+      assert.equal(apart, whole, `${JSON.stringify(text)} cut at ${cut}`);
+    }
+  }
+  assert.match(renderMarkdown(texts[0]), /<pre><code>code\n\nmore code\n<\/code><\/pre>/);
+  assert.equal(cutOf("~~~ a`b\ncode\n\nmore\n"), 0); // a tilde fence's info string may hold one
+});

@@ -14,7 +14,8 @@
 // 3. Rendering stays cheap on long answers: appends only mark the view dirty, and it renders at
 //    most once per animation frame. Complete top-level blocks are rendered once and frozen: the
 //    text before the last unindented line that follows a blank line outside a code fence (a
-//    CommonMark block boundary for everything but loose lists and reference links). Each frame
+//    CommonMark block boundary for everything but loose lists and reference links; fences are
+//    recognised as CommonMark does, so "``` a`b" opens none). Each frame
 //    scans only the new lines and re-parses only the tail after that point.
 // 4. end() renders the whole text once, so the final view is exactly markdown-it's rendering of
 //    the whole answer (a loose list or a reference link split while streaming comes out whole).
@@ -26,6 +27,7 @@ const md = markdownit({ html: false, linkify: false, typographer: false });
 const SAFE_SCHEME = /^(https?|mailto):/i;
 const ANY_SCHEME = /^[a-z][a-z0-9+.-]*:/i;
 const FENCE = /^ {0,3}(`{3,}|~{3,})/;
+const BLANK = /^[ \t]*\r?$/; // CommonMark's blank line: spaces and tabs only (no NBSP)
 const NO_CURSOR_INSIDE = new Set(["A", "HR", "BR", "IMG", "INPUT"]); // links, void elements
 const escape = md.utils.escapeHtml;
 
@@ -180,20 +182,23 @@ export class MarkdownView {
       if (this.fence) {
         const close = FENCE.exec(line);
         const marker = close?.[1];
-        if (marker && marker[0] === this.fence.char && marker.length >= this.fence.length && !line.slice(close[0].length).trim()) {
+        if (marker && marker[0] === this.fence.char && marker.length >= this.fence.length && BLANK.test(line.slice(close[0].length))) {
           this.fence = null;
         }
         this.blankBefore = false;
         continue;
       }
       const open = FENCE.exec(line);
-      if (!line.trim()) {
+      if (BLANK.test(line)) {
         this.blankBefore = true;
         continue;
       }
       if (this.blankBefore && !/^[ \t]/.test(line)) this.cut = start;
       this.blankBefore = false;
-      if (open) this.fence = { char: open[1][0], length: open[1].length };
+      // A backtick fence's info string holds no backtick (CommonMark): "``` a`b" is text.
+      if (open && !(open[1][0] === "`" && line.slice(open[0].length).includes("`"))) {
+        this.fence = { char: open[1][0], length: open[1].length };
+      }
     }
   }
 }
