@@ -14,9 +14,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
-from service.admin.ops import MAX_METRICS_BYTES, OpsSampler
+from service.admin import create_admin_app
+from service.admin.ops import MAX_METRICS_BYTES, SAMPLER, OpsSampler
+from service.admin.series import MAX_NAMES
+from service.config import Settings
+from tests.process import free_port
 
 GOOD = b"# TYPE ai_stream_streams_active gauge\nai_stream_streams_active 2\n"
 READY = b'{"status": "ok"}'
@@ -82,6 +86,13 @@ async def good(_: web.Request) -> web.Response:
     return web.Response(body=GOOD, content_type="text/plain")
 
 
+def answer(body: bytes) -> Handler:
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    return handler
+
+
 async def test_an_endless_metrics_body_is_cut_at_the_bound(serve: Any) -> None:
     """A 1 GiB /metrics (no Content-Length) is given up on past the bound, not read whole."""
     instance: Instance
@@ -139,12 +150,6 @@ async def test_garbage_the_parser_chokes_on_is_shown_down(serve: Any) -> None:
         b'ai_stream_streams_active{a="\n',
     ]
 
-    def answer(body: bytes) -> Handler:
-        async def handler(_: web.Request) -> web.Response:
-            return web.Response(body=body, content_type="text/plain")
-
-        return handler
-
     listed = [await serve(answer(body)) for body in bodies]
     shown = await sample(*(i.url for i in listed))
     assert [(s["up"], s["error"]) for s in shown] == [
@@ -197,3 +202,58 @@ async def test_sampling_goes_on_after_a_sample_that_fails(serve: Any) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_an_instance_with_thousands_of_label_values_is_shown_down(serve: Any) -> None:
+    """Each outcome name would be a series in every point of the JSON: past MAX_NAMES, down."""
+    lines = [f'ai_stream_outcomes_total{{outcome="o{i}"}} 1' for i in range(MAX_NAMES + 1)]
+    body = ("# TYPE ai_stream_outcomes_total counter\n" + "\n".join(lines) + "\n").encode()
+
+    async def many(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    fine = body.replace(f'"o{MAX_NAMES}"'.encode(), b'"o0"')  # MAX_NAMES names: still read
+    instance, ok = await serve(many), await serve(answer(fine))
+    shown = await sample(instance.url, ok.url)
+    assert [(s["up"], s["error"]) for s in shown] == [
+        (False, "/metrics is not the exposition format"),
+        (True, None),
+    ]
+
+
+async def test_with_every_instance_down_the_values_are_null(serve: Any) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    sampler = OpsSampler((dead,), 5.0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for _ in range(3):
+            await sampler.sample_once(session)
+    series = orjson.loads(sampler.payload_json())["series"]
+    assert series["streamsActive"] == [None, None, None]
+    assert series["tokensPerSecond"] == [None, None, None]
+    assert series["ttftP50"] == [None, None, None]
+    assert series["outcomesLastMinute"] == {}
+
+
+async def test_the_admin_app_stops_at_once_while_an_instance_hangs(serve: Any) -> None:
+    """The sampler task is cancelled on shutdown even mid-read of an instance that never ends."""
+    never = asyncio.Event()
+    reading = asyncio.Event()
+
+    async def hang(_: web.Request) -> web.Response:
+        reading.set()
+        await never.wait()
+        return web.Response(body=GOOD)
+
+    instance = await serve(hang)
+    settings = Settings(admin_metrics_urls=(instance.url,), admin_metrics_interval_s=60.0)
+    client = TestClient(TestServer(create_admin_app(settings)))
+    await client.start_server()
+    try:
+        await asyncio.wait_for(reading.wait(), 5)  # the first sample is waiting on it
+        sampler = client.app[SAMPLER]
+        assert len(sampler.samples) == 0
+    finally:
+        started = time.monotonic()
+        await asyncio.wait_for(client.close(), 5)
+    assert time.monotonic() - started < 2.0  # not the 10 s read timeout
+    never.set()

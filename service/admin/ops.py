@@ -24,10 +24,12 @@ Design notes:
    like the API's routes (the admin site is public in the shipped proxies); without it, it is
    open. Keys are checked by the API's own `Access` (constant time).
 6. **A listed instance cannot hurt the admin app.** Each body is read in chunks and given up on
-   past `MAX_METRICS_BYTES` (4 MiB; `/health/ready`: 64 KiB), so a huge or endless answer costs
+   past `MAX_METRICS_BYTES` (1 MiB; `/health/ready`: 64 KiB), so a huge or endless answer costs
    that much memory at most (down: "/metrics is larger than ..."); redirects are never followed
-   (down: "/metrics answered 302"), so the admin app only ever calls the URLs it was given; any
-   text the parser rejects, whatever it raises, makes that instance down; and a sample that fails
+   (down: "/metrics answered 302"), so the admin app only ever calls the URLs it was given; the
+   text is parsed in a worker thread (a megabyte takes a few hundred milliseconds), never on the
+   event loop; any text the parser rejects, whatever it raises, makes that instance down (so do
+   more than `series.MAX_NAMES` outcomes, limits or buckets); and a sample that fails
    in any other way is logged and sampling goes on, so the view never freezes for good.
 5. **Charts are hand-drawn SVG** (`static/ops.js`): a polyline per series over the window, a few
    dozen lines of code, so no charting library is vendored and nothing comes from elsewhere.
@@ -54,7 +56,7 @@ from ..limits.access import Access
 from .series import MAX_SAMPLES, WINDOW_S, Derived, Point, Sample, Scrape, parse_exposition, render
 
 log = structlog.get_logger("service.admin.ops")
-MAX_METRICS_BYTES = 4 * 1024 * 1024  # the API's own /metrics is a few tens of kilobytes
+MAX_METRICS_BYTES = 1024 * 1024  # the API's own /metrics is a few kilobytes to tens of them
 MAX_READY_BYTES = 64 * 1024
 
 
@@ -111,7 +113,7 @@ class OpsSampler:
         try:
             raw = await self._get(session, url, "/metrics", MAX_METRICS_BYTES)
             t = time.monotonic()
-            scrape = parse_exposition(url, t, raw.decode())
+            scrape = await asyncio.to_thread(parse_exposition, url, t, raw.decode())
         except _Refused as refused:
             return Scrape(url, False, time.monotonic(), str(refused))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

@@ -5,7 +5,8 @@ Design notes (the sampler and the route are `ops`):
 1. **What is read.** `parse_exposition` keeps the families the view charts, summed over their
    other labels: `ai_stream_streams_active`, `ai_stream_completion_tokens_total`,
    `ai_stream_outcomes_total` (by outcome), `ai_stream_rate_limited_total` (by limit) and the
-   buckets of `ai_stream_time_to_first_token_seconds`.
+   buckets of `ai_stream_time_to_first_token_seconds`. More than `MAX_NAMES` (64) outcomes,
+   limits or buckets is no API's exposition (each would be a series in every point): rejected.
 2. **Across instances.** Everything is computed per step between two samples, from the instances
    up at both ends of it (an instance down at either end adds nothing to that step): a counter's
    increase is taken per instance (a counter that went down is a restarted process, its new
@@ -38,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 WINDOW_S = 900.0  # the view's history
 MAX_SAMPLES = 9000
 QUANTILE_WINDOW_S = 60.0
+MAX_NAMES = 64  # outcomes, limits or buckets per instance: the API has a handful of each
 STREAMS_ACTIVE = "ai_stream_streams_active"
 TOKENS = "ai_stream_completion_tokens_total"
 OUTCOMES = "ai_stream_outcomes_total"
@@ -70,7 +72,8 @@ class Sample:
 
 def parse_exposition(url: str, t: float, text: str) -> Scrape:
     """The families the view charts, summed over their other labels. Raises ValueError on text
-    that is not the exposition format."""
+    that is not the exposition format, or with more than MAX_NAMES names in one family (each
+    name becomes a series in every point of the JSON)."""
     streams = tokens = 0.0
     outcomes: dict[str, float] = {}
     limited: dict[str, float] = {}
@@ -90,6 +93,8 @@ def parse_exposition(url: str, t: float, text: str) -> Scrape:
             elif s.name == TTFT_BUCKET:
                 le = float(s.labels.get("le", "not a bound"))  # ValueError without one
                 buckets[le] = buckets.get(le, 0.0) + s.value
+    if max(len(outcomes), len(limited), len(buckets)) > MAX_NAMES:
+        raise ValueError(f"more than {MAX_NAMES} outcomes, limits or buckets")
     return Scrape(url, True, t, None, streams, tokens, outcomes, limited, buckets)
 
 

@@ -116,3 +116,18 @@ test("fences and blank lines are read as CommonMark reads them", () => {
   assert.match(renderMarkdown(texts[0]), /<pre><code>code\n\nmore code\n<\/code><\/pre>/);
   assert.equal(cutOf("~~~ a`b\ncode\n\nmore\n"), 0); // a tilde fence's info string may hold one
 });
+
+test("encoded, escaped and hidden schemes never yield a live link to another scheme", () => {
+  const tries = [
+    "[a](&#106;avascript:alert(1))", "[a](jAvAsCrIpT&colon;x)", "[a](java&#x09;script:alert(1))",
+    "[a](<java\tscript:x>)", "[a](\u0001javascript:x)", "[a](%6Aavascript:x)", "[a](\\javascript:x)",
+    "[a](java\u200bscript:x)", "[a]: <javascript:x>\n\n[a]", "<data:text/html,x>", "[a](data&#58;,x)",
+  ];
+  for (const text of tries) {
+    for (const [, href] of renderMarkdown(text).matchAll(/href="([^"]*)"/g)) {
+      const url = new URL(href.replaceAll("&amp;", "&"), "http://127.0.0.1:3300/admin/");
+      assert.ok(["http:", "https:"].includes(url.protocol), `${text} -> ${href}`);
+      assert.equal(url.host, "127.0.0.1:3300", `${text} -> ${href}`); // relative: the page's own
+    }
+  }
+});
