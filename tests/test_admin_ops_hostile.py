@@ -6,6 +6,7 @@ a real aiohttp server playing the instance, the sampler's own session and loop."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -257,3 +258,37 @@ async def test_the_admin_app_stops_at_once_while_an_instance_hangs(serve: Any) -
         await asyncio.wait_for(client.close(), 5)
     assert time.monotonic() - started < 2.0  # not the 10 s read timeout
     never.set()
+
+
+async def test_a_read_that_never_ends_is_cut_at_the_interval(serve: Any) -> None:
+    never = asyncio.Event()
+
+    async def hang(_: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response(body=GOOD)
+
+    instance = await serve(hang)
+    sampler = OpsSampler((instance.url,), 1.0)  # reads bounded by 1 s
+    sampled = asyncio.Event()
+    real = sampler.sample_once
+
+    async def noted(session: aiohttp.ClientSession) -> Any:
+        try:
+            return await real(session)
+        finally:
+            sampled.set()
+
+    sampler.sample_once = noted  # type: ignore[method-assign]
+    task = asyncio.create_task(sampler.run())
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(sampled.wait(), 5)
+        elapsed = time.monotonic() - started
+        [shown] = sampler.latest
+        assert (shown.up, shown.error) == (False, "no answer (TimeoutError)")
+        assert 0.9 < elapsed < 3.0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        never.set()
