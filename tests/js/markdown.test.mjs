@@ -131,3 +131,10 @@ test("encoded, escaped and hidden schemes never yield a live link to another sch
     }
   }
 });
+
+test("table alignment is a class, never a style attribute the page's CSP would refuse", () => {
+  const html = renderMarkdown("| a | b | c | d |\n|:--|:-:|--:|---|\n| 1 | 2 | 3 | 4 |\n");
+  assert.doesNotMatch(html, /style=/);
+  assert.match(html, /<th class="align-left">a<\/th>\n<th class="align-center">b<\/th>\n<th class="align-right">c<\/th>\n<th>d<\/th>/);
+  assert.match(html, /<td class="align-left">1<\/td>\n<td class="align-center">2<\/td>\n<td class="align-right">3<\/td>\n<td>4<\/td>/);
+});

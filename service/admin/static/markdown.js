@@ -4,7 +4,8 @@
 //
 // 1. Model text never becomes markup of its own: markdown-it runs with `html: false`, so raw HTML
 //    in the text is escaped and shown as text; the only elements are the ones Markdown syntax
-//    makes (headings, paragraphs, lists, code, emphasis, links, quotes, tables, rules).
+//    makes (headings, paragraphs, lists, code, emphasis, links, quotes, tables, rules), and none
+//    carries a style attribute (a table column's alignment is a class).
 // 2. Model text cannot make the browser call a URL it chose. Links are live only for http(s),
 //    mailto and scheme-less (relative) targets: a link, image or reference definition to any other
 //    scheme (javascript:, data:, vbscript:, file:, ...) stays the Markdown text it was. Links open in a new tab with no referrer and are only
@@ -48,6 +49,18 @@ md.renderer.rules.link_open = (tokens, idx, options, env, self) => {
   token.attrSet("rel", "noopener noreferrer nofollow");
   return defaultLinkOpen(tokens, idx, options, env, self);
 };
+
+// A table column's alignment as a class, not markdown-it's `style="text-align:..."`: the page's
+// CSP allows no inline style, so the attribute would be refused (and the alignment lost).
+for (const cell of ["th_open", "td_open"]) {
+  md.renderer.rules[cell] = (tokens, idx, options, _env, self) => {
+    const token = tokens[idx];
+    const align = /^text-align:(left|center|right)$/.exec(token.attrGet("style") ?? "");
+    if (token.attrs) token.attrs = token.attrs.filter(([name]) => name !== "style");
+    if (align) token.attrJoin("class", `align-${align[1]}`);
+    return self.renderToken(tokens, idx, options);
+  };
+}
 
 /** Whether the inline token at `idx` sits inside a link (an image there becomes plain text). */
 function inLink(tokens, idx) {
