@@ -138,3 +138,22 @@ test("table alignment is a class, never a style attribute the page's CSP would r
   assert.match(html, /<th class="align-left">a<\/th>\n<th class="align-center">b<\/th>\n<th class="align-right">c<\/th>\n<th>d<\/th>/);
   assert.match(html, /<td class="align-left">1<\/td>\n<td class="align-center">2<\/td>\n<td class="align-right">3<\/td>\n<td>4<\/td>/);
 });
+
+test("a fence that may have ended with its list item freezes nothing after it", () => {
+  // The list item ends at "x", and its fence with it; the next "  ```" opens a top-level fence
+  // that holds the link. Freezing at "[a]" would show a live link where the answer has code.
+  const texts = [
+    "- item\n  ```\n  code\n\nx\n  ```\n\n[a](https://e.example/)\n\nz\n  ```\n",
+    "1. item\n   ```\n   code\nx\n   ```\n\n[a](https://e.example/)\n\nz\n",
+  ];
+  for (const text of texts) {
+    const whole = renderMarkdown(text);
+    assert.match(whole, /<pre><code>\n\[a\]\(https:\/\/e.example\/\)\n\nz\n/);
+    for (const cut of cutsWhileStreaming(text)) {
+      const apart = renderMarkdown(text.slice(0, cut)) + renderMarkdown(text.slice(cut));
+      assert.equal(apart, whole, `${JSON.stringify(text)} cut at ${cut}`);
+    }
+  }
+  // a top-level fence indented 2 with unindented code freezes nothing more either (unsure)
+  assert.equal(cutOf("a\n\nb\n  ```\ncode\n\nmore\n  ```\n\nc\n"), "a\n\n".length);
+});

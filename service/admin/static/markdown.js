@@ -16,7 +16,9 @@
 //    most once per animation frame. Complete top-level blocks are rendered once and frozen: the
 //    text before the last unindented line that follows a blank line outside a code fence (a
 //    CommonMark block boundary for everything but loose lists and reference links; fences are
-//    recognised as CommonMark does, so "``` a`b" opens none). Each frame
+//    recognised as CommonMark does, so "``` a`b" opens none). A fence opened indented that meets
+//    a less indented line may have ended with the list item holding it or may go on: from there
+//    nothing more is frozen (each frame re-parses the rest, as CommonMark would). Each frame
 //    scans only the new lines and re-parses only the tail after that point.
 // 4. end() renders the whole text once, so the final view is exactly markdown-it's rendering of
 //    the whole answer (a loose list or a reference link split while streaming comes out whole).
@@ -123,7 +125,8 @@ export class MarkdownView {
     this.frozenTo = 0; // text before this index is rendered and frozen
     this.tail = []; // the nodes rendering text from frozenTo on
     this.scanned = 0; // where the next unscanned line starts
-    this.fence = null; // {char, length} while inside a code fence
+    this.fence = null; // {char, length, indent} while inside a code fence
+    this.unsure = false; // a fence may have ended with a list item: freeze nothing more
     this.blankBefore = false;
     this.cut = 0; // the latest block boundary found
   }
@@ -132,7 +135,7 @@ export class MarkdownView {
   start() {
     cancelAnimationFrame(this.frame);
     Object.assign(this, { text: "", frame: 0, streaming: true, frozenTo: 0, tail: [] });
-    Object.assign(this, { scanned: 0, fence: null, blankBefore: false, cut: 0 });
+    Object.assign(this, { scanned: 0, fence: null, blankBefore: false, cut: 0, unsure: false });
     this.element.replaceChildren(typingIndicator());
   }
 
@@ -186,6 +189,7 @@ export class MarkdownView {
   /** Read the complete lines not yet scanned, noting the latest block boundary (note 3). */
   scan() {
     const text = this.text;
+    if (this.unsure) return;
     for (let lines = 0; lines < 1_000_000; lines++) {
       const end = text.indexOf("\n", this.scanned);
       if (end < 0) return;
@@ -193,6 +197,12 @@ export class MarkdownView {
       const line = text.slice(start, end);
       this.scanned = end + 1;
       if (this.fence) {
+        // A fence opened indented may sit in a list item, which a less indented line ends (and
+        // the fence with it) or may not (a top-level fence): which one, only a full parse knows.
+        if (this.fence.indent > 0 && !BLANK.test(line) && /^ */.exec(line)[0].length < this.fence.indent) {
+          this.unsure = true;
+          return;
+        }
         const close = FENCE.exec(line);
         const marker = close?.[1];
         if (marker && marker[0] === this.fence.char && marker.length >= this.fence.length && BLANK.test(line.slice(close[0].length))) {
@@ -210,7 +220,7 @@ export class MarkdownView {
       this.blankBefore = false;
       // A backtick fence's info string holds no backtick (CommonMark): "``` a`b" is text.
       if (open && !(open[1][0] === "`" && line.slice(open[0].length).includes("`"))) {
-        this.fence = { char: open[1][0], length: open[1].length };
+        this.fence = { char: open[1][0], length: open[1].length, indent: open[0].length - open[1].length };
       }
     }
   }
