@@ -7,16 +7,18 @@ Design notes (the sampler and the route are `ops`):
    `ai_stream_outcomes_total` (by outcome), `ai_stream_rate_limited_total` (by limit) and the
    buckets of `ai_stream_time_to_first_token_seconds`. More than `MAX_NAMES` (64) outcomes,
    limits or buckets is no API's exposition (each would be a series in every point): rejected.
-2. **Across instances.** Everything is computed per step between two samples, from the instances
-   up at both ends of it (an instance down at either end adds nothing to that step): a counter's
-   increase is taken per instance (a counter that went down is a restarted process, its new
-   value is the increase, as Prometheus' `rate()` does) and then summed. Tokens per second is a
-   step's summed per-instance rate (each over its own read times). Open streams are the sum of
-   the instances up. Outcomes, rate-limit refusals and time to first token are sums of the steps
-   of the last `QUANTILE_WINDOW_S` (one minute), kept as running sums; p50/p95 are interpolated
-   from the summed histogram buckets within the bucket the rank falls in, as Prometheus'
-   `histogram_quantile()` does (a rank in the `+Inf` bucket answers the largest finite bound);
-   no first token in that minute is `null`.
+2. **Across instances.** Everything is computed per step between two samples, from the instances up
+   at both ends of it (an instance down at either end adds nothing to that step): a counter's
+   increase is taken per instance and then summed. Any counter of an instance that went down means
+   its process restarted: all its counters started again from zero, so each one's new value is its
+   increase (Prometheus' `rate()` decides this per series; per instance keeps the histogram's
+   buckets cumulative and counts whole an outcome that grew past its old value). Tokens per second
+   is a step's summed per-instance rate (each over its own read times). Open streams are the sum of
+   the instances up. Outcomes, rate-limit refusals and time to first token are sums of the steps of
+   the last `QUANTILE_WINDOW_S` (one minute), kept as running sums; p50/p95 are interpolated from
+   the summed histogram buckets within the bucket the rank falls in, as Prometheus'
+   `histogram_quantile()` does (a rank in the `+Inf` bucket answers the largest finite bound); no
+   first token in that minute is `null`.
 3. **What the JSON says** (`ops_payload`): `intervalS`, `windowS`, `instances` (each URL, `up`,
    `error`, and `ready`: `/health/ready`'s body), and `series`: `t` (Unix seconds of each sample),
    `streamsActive`, `tokensPerSecond` (`ai_stream_completion_tokens_total`, counted as tokens
@@ -128,6 +130,20 @@ def _step(now: Scrape, before: Scrape | None) -> Scrape | None:
     return before if before is not None and before.up and now.up else None
 
 
+def _dropped(now: dict[K, float], before: dict[K, float]) -> bool:
+    return any(now.get(key, 0.0) < value for key, value in before.items())
+
+
+def _restarted(now: Scrape, before: Scrape) -> bool:
+    """Whether any counter went down: the process restarted, so every counter starts from 0."""
+    return (
+        now.tokens < before.tokens
+        or _dropped(now.outcomes, before.outcomes)
+        or _dropped(now.rate_limited, before.rate_limited)
+        or _dropped(now.ttft_buckets, before.ttft_buckets)
+    )
+
+
 @dataclass(slots=True)
 class _Step:
     """What the instances up at both ends of one step between samples added in it."""
@@ -156,6 +172,8 @@ def _step_between(now: Sample, before: Sample) -> _Step:
         if prev is None or scrape.t <= prev.t:
             continue
         step.known = True
+        if _restarted(scrape, prev):
+            prev = Scrape(prev.url, True, prev.t)  # every counter counts from zero
         step.tokens_per_s += _increase(scrape.tokens, prev.tokens) / (scrape.t - prev.t)
         _add(step.outcomes, scrape.outcomes, prev.outcomes)
         _add(step.rate_limited, scrape.rate_limited, prev.rate_limited)
