@@ -23,6 +23,8 @@ Design notes:
 4. **The key rule.** With `API_KEYS` set, `/admin/api/ops` needs `Authorization: Bearer <key>`
    like the API's routes (the admin site is public in the shipped proxies); without it, it is
    open. Keys are checked by the API's own `Access` (constant time).
+5. **Charts are hand-drawn SVG** (`static/ops.js`): a polyline per series over the window, a few
+   dozen lines of code, so no charting library is vendored and nothing comes from elsewhere.
 6. **A listed instance cannot hurt the admin app.** Each body is read in chunks and given up on
    past `MAX_METRICS_BYTES` (1 MiB; `/health/ready`: 64 KiB), so a huge or endless answer costs
    that much memory at most (down: "/metrics is larger than ..."); redirects are never followed
@@ -31,8 +33,6 @@ Design notes:
    event loop; any text the parser rejects, whatever it raises, makes that instance down (so do
    more than `series.MAX_NAMES` outcomes, limits or buckets); and a sample that fails
    in any other way is logged and sampling goes on, so the view never freezes for good.
-5. **Charts are hand-drawn SVG** (`static/ops.js`): a polyline per series over the window, a few
-   dozen lines of code, so no charting library is vendored and nothing comes from elsewhere.
 """
 
 from __future__ import annotations

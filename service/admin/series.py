@@ -196,7 +196,7 @@ class Point:
 
 class Derived:
     """Turns samples, fed oldest first, into points, each in constant time: the steps of the
-    last QUANTILE_WINDOW_S are kept with running sums (note 4)."""
+    last QUANTILE_WINDOW_S are kept with running sums (note 2)."""
 
     def __init__(self, maxlen: int | None = None) -> None:
         self.points: deque[Point] = deque(maxlen=maxlen)
@@ -248,7 +248,7 @@ def _named(values: Sequence[dict[str, float] | None]) -> dict[str, list[float | 
 def render(
     points: Sequence[Point], instances: Sequence[Scrape], interval_s: float
 ) -> dict[str, Any]:
-    """The view's JSON (note 5)."""
+    """The view's JSON (note 3)."""
     return {
         "intervalS": interval_s,
         "windowS": WINDOW_S,
