@@ -492,3 +492,22 @@ def test_tables_keep_their_alignment_under_the_pages_policy(
     assert shown["streamed"] == ["left", "center", "right"]
     assert shown["ended"] == ["left", "center", "right"]
     assert shown["violations"] == []
+
+
+def test_chat_questions_stay_plain_text_live_and_saved(
+    md_stack: MarkdownStack, browser: Browser
+) -> None:
+    """Only answers are Markdown: what the user typed is shown as typed, never as markup."""
+    question = (
+        "# Not a heading *nor emphasis* <img src=x onerror=window.__xss=1> [l](https://e.example)"
+    )
+    shown = """() => [...document.querySelectorAll('#messages li.user .body')]
+        .map(b => ({ text: b.textContent, elements: b.childElementCount }))"""
+    md_stack.fake.queue([*tokens("# An answer"), *ending()])
+    with open_page(browser, md_stack.stack.page_url + "#chat") as page:
+        send(page, question, 2)
+        assert page.evaluate(shown) == [{"text": question, "elements": 0}]
+        assert page.locator("#messages li.assistant .body h1").count() == 1
+        reload_chat(page, 2)  # the saved history shows it the same way
+        assert page.evaluate(shown) == [{"text": question, "elements": 0}]
+        assert page.evaluate("window.__xss ?? null") is None
