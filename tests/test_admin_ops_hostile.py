@@ -292,3 +292,8 @@ async def test_a_read_that_never_ends_is_cut_at_the_interval(serve: Any) -> None
         with contextlib.suppress(asyncio.CancelledError):
             await task
         never.set()
+
+
+def test_reads_are_bounded_by_the_interval_from_one_to_ten_seconds() -> None:
+    bounds = {i: OpsSampler(("http://a",), i).timeout_s for i in (0.1, 1.0, 5.0, 10.0, 60.0)}
+    assert bounds == {0.1: 1.0, 1.0: 1.0, 5.0: 5.0, 10.0: 10.0, 60.0: 10.0}
