@@ -256,7 +256,7 @@ async def test_the_admin_app_stops_at_once_while_an_instance_hangs(serve: Any) -
     finally:
         started = time.monotonic()
         await asyncio.wait_for(client.close(), 5)
-    assert time.monotonic() - started < 2.0  # not the 10 s read timeout
+    assert time.monotonic() - started < 5.0  # not the 10 s read timeout
     never.set()
 
 
@@ -286,7 +286,7 @@ async def test_a_read_that_never_ends_is_cut_at_the_interval(serve: Any) -> None
         elapsed = time.monotonic() - started
         [shown] = sampler.latest
         assert (shown.up, shown.error) == (False, "no answer (TimeoutError)")
-        assert 0.9 < elapsed < 3.0
+        assert 0.9 < elapsed < 5.0  # the 1 s bound, not the 10 s one
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
