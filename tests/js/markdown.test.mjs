@@ -157,3 +157,22 @@ test("a fence that may have ended with its list item freezes nothing after it", 
   // a top-level fence indented 2 with unindented code freezes nothing more either (unsure)
   assert.equal(cutOf("a\n\nb\n  ```\ncode\n\nmore\n  ```\n\nc\n"), "a\n\n".length);
 });
+
+test("no raw HTML element of any kind: link, meta, form, ping, srcset, SVG, MathML, base", () => {
+  const raw = [
+    '<link rel=stylesheet href="http://127.0.0.1:9/s.css">',
+    '<meta http-equiv="refresh" content="0;url=http://127.0.0.1:9/r">',
+    '<form action="http://127.0.0.1:9/f"><button>go</button></form>',
+    '<a href="http://127.0.0.1:9/p" ping="http://127.0.0.1:9/ping">p</a>',
+    '<img srcset="http://127.0.0.1:9/s.png 1x">',
+    '<svg><image href="http://127.0.0.1:9/i.png"/></svg>',
+    '<math><mi xlink:href="javascript:alert(1)">m</mi></math>',
+    '<base href="http://127.0.0.1:9/">',
+    '<video poster="http://127.0.0.1:9/v.png"></video><audio src="http://127.0.0.1:9/a.mp3"></audio>',
+    '<object data="http://127.0.0.1:9/o"></object><embed src="http://127.0.0.1:9/e">',
+  ];
+  for (const text of [raw.join("\n"), raw.join("\n\n"), raw.map((r) => `text ${r} text`).join("\n\n")]) {
+    const html = renderMarkdown(text);
+    assert.deepEqual([...new Set([...html.matchAll(/<([a-z][a-z0-9]*)/gi)].map((m) => m[1]))], ["p"], html);
+  }
+});
