@@ -136,3 +136,35 @@ def test_admin_api_base_rejects_what_is_not_a_base() -> None:
     with pytest.raises(SettingsError) as err:
         from_env({"ADMIN_API_BASE": "api.example.com"})
     assert set(err.value.problems) == {"ADMIN_API_BASE"}
+
+
+async def test_every_answer_carries_the_whole_policy(aiohttp_client: Any) -> None:
+    """Each directive pinned (nothing inline, no eval, no frames, no forms, no <base>), on the
+    page, static files, the ops JSON, its 401 and the app's own 404 alike."""
+    settings = Settings(api_keys=("sk-policy",), admin_metrics_urls=("http://127.0.0.1:9",))
+    client = await aiohttp_client(create_admin_app(settings))
+    for path, status in [
+        ("/", 200),
+        ("/static/markdown.js", 200),
+        ("/admin/api/ops", 401),
+        ("/nowhere", 404),
+    ]:
+        resp = await client.get(path)
+        assert resp.status == status, path
+        policy = dict(
+            directive.strip().split(" ", 1)
+            for directive in resp.headers["Content-Security-Policy"].split(";")
+        )
+        assert policy == {
+            "default-src": "'self'",
+            "script-src": "'self'",
+            "style-src": "'self'",
+            "img-src": "'self'",
+            "connect-src": "'self' http: https:",
+            "object-src": "'none'",
+            "base-uri": "'none'",
+            "form-action": "'none'",
+            "frame-ancestors": "'none'",
+        }, path
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", path
+        assert resp.headers["Referrer-Policy"] == "no-referrer", path

@@ -457,3 +457,57 @@ def test_the_render_bench_streams_a_whole_article_into_the_page(browser: Browser
     assert result.tokens == 200
     assert result.task_s > 0
     assert result.busy_share > 0
+
+
+TABLE = "| left | centre | right |\n|:--|:-:|--:|\n| 1 | 2 | 3 |\n"
+
+
+def test_tables_keep_their_alignment_under_the_pages_policy(
+    md_stack: MarkdownStack, browser: Browser
+) -> None:
+    """Column alignment shows through classes: the page refuses inline styles, and nothing in a
+    rendered answer makes it refuse anything (no policy violation at all)."""
+    with open_page(browser, md_stack.stack.page_url) as page:
+        shown = page.evaluate(
+            """async (md) => {
+              const violations = [];
+              document.addEventListener("securitypolicyviolation",
+                (e) => violations.push(e.violatedDirective));
+              const { MarkdownView } = await import("./static/markdown.js");
+              const view = new MarkdownView(document.getElementById("output"));
+              view.start();
+              view.append(md);
+              await new Promise((done) => requestAnimationFrame(() => setTimeout(done, 0)));
+              const streamed = [...document.querySelectorAll("#output td")]
+                .map((td) => getComputedStyle(td).textAlign);
+              view.end();
+              const ended = [...document.querySelectorAll("#output td")]
+                .map((td) => getComputedStyle(td).textAlign);
+              // a violation is reported in a task after the one that caused it
+              await new Promise((done) => setTimeout(done, 0));
+              return { streamed, ended, violations };
+            }""",
+            TABLE,
+        )
+    assert shown["streamed"] == ["left", "center", "right"]
+    assert shown["ended"] == ["left", "center", "right"]
+    assert shown["violations"] == []
+
+
+def test_chat_questions_stay_plain_text_live_and_saved(
+    md_stack: MarkdownStack, browser: Browser
+) -> None:
+    """Only answers are Markdown: what the user typed is shown as typed, never as markup."""
+    question = (
+        "# Not a heading *nor emphasis* <img src=x onerror=window.__xss=1> [l](https://e.example)"
+    )
+    shown = """() => [...document.querySelectorAll('#messages li.user .body')]
+        .map(b => ({ text: b.textContent, elements: b.childElementCount }))"""
+    md_stack.fake.queue([*tokens("# An answer"), *ending()])
+    with open_page(browser, md_stack.stack.page_url + "#chat") as page:
+        send(page, question, 2)
+        assert page.evaluate(shown) == [{"text": question, "elements": 0}]
+        assert page.locator("#messages li.assistant .body h1").count() == 1
+        reload_chat(page, 2)  # the saved history shows it the same way
+        assert page.evaluate(shown) == [{"text": question, "elements": 0}]
+        assert page.evaluate("window.__xss ?? null") is None

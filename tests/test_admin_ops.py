@@ -227,3 +227,21 @@ async def test_each_model_servers_readiness_and_no_cors_on_metrics(
     assert instance["ready"]["status"] == "ok"  # one server answering is enough
     assert instance["ready"]["upstreams"]["first"] == "ok"
     assert instance["ready"]["upstreams"]["gone"] != "ok"
+
+
+def test_a_restart_resets_every_counter_of_the_instance() -> None:
+    """One counter going down means the process restarted: every counter's new value is its
+    increase, so the buckets stay cumulative and no outcome is taken as a difference."""
+    inf = math.inf
+    before = Scrape(
+        "a", True, 0.0, None, 0.0, 500.0, {"completed": 4, "error": 3}, {}, {0.1: 5, inf: 10}
+    )
+    after = Scrape(
+        "a", True, 2.0, None, 0.0, 40.0, {"completed": 6, "error": 0}, {}, {0.1: 3, inf: 12}
+    )
+    series = ops_payload([Sample(0.0, (before,)), Sample(2.0, (after,))], 2.0)["series"]
+    assert series["tokensPerSecond"][-1] == 20.0
+    assert series["outcomesLastMinute"] == {"completed": [None, 6], "error": [None, 0]}
+    # 12 first tokens since the restart, 3 within 0.1 s: the median is past 0.1 s, in +Inf
+    assert series["ttftP50"][-1] == 0.1
+    assert series["ttftP95"][-1] == 0.1

@@ -25,13 +25,20 @@ Design notes:
    open. Keys are checked by the API's own `Access` (constant time).
 5. **Charts are hand-drawn SVG** (`static/ops.js`): a polyline per series over the window, a few
    dozen lines of code, so no charting library is vendored and nothing comes from elsewhere.
+6. **A listed instance cannot hurt the admin app.** Each body is read in chunks and given up on
+   past `MAX_METRICS_BYTES` (1 MiB; `/health/ready`: 64 KiB), so a huge or endless answer costs
+   that much memory at most (down: "/metrics is larger than ..."); redirects are never followed
+   (down: "/metrics answered 302"), so the admin app only ever calls the URLs it was given; the
+   text is parsed in a worker thread (a megabyte takes a few hundred milliseconds), never on the
+   event loop; any text the parser rejects, whatever it raises, makes that instance down (so do
+   more than `series.MAX_NAMES` outcomes, limits or buckets); and a sample that fails
+   in any other way is logged and sampling goes on, so the view never freezes for good.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import time
 from collections import deque
@@ -40,12 +47,17 @@ from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 from aiohttp import web
 
 from ..config import Settings
 from ..errors import ApiError, ErrorCode
 from ..limits.access import Access
 from .series import MAX_SAMPLES, WINDOW_S, Derived, Point, Sample, Scrape, parse_exposition, render
+
+log = structlog.get_logger("service.admin.ops")
+MAX_METRICS_BYTES = 1024 * 1024  # the API's own /metrics is a few kilobytes to tens of them
+MAX_READY_BYTES = 64 * 1024
 
 
 def metrics_urls(settings: Settings) -> tuple[str, ...]:
@@ -59,6 +71,10 @@ def metrics_urls(settings: Settings) -> tuple[str, ...]:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return (f"http://{host}:{settings.port}",)
+
+
+class _Refused(Exception):
+    """An instance answered, but not with something to read (the message says why)."""
 
 
 class OpsSampler:
@@ -76,23 +92,40 @@ class OpsSampler:
     def samples(self) -> deque[Point]:
         return self.derived.points
 
+    async def _get(
+        self, session: aiohttp.ClientSession, url: str, path: str, limit: int, ok: int = 200
+    ) -> bytes:
+        """The body of `url + path` if it answers 200 (or `ok`) within `limit` bytes (note 6);
+        raises `_Refused` with the reason otherwise. Redirects are never followed."""
+        async with session.get(url + path, allow_redirects=False) as resp:
+            if resp.status not in (200, ok):
+                raise _Refused(f"{path} answered {resp.status}")
+            if (resp.content_length or 0) > limit:
+                raise _Refused(f"{path} is larger than {limit} bytes")
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise _Refused(f"{path} is larger than {limit} bytes")
+            return bytes(body)
+
     async def _read(self, session: aiohttp.ClientSession, url: str) -> Scrape:
         try:
-            async with session.get(url + "/metrics") as resp:
-                if resp.status != 200:
-                    return Scrape(url, False, time.monotonic(), f"/metrics answered {resp.status}")
-                text = await resp.text()
-                t = time.monotonic()
-            scrape = parse_exposition(url, t, text)
+            raw = await self._get(session, url, "/metrics", MAX_METRICS_BYTES)
+            t = time.monotonic()
+            scrape = await asyncio.to_thread(parse_exposition, url, t, raw.decode())
+        except _Refused as refused:
+            return Scrape(url, False, time.monotonic(), str(refused))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return Scrape(url, False, time.monotonic(), f"no answer ({type(exc).__name__})")
-        except ValueError:
+        except Exception:  # any text the parser cannot read (note 2)
             return Scrape(url, False, time.monotonic(), "/metrics is not the exposition format")
         ready: dict[str, Any] | None = None
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
-            async with session.get(url + "/health/ready") as resp:
-                body = json.loads(await resp.text())
-                ready = body if isinstance(body, dict) else None
+        with contextlib.suppress(_Refused, aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            body = orjson.loads(
+                await self._get(session, url, "/health/ready", MAX_READY_BYTES, 503)
+            )
+            ready = body if isinstance(body, dict) else None
         return Scrape(
             url,
             True,
@@ -120,7 +153,10 @@ class OpsSampler:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             next_at = time.monotonic()
             while True:
-                await self.sample_once(session)
+                try:
+                    await self.sample_once(session)
+                except Exception:  # a bad sample never ends sampling (note 6)
+                    log.exception("ops sample failed")
                 next_at = max(next_at + self.interval_s, time.monotonic())
                 await asyncio.sleep(next_at - time.monotonic())
 

@@ -5,17 +5,20 @@ Design notes (the sampler and the route are `ops`):
 1. **What is read.** `parse_exposition` keeps the families the view charts, summed over their
    other labels: `ai_stream_streams_active`, `ai_stream_completion_tokens_total`,
    `ai_stream_outcomes_total` (by outcome), `ai_stream_rate_limited_total` (by limit) and the
-   buckets of `ai_stream_time_to_first_token_seconds`.
-2. **Across instances.** Everything is computed per step between two samples, from the instances
-   up at both ends of it (an instance down at either end adds nothing to that step): a counter's
-   increase is taken per instance (a counter that went down is a restarted process, its new
-   value is the increase, as Prometheus' `rate()` does) and then summed. Tokens per second is a
-   step's summed per-instance rate (each over its own read times). Open streams are the sum of
-   the instances up. Outcomes, rate-limit refusals and time to first token are sums of the steps
-   of the last `QUANTILE_WINDOW_S` (one minute), kept as running sums; p50/p95 are interpolated
-   from the summed histogram buckets within the bucket the rank falls in, as Prometheus'
-   `histogram_quantile()` does (a rank in the `+Inf` bucket answers the largest finite bound);
-   no first token in that minute is `null`.
+   buckets of `ai_stream_time_to_first_token_seconds`. More than `MAX_NAMES` (64) outcomes,
+   limits or buckets is no API's exposition (each would be a series in every point): rejected.
+2. **Across instances.** Everything is computed per step between two samples, from the instances up
+   at both ends of it (an instance down at either end adds nothing to that step): a counter's
+   increase is taken per instance and then summed. Any counter of an instance that went down means
+   its process restarted: all its counters started again from zero, so each one's new value is its
+   increase (Prometheus' `rate()` decides this per series; per instance keeps the histogram's
+   buckets cumulative and counts whole an outcome that grew past its old value). Tokens per second
+   is a step's summed per-instance rate (each over its own read times). Open streams are the sum of
+   the instances up. Outcomes, rate-limit refusals and time to first token are sums of the steps of
+   the last `QUANTILE_WINDOW_S` (one minute), kept as running sums; p50/p95 are interpolated from
+   the summed histogram buckets within the bucket the rank falls in, as Prometheus'
+   `histogram_quantile()` does (a rank in the `+Inf` bucket answers the largest finite bound); no
+   first token in that minute is `null`.
 3. **What the JSON says** (`ops_payload`): `intervalS`, `windowS`, `instances` (each URL, `up`,
    `error`, and `ready`: `/health/ready`'s body), and `series`: `t` (Unix seconds of each sample),
    `streamsActive`, `tokensPerSecond` (`ai_stream_completion_tokens_total`, counted as tokens
@@ -38,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 WINDOW_S = 900.0  # the view's history
 MAX_SAMPLES = 9000
 QUANTILE_WINDOW_S = 60.0
+MAX_NAMES = 64  # outcomes, limits or buckets per instance: the API has a handful of each
 STREAMS_ACTIVE = "ai_stream_streams_active"
 TOKENS = "ai_stream_completion_tokens_total"
 OUTCOMES = "ai_stream_outcomes_total"
@@ -70,7 +74,8 @@ class Sample:
 
 def parse_exposition(url: str, t: float, text: str) -> Scrape:
     """The families the view charts, summed over their other labels. Raises ValueError on text
-    that is not the exposition format."""
+    that is not the exposition format, or with more than MAX_NAMES names in one family (each
+    name becomes a series in every point of the JSON)."""
     streams = tokens = 0.0
     outcomes: dict[str, float] = {}
     limited: dict[str, float] = {}
@@ -88,8 +93,10 @@ def parse_exposition(url: str, t: float, text: str) -> Scrape:
                 key = s.labels.get("limit", "")
                 limited[key] = limited.get(key, 0.0) + s.value
             elif s.name == TTFT_BUCKET:
-                le = float(s.labels["le"])
+                le = float(s.labels.get("le", "not a bound"))  # ValueError without one
                 buckets[le] = buckets.get(le, 0.0) + s.value
+    if max(len(outcomes), len(limited), len(buckets)) > MAX_NAMES:
+        raise ValueError(f"more than {MAX_NAMES} outcomes, limits or buckets")
     return Scrape(url, True, t, None, streams, tokens, outcomes, limited, buckets)
 
 
@@ -123,6 +130,20 @@ def _step(now: Scrape, before: Scrape | None) -> Scrape | None:
     return before if before is not None and before.up and now.up else None
 
 
+def _dropped(now: dict[K, float], before: dict[K, float]) -> bool:
+    return any(now.get(key, 0.0) < value for key, value in before.items())
+
+
+def _restarted(now: Scrape, before: Scrape) -> bool:
+    """Whether any counter went down: the process restarted, so every counter starts from 0."""
+    return (
+        now.tokens < before.tokens
+        or _dropped(now.outcomes, before.outcomes)
+        or _dropped(now.rate_limited, before.rate_limited)
+        or _dropped(now.ttft_buckets, before.ttft_buckets)
+    )
+
+
 @dataclass(slots=True)
 class _Step:
     """What the instances up at both ends of one step between samples added in it."""
@@ -151,6 +172,8 @@ def _step_between(now: Sample, before: Sample) -> _Step:
         if prev is None or scrape.t <= prev.t:
             continue
         step.known = True
+        if _restarted(scrape, prev):
+            prev = Scrape(prev.url, True, prev.t)  # every counter counts from zero
         step.tokens_per_s += _increase(scrape.tokens, prev.tokens) / (scrape.t - prev.t)
         _add(step.outcomes, scrape.outcomes, prev.outcomes)
         _add(step.rate_limited, scrape.rate_limited, prev.rate_limited)
@@ -173,7 +196,7 @@ class Point:
 
 class Derived:
     """Turns samples, fed oldest first, into points, each in constant time: the steps of the
-    last QUANTILE_WINDOW_S are kept with running sums (note 4)."""
+    last QUANTILE_WINDOW_S are kept with running sums (note 2)."""
 
     def __init__(self, maxlen: int | None = None) -> None:
         self.points: deque[Point] = deque(maxlen=maxlen)
@@ -225,7 +248,7 @@ def _named(values: Sequence[dict[str, float] | None]) -> dict[str, list[float | 
 def render(
     points: Sequence[Point], instances: Sequence[Scrape], interval_s: float
 ) -> dict[str, Any]:
-    """The view's JSON (note 5)."""
+    """The view's JSON (note 3)."""
     return {
         "intervalS": interval_s,
         "windowS": WINDOW_S,

@@ -81,3 +81,98 @@ test("finish reasons other than stop are said in words", async () => {
   );
   assert.equal(describeFinish("tool_calls"), "The answer ended early (finish reason: tool_calls).");
 });
+
+// Every cut the streaming view makes is a true block boundary: the frozen part and the rest
+// rendered apart are the whole text's rendering (what end() shows).
+const cutsWhileStreaming = (text) => {
+  const view = new MarkdownView(null);
+  const cuts = new Set();
+  for (const piece of text.match(/[\s\S]{1,2}/g)) {
+    view.text += piece;
+    view.scan();
+    cuts.add(view.cut);
+  }
+  return [...cuts].filter((cut) => cut > 0);
+};
+
+test("fences and blank lines are read as CommonMark reads them", () => {
+  // "``` a`b" is a paragraph, so the real fence is the next "```", and the blank line inside it
+  // is no block boundary; a line of no-break spaces is not blank, nor does "``` \u00a0" close.
+  const texts = [
+    "``` not`a fence\n\n```\ncode\n\nmore code\n```\n\nafter\n",
+    "one\n\u00a0\ntwo\n\nthree\n",
+    "```\ncode\n```\u00a0\n\nstill code\n```\n\nafter\n",
+    "a\r\n\r\n```\r\nx\r\n\r\ny\r\n```\r\n\r\nb\r\n",
+  ];
+  for (const text of texts) {
+    const whole = renderMarkdown(text);
+    const cuts = cutsWhileStreaming(text);
+    assert.ok(cuts.length > 0, JSON.stringify(text));
+    for (const cut of cuts) {
+      const apart = renderMarkdown(text.slice(0, cut)) + renderMarkdown(text.slice(cut));
+      assert.equal(apart, whole, `${JSON.stringify(text)} cut at ${cut}`);
+    }
+  }
+  assert.match(renderMarkdown(texts[0]), /<pre><code>code\n\nmore code\n<\/code><\/pre>/);
+  assert.equal(cutOf("~~~ a`b\ncode\n\nmore\n"), 0); // a tilde fence's info string may hold one
+});
+
+test("encoded, escaped and hidden schemes never yield a live link to another scheme", () => {
+  const tries = [
+    "[a](&#106;avascript:alert(1))", "[a](jAvAsCrIpT&colon;x)", "[a](java&#x09;script:alert(1))",
+    "[a](<java\tscript:x>)", "[a](\u0001javascript:x)", "[a](%6Aavascript:x)", "[a](\\javascript:x)",
+    "[a](java\u200bscript:x)", "[a]: <javascript:x>\n\n[a]", "<data:text/html,x>", "[a](data&#58;,x)",
+  ];
+  for (const text of tries) {
+    for (const [, href] of renderMarkdown(text).matchAll(/href="([^"]*)"/g)) {
+      const url = new URL(href.replaceAll("&amp;", "&"), "http://127.0.0.1:3300/admin/");
+      assert.ok(["http:", "https:"].includes(url.protocol), `${text} -> ${href}`);
+      assert.equal(url.host, "127.0.0.1:3300", `${text} -> ${href}`); // relative: the page's own
+    }
+  }
+});
+
+test("table alignment is a class, never a style attribute the page's CSP would refuse", () => {
+  const html = renderMarkdown("| a | b | c | d |\n|:--|:-:|--:|---|\n| 1 | 2 | 3 | 4 |\n");
+  assert.doesNotMatch(html, /style=/);
+  assert.match(html, /<th class="align-left">a<\/th>\n<th class="align-center">b<\/th>\n<th class="align-right">c<\/th>\n<th>d<\/th>/);
+  assert.match(html, /<td class="align-left">1<\/td>\n<td class="align-center">2<\/td>\n<td class="align-right">3<\/td>\n<td>4<\/td>/);
+});
+
+test("a fence that may have ended with its list item freezes nothing after it", () => {
+  // The list item ends at "x", and its fence with it; the next "  ```" opens a top-level fence
+  // that holds the link. Freezing at "[a]" would show a live link where the answer has code.
+  const texts = [
+    "- item\n  ```\n  code\n\nx\n  ```\n\n[a](https://e.example/)\n\nz\n  ```\n",
+    "1. item\n   ```\n   code\nx\n   ```\n\n[a](https://e.example/)\n\nz\n",
+  ];
+  for (const text of texts) {
+    const whole = renderMarkdown(text);
+    assert.match(whole, /<pre><code>\n\[a\]\(https:\/\/e.example\/\)\n\nz\n/);
+    for (const cut of cutsWhileStreaming(text)) {
+      const apart = renderMarkdown(text.slice(0, cut)) + renderMarkdown(text.slice(cut));
+      assert.equal(apart, whole, `${JSON.stringify(text)} cut at ${cut}`);
+    }
+  }
+  // a top-level fence indented 2 with unindented code freezes nothing more either (unsure)
+  assert.equal(cutOf("a\n\nb\n  ```\ncode\n\nmore\n  ```\n\nc\n"), "a\n\n".length);
+});
+
+test("no raw HTML element of any kind: link, meta, form, ping, srcset, SVG, MathML, base", () => {
+  const raw = [
+    '<link rel=stylesheet href="http://127.0.0.1:9/s.css">',
+    '<meta http-equiv="refresh" content="0;url=http://127.0.0.1:9/r">',
+    '<form action="http://127.0.0.1:9/f"><button>go</button></form>',
+    '<a href="http://127.0.0.1:9/p" ping="http://127.0.0.1:9/ping">p</a>',
+    '<img srcset="http://127.0.0.1:9/s.png 1x">',
+    '<svg><image href="http://127.0.0.1:9/i.png"/></svg>',
+    '<math><mi xlink:href="javascript:alert(1)">m</mi></math>',
+    '<base href="http://127.0.0.1:9/">',
+    '<video poster="http://127.0.0.1:9/v.png"></video><audio src="http://127.0.0.1:9/a.mp3"></audio>',
+    '<object data="http://127.0.0.1:9/o"></object><embed src="http://127.0.0.1:9/e">',
+  ];
+  for (const text of [raw.join("\n"), raw.join("\n\n"), raw.map((r) => `text ${r} text`).join("\n\n")]) {
+    const html = renderMarkdown(text);
+    assert.deepEqual([...new Set([...html.matchAll(/<([a-z][a-z0-9]*)/gi)].map((m) => m[1]))], ["p"], html);
+  }
+});

@@ -4,7 +4,8 @@
 //
 // 1. Model text never becomes markup of its own: markdown-it runs with `html: false`, so raw HTML
 //    in the text is escaped and shown as text; the only elements are the ones Markdown syntax
-//    makes (headings, paragraphs, lists, code, emphasis, links, quotes, tables, rules).
+//    makes (headings, paragraphs, lists, code, emphasis, links, quotes, tables, rules), and none
+//    carries a style attribute (a table column's alignment is a class).
 // 2. Model text cannot make the browser call a URL it chose. Links are live only for http(s),
 //    mailto and scheme-less (relative) targets: a link, image or reference definition to any other
 //    scheme (javascript:, data:, vbscript:, file:, ...) stays the Markdown text it was. Links open in a new tab with no referrer and are only
@@ -14,7 +15,10 @@
 // 3. Rendering stays cheap on long answers: appends only mark the view dirty, and it renders at
 //    most once per animation frame. Complete top-level blocks are rendered once and frozen: the
 //    text before the last unindented line that follows a blank line outside a code fence (a
-//    CommonMark block boundary for everything but loose lists and reference links). Each frame
+//    CommonMark block boundary for everything but loose lists and reference links; fences are
+//    recognised as CommonMark does, so "``` a`b" opens none). A fence opened indented that meets
+//    a less indented line may have ended with the list item holding it or may go on: from there
+//    nothing more is frozen (each frame re-parses the rest, as CommonMark would). Each frame
 //    scans only the new lines and re-parses only the tail after that point.
 // 4. end() renders the whole text once, so the final view is exactly markdown-it's rendering of
 //    the whole answer (a loose list or a reference link split while streaming comes out whole).
@@ -26,6 +30,7 @@ const md = markdownit({ html: false, linkify: false, typographer: false });
 const SAFE_SCHEME = /^(https?|mailto):/i;
 const ANY_SCHEME = /^[a-z][a-z0-9+.-]*:/i;
 const FENCE = /^ {0,3}(`{3,}|~{3,})/;
+const BLANK = /^[ \t]*\r?$/; // CommonMark's blank line: spaces and tabs only (no NBSP)
 const NO_CURSOR_INSIDE = new Set(["A", "HR", "BR", "IMG", "INPUT"]); // links, void elements
 const escape = md.utils.escapeHtml;
 
@@ -46,6 +51,18 @@ md.renderer.rules.link_open = (tokens, idx, options, env, self) => {
   token.attrSet("rel", "noopener noreferrer nofollow");
   return defaultLinkOpen(tokens, idx, options, env, self);
 };
+
+// A table column's alignment as a class, not markdown-it's `style="text-align:..."`: the page's
+// CSP allows no inline style, so the attribute would be refused (and the alignment lost).
+for (const cell of ["th_open", "td_open"]) {
+  md.renderer.rules[cell] = (tokens, idx, options, _env, self) => {
+    const token = tokens[idx];
+    const align = /^text-align:(left|center|right)$/.exec(token.attrGet("style") ?? "");
+    if (token.attrs) token.attrs = token.attrs.filter(([name]) => name !== "style");
+    if (align) token.attrJoin("class", `align-${align[1]}`);
+    return self.renderToken(tokens, idx, options);
+  };
+}
 
 /** Whether the inline token at `idx` sits inside a link (an image there becomes plain text). */
 function inLink(tokens, idx) {
@@ -108,7 +125,8 @@ export class MarkdownView {
     this.frozenTo = 0; // text before this index is rendered and frozen
     this.tail = []; // the nodes rendering text from frozenTo on
     this.scanned = 0; // where the next unscanned line starts
-    this.fence = null; // {char, length} while inside a code fence
+    this.fence = null; // {char, length, indent} while inside a code fence
+    this.unsure = false; // a fence may have ended with a list item: freeze nothing more
     this.blankBefore = false;
     this.cut = 0; // the latest block boundary found
   }
@@ -117,7 +135,7 @@ export class MarkdownView {
   start() {
     cancelAnimationFrame(this.frame);
     Object.assign(this, { text: "", frame: 0, streaming: true, frozenTo: 0, tail: [] });
-    Object.assign(this, { scanned: 0, fence: null, blankBefore: false, cut: 0 });
+    Object.assign(this, { scanned: 0, fence: null, blankBefore: false, cut: 0, unsure: false });
     this.element.replaceChildren(typingIndicator());
   }
 
@@ -171,6 +189,7 @@ export class MarkdownView {
   /** Read the complete lines not yet scanned, noting the latest block boundary (note 3). */
   scan() {
     const text = this.text;
+    if (this.unsure) return;
     for (let lines = 0; lines < 1_000_000; lines++) {
       const end = text.indexOf("\n", this.scanned);
       if (end < 0) return;
@@ -178,22 +197,31 @@ export class MarkdownView {
       const line = text.slice(start, end);
       this.scanned = end + 1;
       if (this.fence) {
+        // A fence opened indented may sit in a list item, which a less indented line ends (and
+        // the fence with it) or may not (a top-level fence): which one, only a full parse knows.
+        if (this.fence.indent > 0 && !BLANK.test(line) && /^ */.exec(line)[0].length < this.fence.indent) {
+          this.unsure = true;
+          return;
+        }
         const close = FENCE.exec(line);
         const marker = close?.[1];
-        if (marker && marker[0] === this.fence.char && marker.length >= this.fence.length && !line.slice(close[0].length).trim()) {
+        if (marker && marker[0] === this.fence.char && marker.length >= this.fence.length && BLANK.test(line.slice(close[0].length))) {
           this.fence = null;
         }
         this.blankBefore = false;
         continue;
       }
       const open = FENCE.exec(line);
-      if (!line.trim()) {
+      if (BLANK.test(line)) {
         this.blankBefore = true;
         continue;
       }
       if (this.blankBefore && !/^[ \t]/.test(line)) this.cut = start;
       this.blankBefore = false;
-      if (open) this.fence = { char: open[1][0], length: open[1].length };
+      // A backtick fence's info string holds no backtick (CommonMark): "``` a`b" is text.
+      if (open && !(open[1][0] === "`" && line.slice(open[0].length).includes("`"))) {
+        this.fence = { char: open[1][0], length: open[1].length, indent: open[0].length - open[1].length };
+      }
     }
   }
 }
