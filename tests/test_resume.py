@@ -751,6 +751,35 @@ async def test_a_cancelled_chat_answer_is_saved_partial(make_gateway: MakeGatewa
     assert (answer["content"], answer["status"]) == ("Hi ", "partial")
 
 
+async def test_after_the_cancels_204_the_answer_is_saved_and_the_next_turn_accepted(
+    make_gateway: MakeGateway,
+) -> None:
+    """The 204 comes once the generation has ended: the client sends its next turn at once,
+    without reading the stream to its end, and gets no 409."""
+    gateway = await make_gateway(resume_grace_s=GRACE_S)
+    gateway.fake.queue([Text("Hi "), Gate(NEVER())])
+    gateway.fake.queue([Text("Again"), Finish(), Usage(3, 1), Done()])
+    resp, frames, metadata = await chat_turn(gateway, {"message": "hello"})
+    await frames.event()
+    sid, cid = metadata["messageId"], metadata["conversationId"]
+    stop = await gateway.client.post(f"{STREAMS}{sid}/cancel")
+    assert stop.status == 204
+    generation = gateway.client.app[keys.LIVE].find(sid)
+    assert generation is not None
+    assert generation.ended
+    conversation = await (await gateway.client.get(f"/api/v1/ai/conversations/{cid}")).json()
+    assert [(m["content"], m["status"]) for m in conversation["messages"]] == [
+        ("hello", "complete"),
+        ("Hi ", "partial"),
+    ]
+    again = await gateway.client.post(
+        "/api/v1/ai/chat", json={"message": "and now?", "conversationId": cid}
+    )
+    assert again.status == 200, await again.text()
+    assert (await again.json())["content"] == "Again"
+    resp.close()
+
+
 async def test_a_reader_held_elsewhere_restarts_the_grace(make_gateway: MakeGateway) -> None:
     """The shared streams' seam: while a reader on another instance holds the stream, the grace
     timer looks again every third of the lease instead of ending it; once the reader elsewhere

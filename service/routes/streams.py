@@ -31,10 +31,17 @@ Design notes:
    reader is not counted against it, nor refused by it. A client moving from the producing
    instance may hold a cursor a flush ahead of Redis: a cursor beyond a running remote stream's
    end is given up to the producer's lease to be reached before it is called beyond the end.
+6. The cancel route answers once the generation here has ended (bounded by `CANCEL_WAIT_S`):
+   by then its outcome is counted, a chat answer is saved `partial` and the conversation's turn
+   released, so a client may send its next turn the moment it has the 204. A stream produced
+   on another instance is asked to stop (note 5); that 204 means "asked", and a turn sent at
+   once there may still meet the 409 for the few milliseconds the producer takes to end it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any, Final
 
 from aiohttp import web
@@ -47,6 +54,7 @@ from ..relay import Generation, RemoteStream
 READ_ROUTE: Final = "stream"  # the metrics' route label of the GET route
 LAST_EVENT_ID: Final = "Last-Event-ID"
 _MAX_AFTER_DIGITS: Final = 12
+CANCEL_WAIT_S: Final = 5.0  # the longest the cancel route waits for the generation's end (note 6)
 
 Source = Generation | RemoteStream
 
@@ -226,6 +234,8 @@ async def cancel_stream(request: web.Request) -> web.Response:
     generation = request.app[keys.LIVE].find(stream_id)
     if generation is not None and generation.owner == owner:
         generation.expire(Outcome.CANCELLED)
+        with contextlib.suppress(TimeoutError):  # ended, answer saved, turn released: note 6
+            await asyncio.wait_for(asyncio.shield(generation.finished()), CANCEL_WAIT_S)
         return web.Response(status=204)
     shared = request.app.get(keys.SHARED_STREAMS)
     if generation is None and shared is not None and await shared.request_cancel(stream_id, owner):
