@@ -106,22 +106,23 @@ class Mirror:
         publication = self.shared.publish(meta, generation.log, on_cancel)
         generation.held_elsewhere = publication.remote_readers
 
-    async def open(self, stream_id: str) -> Remote | None:
-        """The stream as Redis holds it now, or None (unknown, expired, or Redis failing)."""
+    async def open(self, stream_id: str, cursor: int) -> Remote | None:
+        """The stream as Redis holds it now, or None (unknown, expired, or Redis failing); a
+        `cursor` at or past what Redis holds asks the producer to flush now (note 5)."""
         shared = self.shared
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(UNKNOWN_WAIT_S, 2 * shared.flush_s)
         try:
-            remote = await shared.open(stream_id)
+            remote = await shared.open(stream_id, cursor)
             while remote is None and loop.time() < deadline:  # note 2: maybe not flushed yet
                 await asyncio.sleep(shared.flush_s)
-                remote = await shared.open(stream_id)
-            if remote is None:
-                return None
-            length, ended = await remote.length()
+                remote = await shared.open(stream_id, cursor)
         except (RedisError, OSError) as err:
             log.warning("resume.redis_lookup_failed", stream_id=stream_id, error=repr(err))
             return None
+        if remote is None:
+            return None
+        length, ended = remote.at_open
         return Remote(remote, length, ended)
 
     async def request_cancel(self, stream_id: str, owner: str) -> bool:
@@ -164,14 +165,18 @@ class Remote:
                 log.warning("resume.redis_read_failed", error=repr(err))
 
     async def reach(self, cursor: int) -> None:
-        """Look again every flush interval, for up to the producer's lease (note 2)."""
+        """Wait for the flush that reaches `cursor`, for up to the producer's lease (notes 2
+        and 5): blocking reads of what comes past `length`, each bounded by the deadline."""
         shared = self._remote.shared
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shared.lease_s
-        while cursor > self.length and not self.ended and loop.time() < deadline:
-            await asyncio.sleep(shared.flush_s)  # bounded by the deadline: Redis has no event
+        while cursor > self.length and not self.ended:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            wait_s = min(left, shared.renew_s)  # within the client's socket timeout
             try:
-                self.length, self.ended = await self._remote.length()
+                self.length, self.ended = await self._remote.wait_past(self.length, cursor, wait_s)
             except (RedisError, OSError):
                 return
 

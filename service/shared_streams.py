@@ -197,6 +197,27 @@ return 1
 """
 
 
+# KEYS: meta, events. ARGV: the reader's cursor (-1: none), stream id. Reply: {} when the stream is
+# unknown, else {events so far (the end entry left out), ended (0/1), meta's fields and values...};
+# a cursor at or past what Redis holds of a running stream asks its producer to flush (note 10).
+OPEN = """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {} end
+local fields = {}
+for i = 1, #meta, 2 do fields[meta[i]] = meta[i + 1] end
+local n, ended = redis.call('XLEN', KEYS[2]), 0
+if fields['ended'] then
+  n, ended = tonumber(fields['ended']), 1
+elseif fields['instance'] and tonumber(ARGV[1]) >= n then
+  redis.call('PUBLISH', 'aistream:resume:cancel:' .. fields['instance'], 'flush:' .. ARGV[2])
+end
+local out = {n, ended}
+for i = 1, #meta do out[#out + 1] = meta[i] end
+return out
+"""
+
+FLUSH_PREFIX = b"flush:"  # a flush request on an instance's channel; anything else is a cancel
+
 MAX_CONNECTIONS = 1024  # per instance: blocked readers hold one each (note 7)
 
 
@@ -315,6 +336,10 @@ class Publication:
         """A reader on any instance was present at the last flush."""
         return self.readers
 
+    def pending(self) -> bool:
+        """Something Redis has not taken yet: events, or the end (note 10)."""
+        return len(self.events.events) > self.flushed or self.events.ended
+
     def due(self, now: float) -> bool:
         if self.events.ended and self.ended_at is None:
             self.ended_at = now
@@ -381,6 +406,8 @@ class SharedStreams:
         self._append = redis.register_script(APPEND)
         self._claim = redis.register_script(CLAIM)
         self._cancel = redis.register_script(CANCEL)
+        self._open = redis.register_script(OPEN)
+        self._wanted = asyncio.Event()  # a flush was asked for: the flusher goes now (note 10)
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
 
@@ -488,10 +515,24 @@ class SharedStreams:
             log.warning("resume.redis_failed", error=repr(err))
         self._failures += 1
 
+    def request_flush(self, stream_id: str) -> bool:
+        """A reader elsewhere waits for this stream's next events (note 10): flush now, when it
+        has something Redis has not taken yet. Whether a flush was asked for."""
+        found = self.publications.get(stream_id)
+        if found is None or not found.pending():
+            return False
+        self._wanted.set()
+        return True
+
     async def _flusher(self) -> None:
         pause = self.flush_s
+        wanted = self._wanted
         while True:
-            await asyncio.sleep(pause)
+            if not wanted.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await wanted.wait()  # the interval, or a reader's request (note 10)
+            wanted.clear()
             try:
                 ok = await self.flush()
             except Exception:  # never let the flusher die; the next tick retries
@@ -501,11 +542,20 @@ class SharedStreams:
 
     # -- any instance
 
-    async def open(self, stream_id: str) -> RemoteStream | None:
-        raw: Any = await self.redis.hgetall(keys_of(stream_id)[1])
-        if not raw or b"lost" not in raw:
+    async def open(self, stream_id: str, cursor: int | None = None) -> RemoteStream | None:
+        """The stream as Redis holds it now (`RemoteStream.at_open`), in one round trip; a
+        reader's `cursor` at or past what Redis holds asks the producer to flush (note 10)."""
+        keys = keys_of(stream_id)
+        args: list[int | str] = [-1 if cursor is None else cursor, stream_id]
+        reply: Any = await self._open(keys=[keys[1], keys[0]], args=args)
+        if not reply:
             return None
-        return RemoteStream(self, StreamMeta.parse(stream_id, raw))
+        raw = dict(zip(reply[2::2], reply[3::2], strict=True))
+        if b"lost" not in raw:
+            return None
+        remote = RemoteStream(self, StreamMeta.parse(stream_id, raw))
+        remote.at_open = (int(reply[0]), bool(reply[1]))
+        return remote
 
     async def request_cancel(self, stream_id: str, owner: str) -> bool:
         keys = keys_of(stream_id)
@@ -523,7 +573,11 @@ class SharedStreams:
                     message = await pubsub.get_message(timeout=1.0)
                     pause = self.flush_s
                     if message is not None and message["type"] == "message":
-                        found = self.publications.get(message["data"].decode())
+                        data: bytes = message["data"]
+                        if data.startswith(FLUSH_PREFIX):
+                            self.request_flush(data[len(FLUSH_PREFIX) :].decode())
+                            continue
+                        found = self.publications.get(data.decode())
                         if found is not None:
                             found.cancel()
             except (RedisError, OSError) as err:
@@ -585,6 +639,7 @@ class RemoteStream:
         self.shared = shared
         self.meta = meta
         self.keys = keys_of(meta.stream_id)
+        self.at_open = (0, False)  # `length()` as of `open`, from the same round trip
 
     async def length(self) -> tuple[int, bool]:
         """Events so far (as far as Redis has them), and whether the last one is the terminal."""
@@ -595,6 +650,19 @@ class RemoteStream:
         if ended is not None:
             return int(ended), True
         return int(length), False
+
+    async def wait_past(self, length: int, cursor: int, timeout_s: float) -> tuple[int, bool]:
+        """Wait up to `timeout_s` for what Redis holds to grow past `length` events, towards
+        `cursor` (one blocking `XREAD`, woken by the flush that appends: no polling); the new
+        `length()`, or `(length, False)` when nothing came."""
+        block_ms = max(1, round(timeout_s * 1000))
+        reply: Any = await self.shared.redis.xread(
+            {self.keys[0]: f"{length}-0"}, count=max(1, cursor - length), block=block_ms
+        )
+        if not reply:
+            return length, False
+        seq, part = reply[0][1][-1][0].decode().split("-")
+        return int(seq), part == "1"
 
     async def read(self, after: int) -> AsyncGenerator[tuple[int, bytes], None]:
         """Events `after + 1`... then the live ones, ending after the terminal event (at once
@@ -610,12 +678,17 @@ class RemoteStream:
         while True:
             now = loop.time()
             try:
-                if now - present_at >= shared.renew_s:
-                    await redis.set(self.keys[4], b"1", px=shared.presence_ms)
-                    present_at = now
                 # once the stream is known to have ended, one more read without waiting
                 block = None if state == "ended" else block_ms
-                reply: Any = await redis.xread({self.keys[0]: last_id}, count=1000, block=block)
+                reply: Any
+                if now - present_at >= shared.renew_s:  # with the read: one round trip
+                    pipe = redis.pipeline(transaction=False)
+                    pipe.set(self.keys[4], b"1", px=shared.presence_ms)
+                    pipe.xread({self.keys[0]: last_id}, count=1000, block=block)
+                    _, reply = await pipe.execute()
+                    present_at = now
+                else:
+                    reply = await redis.xread({self.keys[0]: last_id}, count=1000, block=block)
                 if not reply and state == "ended":
                     return  # the cursor is at or past the end
                 state = "live" if reply else await self._check(shared)

@@ -481,10 +481,10 @@ async def test_a_stream_flushed_late_is_still_found_by_a_reader_elsewhere(
         events = EventLog()
         a.publish(meta("late", "a"), events, lambda: None)  # in Redis at a's next flush
         events.append(token(1))
-        remote = await Mirror(b).open("late")
+        remote = await Mirror(b).open("late", 0)
         assert remote is not None
         await remote.aclose()
-        assert await Mirror(b).open("never-published") is None
+        assert await Mirror(b).open("never-published", 0) is None
 
 
 async def test_more_readers_elsewhere_than_the_default_pool_leave_lookups_working(

@@ -89,7 +89,7 @@ def _cursor(request: web.Request, stream_id: str) -> int:
     return int(after)
 
 
-async def _open(request: web.Request, stream_id: str) -> Source | None:
+async def _open(request: web.Request, stream_id: str, cursor: int) -> Source | None:
     """The stream here (running or retained), else from the shared streams, else None."""
     generation = request.app[keys.LIVE].find(stream_id)
     if generation is not None:
@@ -97,7 +97,7 @@ async def _open(request: web.Request, stream_id: str) -> Source | None:
     shared = request.app.get(keys.SHARED_STREAMS)
     if shared is None:
         return None
-    return await shared.open(stream_id)
+    return await shared.open(stream_id, cursor)
 
 
 async def _closed(source: Source | None) -> None:
@@ -117,7 +117,7 @@ async def read_stream(request: web.Request) -> web.StreamResponse:
     if not sse.valid_stream_id(stream_id):
         raise _bad(request, "streamId: not a stream id.")
     cursor = _cursor(request, stream_id)
-    source = await _open(request, stream_id)
+    source = await _open(request, stream_id, cursor)
     if source is None:
         _count(request, READ_ROUTE, "not_found")
         raise ApiError(ErrorCode.NOT_FOUND, "No such stream, or it has expired.")
@@ -169,7 +169,7 @@ async def resume_post(
         _count(request, route, "bad_cursor")
         return await _lone_error(request, None, ErrorCode.NOT_FOUND, error_fields)
     stream_id, cursor = parsed
-    source = await _open(request, stream_id)
+    source = await _open(request, stream_id, cursor)
     owner = request.get(keys.KEY_ID) or ""
     if source is None or source.route != route or source.owner != owner:
         await _closed(source)
