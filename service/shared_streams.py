@@ -95,7 +95,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -408,6 +408,7 @@ class SharedStreams:
         self._cancel = redis.register_script(CANCEL)
         self._open = redis.register_script(OPEN)
         self._wanted = asyncio.Event()  # a flush was asked for: the flusher goes now (note 10)
+        self._asked: set[str] = set()  # the streams it was asked for
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
 
@@ -451,11 +452,16 @@ class SharedStreams:
         self.publications[meta.stream_id] = publication
         return publication
 
-    async def flush(self) -> bool:
-        """One pipeline for every publication with something to send; False when Redis failed."""
+    async def flush(self, only: Iterable[str] | None = None) -> bool:
+        """One pipeline for every publication with something to send (or for those of `only`,
+        the streams readers asked for: note 10); False when Redis failed."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        due = [p for p in self.publications.values() if p.due(now)]
+        if only is None:
+            publications: Iterable[Publication] = self.publications.values()
+        else:
+            publications = filter(None, map(self.publications.get, only))
+        due = [p for p in publications if p.due(now)]
         for p in due:
             if p.ended_at is not None and now - p.ended_at > self.ended_ms / 1000:  # note 8
                 log.warning("resume.stream_not_flushed", stream_id=p.meta.stream_id)
@@ -521,24 +527,32 @@ class SharedStreams:
         found = self.publications.get(stream_id)
         if found is None or not found.pending():
             return False
+        self._asked.add(stream_id)
         self._wanted.set()
         return True
 
     async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
         pause = self.flush_s
         wanted = self._wanted
+        tick = loop.time() + pause
         while True:
             if not wanted.is_set():
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(pause):
+                    async with asyncio.timeout_at(tick):
                         await wanted.wait()  # the interval, or a reader's request (note 10)
             wanted.clear()
+            # asked for before the interval is up: those streams only, the interval unchanged
+            only = self._asked if loop.time() < tick else None
+            self._asked = set()
             try:
-                ok = await self.flush()
+                ok = await self.flush(only)
             except Exception:  # never let the flusher die; the next tick retries
                 log.exception("resume.flush_error")
                 ok = False
-            pause = self.flush_s if ok else min(max(pause * 2, self.flush_s), self.renew_s)
+            if only is None:
+                pause = self.flush_s if ok else min(max(pause * 2, self.flush_s), self.renew_s)
+                tick = loop.time() + pause
 
     # -- any instance
 

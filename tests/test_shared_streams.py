@@ -508,3 +508,90 @@ async def test_more_readers_elsewhere_than_the_default_pool_leave_lookups_workin
 async def _clients_above(shared: SharedStreams, count: int) -> bool:
     info = await shared.redis.info("clients")
     return int(info["connected_clients"]) > count
+
+
+# --- a reader elsewhere asks for the flush it waits for --------------------------------------
+
+SLOW_FLUSH_MS = 60_000  # no scheduled flush during a test: what arrives came from a request
+
+
+async def test_a_reader_at_what_redis_holds_gets_the_next_event_without_waiting_for_the_interval(
+    redis_server: RedisServer,
+) -> None:
+    """A cursor at the end of what Redis holds asks the producer to flush that stream now: the
+    missed event arrives within a round trip or two, not at the next interval (a minute here);
+    the producer's other streams wait for their interval."""
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events, other = EventLog(), EventLog()
+        a.publish(meta("asked", "a"), events, lambda: None)
+        bystander = a.publish(meta("other", "a"), other, lambda: None)
+        events.append(token(1))
+        other.append(token(1))
+        assert await a.flush()  # the first flush, by hand: both streams in Redis, one event each
+        events.append(token(2))  # produced; Redis does not hold it yet
+        other.append(token(2))
+        remote = await b.open("asked", 1)
+        assert remote is not None
+        assert remote.at_open == (1, False)
+        reading = aclosing(remote.read(1))
+        async with reading as events_read, asyncio.timeout(WAIT):
+            assert await anext(events_read) == (2, token(2))
+        assert await b.redis.xlen(keys_of("other")[0]) == 1  # not asked for: at the interval
+        assert bystander.flushed == 1
+        events.end(END)
+        other.end(END)
+
+
+async def test_a_reader_ahead_of_redis_is_let_in_once_the_asked_flush_reaches_its_cursor(
+    redis_server: RedisServer,
+) -> None:
+    """A client that read events on the producing instance that Redis does not hold yet comes
+    back elsewhere: its cursor is reached by the flush it asks for, not by the next interval."""
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events = EventLog()
+        a.publish(meta("ahead", "a"), events, lambda: None)
+        events.append(token(1))
+        assert await a.flush()
+        for n in (2, 3, 4):
+            events.append(token(n))
+        async with asyncio.timeout(WAIT):
+            remote = await Mirror(b).open("ahead", 3)  # read 3 on a; Redis holds 1
+            assert remote is not None
+            await remote.reach(3)
+        assert remote.length >= 3
+        assert not remote.ended
+        try:
+            async with asyncio.timeout(WAIT):
+                assert await anext(remote.events(3)) == token(4)
+        finally:
+            await remote.aclose()  # closes the read too
+        events.end(END)
+
+
+async def test_a_reader_behind_what_redis_holds_asks_for_no_flush(
+    redis_server: RedisServer,
+) -> None:
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events = EventLog()
+        publication = a.publish(meta("behind", "a"), events, lambda: None)
+        events.append(token(1))
+        events.append(token(2))
+        assert await a.flush()
+        events.append(token(3))
+        remote = await b.open("behind", 1)  # event 2 is in Redis: nothing to ask for
+        assert remote is not None
+        async with aclosing(remote.read(1)) as events_read, asyncio.timeout(WAIT):
+            assert await anext(events_read) == (2, token(2))
+        await b.redis.ping()  # a round trip more for a request to have arrived, had one been sent
+        assert not a.request_flush("unknown")  # and a request for what a does not produce: none
+        assert publication.flushed == 2
+        events.end(END)
