@@ -13,11 +13,12 @@ Design notes:
    hook list stays empty and the routes find no seam.
 2. A remote reader's cursor is checked against what Redis holds when it opens (`length`,
    `ended`), as a local reader's is against the log, except that a cursor beyond the end of a
-   running stream is given up to the producer's lease to be reached (`reach`, looking again
-   every flush interval): a client that read an event on the producing instance may come back
-   here before the flush that carries it; likewise a stream not found is looked for again
-   every flush interval for up to a second (`UNKNOWN_WAIT_S`) before it is called unknown, as
-   a stream that started a moment ago may not have been flushed yet, and under load a flush
+   running stream is given up to the producer's lease to be reached (`reach`: blocking reads
+   that the flush carrying it wakes, note 5): a client that read an event on the producing
+   instance may come back here before the flush that carries it; likewise a stream not found
+   is looked for again every flush interval for up to a second (`UNKNOWN_WAIT_S`) before it is
+   called unknown, as a stream that started a moment ago may not have been flushed yet (its
+   producer is not known here, so it cannot be asked to flush), and under load a flush
    can lag its interval (the bench's reconnect scenario met one such 404 with two intervals).
    Its events then come from one `RemoteStream.read(after)`, which the route closes when its
    client leaves.
@@ -33,6 +34,12 @@ Design notes:
    A producer that was only cut off from Redis for longer than its lease (`shared_streams`
    note 5) loses its turn the same way: its own close of the answer is then refused, and its
    turn's renewal logs `chat.turn_lost`.
+5. A reader's cursor goes with its lookup (`open(stream_id, cursor)`): at or past what Redis
+   holds of a running stream, the producer is asked to flush that stream at once
+   (`shared_streams` note 10), in the lookup's own round trip, so the first missed event comes
+   within a few round trips rather than up to `RESUME_FLUSH_MS` later. Before that event the
+   reader costs two round trips (the lookup; the presence key with the first read), plus the
+   flush's when it was asked for.
 """
 
 from __future__ import annotations

@@ -24,9 +24,15 @@ Interface (what the relay and the routes call):
 - `publish(meta, log, on_cancel) -> Publication`: synchronous, no round trip; the log is read
   from the flusher's task only. `Publication.remote_readers()` is what the last flush saw;
   `Publication.claimed` is true when a reader declared the producer dead (note 5).
-- `await open(stream_id) -> RemoteStream | None`; `RemoteStream.meta`,
-  `await RemoteStream.length() -> (events, ended)`, `RemoteStream.read(after)` (async iterator of
+- `await open(stream_id, cursor=None) -> RemoteStream | None`, one round trip (a reader's
+  `cursor` at or past what Redis holds asks the producer to flush: note 10); `RemoteStream.meta`,
+  `RemoteStream.at_open` (`(events, ended)` as of `open`),
+  `await RemoteStream.length() -> (events, ended)`,
+  `await RemoteStream.wait_past(length, cursor, timeout_s) -> (events, ended)` (one blocking read
+  until Redis holds more than `length`), `RemoteStream.read(after)` (async iterator of
   `(n, payload)`; an async generator: close it, or run it to its end).
+- `request_flush(stream_id) -> bool`: the producer's side of note 10 (what its listener calls);
+  `await flush(only=None) -> bool` is public for tests.
 - `await request_cancel(stream_id, owner) -> bool`: the producer's `on_cancel` runs within a
   round trip (note 9).
 - `on_orphan(meta, text)` runs once per dead producer's stream, awaited in the task of whichever
@@ -72,7 +78,8 @@ Design notes:
    local readers go on, the remote ones have their terminal event.
 6. Presence is refreshed by a reader between two reads, not while its consumer holds it
    suspended at a `yield` (a client slow to take a write), so a reader blocked for over
-   `2 * lease_s` may be seen absent.
+   `2 * lease_s` may be seen absent. The refresh goes in one pipeline with the read it precedes
+   (no round trip of its own before a reader's first event).
 7. A reader rides out a Redis it cannot reach for up to `outage_s` (default 10), retrying every
    `lease_s / 3` from its cursor, then raises: a Redis restart costs a reader a pause, not its
    stream. The client's `socket_timeout` must exceed `lease_s / 3` (the blocking `XREAD`).
@@ -88,6 +95,18 @@ Design notes:
    listens to its own, so `on_cancel` runs within a round trip. The flag, which the flusher
    reads back, covers a message lost while the listener was resubscribing: within a flush while
    the stream produces, within `lease_s / 3` while it is idle.
+10. A flush on request: a reader elsewhere whose cursor is at or past what Redis holds of a
+   running stream (its first missed event not flushed yet, or events it read on the producing
+   instance) would otherwise wait up to `flush_ms` for the next flush. The lookup (`OPEN`, one
+   script: the meta, the length and whether it ended, in one round trip) then publishes
+   `flush:<id>` on the producing instance's channel (note 9's). The producer's listener wakes
+   the flusher if that stream has something Redis has not taken (else the request costs a dict
+   lookup), and the flusher sends the streams asked for only, in one `APPEND` call, leaving
+   the interval's schedule as it was; requests that arrive during a flush go together in the
+   next. So at most one message and one extra flush per reconnect, never one per token. A
+   reader at the live edge (nothing produced since its cursor) gets its next event at the next
+   interval, as any reader following a stream elsewhere. A producer too old to know the
+   message finds no publication of that name and ignores it.
 """
 
 from __future__ import annotations

@@ -152,11 +152,14 @@ async def test_a_reader_back_elsewhere_gets_its_first_missed_event_before_the_ne
         resp.close()
         after = held if cursor == "at_redis" else 3
         headers = {"Last-Event-ID": f"{sid}:{after}"}
+        await redis.config_resetstat()
         async with asyncio.timeout_at(next_flush - 0.2):
             back = await session.get(f"{b.url}{STREAMS}{sid}", headers=headers)
             assert back.status == 200
             assert await Frames(back).event() == seen[after]
         back.close()
+        stats: dict[str, Any] = await redis.info("commandstats")
+        assert stats["cmdstat_publish"]["calls"] == 1  # one request for this reconnect
     await redis.aclose()
 
 

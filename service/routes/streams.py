@@ -31,6 +31,8 @@ Design notes:
    reader is not counted against it, nor refused by it. A client moving from the producing
    instance may hold a cursor a flush ahead of Redis: a cursor beyond a running remote stream's
    end is given up to the producer's lease to be reached before it is called beyond the end.
+   The cursor goes with the lookup, so the producer flushes at once a stream whose reader is
+   at or past what Redis holds (`mirror` note 5).
 """
 
 from __future__ import annotations
