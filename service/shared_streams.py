@@ -216,24 +216,35 @@ return 1
 """
 
 
-# KEYS: meta, events. ARGV: the reader's cursor (-1: none), stream id. Reply: {} when the stream is
-# unknown, else {events so far (the end entry left out), ended (0/1), meta's fields and values...};
-# a cursor at or past what Redis holds of a running stream asks its producer to flush (note 10).
+# KEYS: meta, events. ARGV: the reader's cursor (-1: none), stream id, how many entries to read.
+# Reply: {} when the stream is unknown, else {events so far (the end entry left out), ended (0/1),
+# m, m meta fields and values..., then entry ids and values}: the entries after the cursor (up to
+# the count), or, for a cursor at or past what Redis holds of a running stream, none and a request
+# to its producer to flush (note 10).
 OPEN = """
 local meta = redis.call('HGETALL', KEYS[1])
 if #meta == 0 then return {} end
 local fields = {}
 for i = 1, #meta, 2 do fields[meta[i]] = meta[i + 1] end
+local cursor = tonumber(ARGV[1])
 local n, ended = redis.call('XLEN', KEYS[2]), 0
 if fields['ended'] then
   n, ended = tonumber(fields['ended']), 1
-elseif fields['instance'] and tonumber(ARGV[1]) >= n then
+elseif fields['instance'] and cursor >= n then
   redis.call('PUBLISH', 'aistream:resume:cancel:' .. fields['instance'], 'flush:' .. ARGV[2])
 end
-local out = {n, ended}
+local out = {n, ended, #meta}
 for i = 1, #meta do out[#out + 1] = meta[i] end
+if cursor >= 0 and cursor < n then
+  local entries = redis.call('XRANGE', KEYS[2], (cursor + 1) .. '-0', '+', 'COUNT', ARGV[3])
+  for _, entry in ipairs(entries) do
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2][2]
+  end
+end
 return out
 """
+READ_COUNT = 1000  # entries per read
 
 FLUSH_PREFIX = b"flush:"  # a flush request on an instance's channel; anything else is a cancel
 
@@ -579,15 +590,19 @@ class SharedStreams:
         """The stream as Redis holds it now (`RemoteStream.at_open`), in one round trip; a
         reader's `cursor` at or past what Redis holds asks the producer to flush (note 10)."""
         keys = keys_of(stream_id)
-        args: list[int | str] = [-1 if cursor is None else cursor, stream_id]
+        args: list[int | str] = [-1 if cursor is None else cursor, stream_id, READ_COUNT]
         reply: Any = await self._open(keys=[keys[1], keys[0]], args=args)
         if not reply:
             return None
-        raw = dict(zip(reply[2::2], reply[3::2], strict=True))
+        end = 3 + int(reply[2])
+        raw = dict(zip(reply[3:end:2], reply[4:end:2], strict=True))
         if b"lost" not in raw:
             return None
         remote = RemoteStream(self, StreamMeta.parse(stream_id, raw))
         remote.at_open = (int(reply[0]), bool(reply[1]))
+        if cursor is not None and end < len(reply):
+            entries = list(zip(reply[end::2], reply[end + 1 :: 2], strict=True))
+            remote.prefetched = (cursor, entries)
         return remote
 
     async def request_cancel(self, stream_id: str, owner: str) -> bool:
@@ -673,6 +688,8 @@ class RemoteStream:
         self.meta = meta
         self.keys = keys_of(meta.stream_id)
         self.at_open = (0, False)  # `length()` as of `open`, from the same round trip
+        # the entries after the reader's cursor that `open` read with it: `read` starts there
+        self.prefetched: tuple[int, list[tuple[bytes, bytes]]] = (-1, [])
 
     async def length(self) -> tuple[int, bool]:
         """Events so far (as far as Redis has them), and whether the last one is the terminal."""
@@ -708,6 +725,16 @@ class RemoteStream:
         missing_since: float | None = None
         failing_since: float | None = None
         state = "live"
+        prefetched_after, entries = self.prefetched
+        self.prefetched = (-1, [])
+        if prefetched_after == after:  # what `open` read: no round trip before these
+            for entry_id, payload in entries:
+                last_id = entry_id.decode()
+                seq, part = last_id.split("-")
+                if part == "1":
+                    return
+                cursor = int(seq)
+                yield cursor, payload
         while True:
             now = loop.time()
             try:
@@ -717,11 +744,13 @@ class RemoteStream:
                 if now - present_at >= shared.renew_s:  # with the read: one round trip
                     pipe = redis.pipeline(transaction=False)
                     pipe.set(self.keys[4], b"1", px=shared.presence_ms)
-                    pipe.xread({self.keys[0]: last_id}, count=1000, block=block)
+                    pipe.xread({self.keys[0]: last_id}, count=READ_COUNT, block=block)
                     _, reply = await pipe.execute()
                     present_at = now
                 else:
-                    reply = await redis.xread({self.keys[0]: last_id}, count=1000, block=block)
+                    reply = await redis.xread(
+                        {self.keys[0]: last_id}, count=READ_COUNT, block=block
+                    )
                 if not reply and state == "ended":
                     return  # the cursor is at or past the end
                 state = "live" if reply else await self._check(shared)

@@ -141,6 +141,37 @@ async def test_readers_on_another_instance_get_every_event_once_from_any_cursor(
         assert "s1" not in a.publications  # dropped once all of it is in Redis
 
 
+async def test_a_lookup_with_a_cursor_brings_the_events_after_it_and_reading_goes_on_from_there(
+    redis_server: RedisServer,
+) -> None:
+    """The lookup reads the entries after the reader's cursor in its own round trip: a reader's
+    first missed event that Redis holds needs no read of its own; every event comes once."""
+    async with instance(redis_server, "a") as a, instance(redis_server, "b") as b:
+        events = EventLog()
+        a.publish(meta("pre", "a"), events, lambda: None)
+        for n in range(1, 4):
+            events.append(token(n))
+        await opened(b, "pre")
+        await b.redis.config_resetstat()
+        remote = await b.open("pre", 1)
+        assert remote is not None
+        assert remote.at_open == (3, False)
+        async with aclosing(remote.read(1)) as reading, asyncio.timeout(WAIT):
+            assert await anext(reading) == (2, token(2))
+            assert "cmdstat_xread" not in await commandstats(b.redis)  # no read of its own
+            assert await anext(reading) == (3, token(3))
+            events.append(token(4))  # live, after the lookup
+            assert await anext(reading) == (4, token(4))
+        events.end(END)
+        expected = [(n, token(n)) for n in range(1, 5)] + [(5, END)]
+        await until(lambda: _length_is(remote, 5))
+        for after in range(6):
+            found = await b.open("pre", after)
+            assert found is not None
+            assert found.at_open == (5, True)
+            assert await read_all(found, after) == expected[after:]
+
+
 async def _length_is(remote: RemoteStream, n: int) -> bool:
     return (await remote.length())[0] == n
 
