@@ -38,8 +38,9 @@ Design notes:
    holds of a running stream, the producer is asked to flush that stream at once
    (`shared_streams` note 10), in the lookup's own round trip, so the first missed event comes
    within a few round trips rather than up to `RESUME_FLUSH_MS` later. Before that event the
-   reader costs two round trips (the lookup; the presence key with the first read), plus the
-   flush's when it was asked for.
+   reader costs one round trip when Redis holds it (the lookup brings the events after the
+   cursor), else two (the lookup; then the presence key with a blocking read, which the flush
+   it asked for wakes).
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ Interface (what the relay and the routes call):
 - `publish(meta, log, on_cancel) -> Publication`: synchronous, no round trip; the log is read
   from the flusher's task only. `Publication.remote_readers()` is what the last flush saw;
   `Publication.claimed` is true when a reader declared the producer dead (note 5).
-- `await open(stream_id, cursor=None) -> RemoteStream | None`, one round trip (a reader's
-  `cursor` at or past what Redis holds asks the producer to flush: note 10); `RemoteStream.meta`,
+- `await open(stream_id, cursor=None) -> RemoteStream | None`, one round trip: with a reader's
+  `cursor`, it also reads the entries after it (where `read(cursor)` starts, with no round trip
+  before them), or, at or past what Redis holds, asks the producer to flush (note 10);
+  `RemoteStream.meta`,
   `RemoteStream.at_open` (`(events, ended)` as of `open`),
   `await RemoteStream.length() -> (events, ended)`,
   `await RemoteStream.wait_past(length, cursor, timeout_s) -> (events, ended)` (one blocking read
