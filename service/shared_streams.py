@@ -102,19 +102,22 @@ Design notes:
    instance) would otherwise wait up to `flush_ms` for the next flush. The lookup (`OPEN`, one
    script: the meta, the length and whether it ended, in one round trip) then publishes
    `flush:<id>` on the producing instance's channel (note 9's). The producer's listener wakes
-   the flusher if that stream has something Redis has not taken (else the request costs a dict
-   lookup), and the flusher sends the streams asked for only, in one `APPEND` call, leaving
-   the interval's schedule as it was; requests that arrive during a flush go together in the
-   next. So at most one message and one extra flush per reconnect, never one per token. A
-   reader at the live edge (nothing produced since its cursor) gets its next event at the next
-   interval, as any reader following a stream elsewhere. A producer too old to know the
-   message finds no publication of that name and ignores it.
+   the flusher if that stream has something Redis has not taken, and the flusher sends the
+   streams asked for only, in one `APPEND` call, leaving the interval's schedule as it was;
+   requests that arrive during a flush go together in the next. A stream with nothing new yet
+   (the reader is at the live edge, or came back before the producer read its next token) is
+   watched instead: one waiter on its log (`EventLog.wait`, one per stream however many ask),
+   and its next event is flushed as soon as it is appended. So at most one message and one
+   extra flush per reconnect, never one per token; the readers that follow a stream elsewhere
+   afterwards get its events at the interval. A producer too old to know the message finds no
+   publication of that name and ignores it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -441,6 +444,7 @@ class SharedStreams:
         self._open = redis.register_script(OPEN)
         self._wanted = asyncio.Event()  # a flush was asked for: the flusher goes now (note 10)
         self._asked: set[str] = set()  # the streams it was asked for
+        self.watching: set[str] = set()  # asked for with nothing new yet: flushed at their next
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
 
@@ -555,13 +559,24 @@ class SharedStreams:
 
     def request_flush(self, stream_id: str) -> bool:
         """A reader elsewhere waits for this stream's next events (note 10): flush now, when it
-        has something Redis has not taken yet. Whether a flush was asked for."""
+        has something Redis has not taken yet, else as soon as it has. Whether a flush was
+        asked for now."""
         found = self.publications.get(stream_id)
-        if found is None or not found.pending():
+        if found is None:
+            return False
+        if not found.pending():
+            if stream_id not in self.watching:  # one waiter per stream, however many ask
+                self.watching.add(stream_id)
+                found.events.wait().add_done_callback(functools.partial(self._next, stream_id))
             return False
         self._asked.add(stream_id)
         self._wanted.set()
         return True
+
+    def _next(self, stream_id: str, _: asyncio.Future[None]) -> None:
+        """A watched stream's next event (or its end) is there: flush it now."""
+        self.watching.discard(stream_id)
+        self.request_flush(stream_id)
 
     async def _flusher(self) -> None:
         loop = asyncio.get_running_loop()

@@ -605,6 +605,32 @@ async def test_a_reader_ahead_of_redis_is_let_in_once_the_asked_flush_reaches_it
         events.end(END)
 
 
+async def test_a_reader_at_the_live_edge_gets_the_next_event_as_soon_as_it_is_produced(
+    redis_server: RedisServer,
+) -> None:
+    """Asked for a stream with nothing new, the producer watches its log (one waiter however
+    many ask) and flushes its next event the moment it is appended."""
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events = EventLog()
+        publication = a.publish(meta("edge", "a"), events, lambda: None)
+        events.append(token(1))
+        assert await a.flush()
+        for _ in range(3):
+            remote = await b.open("edge", 1)  # at the end of what a produced
+            assert remote is not None
+        await until(lambda: _true("edge" in a.watching))
+        assert len(events._waiters) == 1  # one waiter for three requests
+        assert publication.flushed == 1  # nothing to flush yet
+        async with aclosing(remote.read(1)) as reading, asyncio.timeout(WAIT):
+            events.append(token(2))
+            assert await anext(reading) == (2, token(2))
+        assert "edge" not in a.watching
+        events.end(END)
+
+
 async def test_a_reader_behind_what_redis_holds_asks_for_no_flush(
     redis_server: RedisServer,
 ) -> None:
@@ -617,8 +643,7 @@ async def test_a_reader_behind_what_redis_holds_asks_for_no_flush(
         events.append(token(1))
         events.append(token(2))
         assert await a.flush()
-        assert not a.request_flush("behind")  # Redis holds all it has: nothing to flush
-        assert not a.request_flush("unknown")  # nor for a stream a does not produce
+        assert not a.request_flush("unknown")  # no flush for a stream a does not produce
         events.append(token(3))
         await b.redis.config_resetstat()
         remote = await b.open("behind", 1)  # event 2 is in Redis: nothing to ask for
