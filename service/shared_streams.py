@@ -101,16 +101,16 @@ Design notes:
    running stream (its first missed event not flushed yet, or events it read on the producing
    instance) would otherwise wait up to `flush_ms` for the next flush. The lookup (`OPEN`, one
    script: the meta, the length and whether it ended, in one round trip) then publishes
-   `flush:<id>` on the producing instance's channel (note 9's). The producer's listener wakes
-   the flusher if that stream has something Redis has not taken, and the flusher sends the
+   `flush:<id>:<cursor>` on the producing instance's channel (note 9's). The producer's listener
+   wakes the flusher if that stream has something Redis has not taken, and the flusher sends the
    streams asked for only, in one `APPEND` call, leaving the interval's schedule as it was;
-   requests that arrive during a flush go together in the next. A stream with nothing new yet
-   (the reader is at the live edge, or came back before the producer read its next token) is
-   watched instead: one waiter on its log (`EventLog.wait`, one per stream however many ask),
-   and its next event is flushed as soon as it is appended. So at most one message and one
-   extra flush per reconnect, never one per token; the readers that follow a stream elsewhere
-   afterwards get its events at the interval. A producer too old to know the message finds no
-   publication of that name and ignores it.
+   requests that arrive during a flush go together in the next. When the reader's next event is
+   not produced yet (it is at the live edge, or came back before the producer read its next
+   token) the stream is also watched: one waiter on its log (`EventLog.wait`, one per stream
+   however many ask), and the request is looked at again when an event is appended. So at most
+   one message and two extra flushes per reconnect, never one per token; the readers that follow a
+   stream elsewhere afterwards get its events at the interval. A producer too old to know the
+   message finds no publication of that name and ignores it.
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ local n, ended = redis.call('XLEN', KEYS[2]), 0
 if fields['ended'] then
   n, ended = tonumber(fields['ended']), 1
 elseif fields['instance'] and cursor >= n then
-  redis.call('PUBLISH', 'aistream:resume:cancel:' .. fields['instance'], 'flush:' .. ARGV[2])
+  local request = 'flush:' .. ARGV[2] .. ':' .. ARGV[1]
+  redis.call('PUBLISH', 'aistream:resume:cancel:' .. fields['instance'], request)
 end
 local out = {n, ended, #meta}
 for i = 1, #meta do out[#out + 1] = meta[i] end
@@ -557,26 +558,27 @@ class SharedStreams:
             log.warning("resume.redis_failed", error=repr(err))
         self._failures += 1
 
-    def request_flush(self, stream_id: str) -> bool:
-        """A reader elsewhere waits for this stream's next events (note 10): flush now, when it
-        has something Redis has not taken yet, else as soon as it has. Whether a flush was
-        asked for now."""
+    def request_flush(self, stream_id: str, after: int = -1) -> bool:
+        """A reader elsewhere at cursor `after` waits for this stream's next events (note 10):
+        flush now, when it has something Redis has not taken yet; and when the reader's next
+        event is not produced yet, again as soon as it is. Whether a flush was asked for now."""
         found = self.publications.get(stream_id)
         if found is None:
             return False
+        log = found.events
+        if len(log.events) <= after and not log.ended and stream_id not in self.watching:
+            self.watching.add(stream_id)  # one waiter per stream, however many ask
+            log.wait().add_done_callback(functools.partial(self._next, stream_id, after))
         if not found.pending():
-            if stream_id not in self.watching:  # one waiter per stream, however many ask
-                self.watching.add(stream_id)
-                found.events.wait().add_done_callback(functools.partial(self._next, stream_id))
             return False
         self._asked.add(stream_id)
         self._wanted.set()
         return True
 
-    def _next(self, stream_id: str, _: asyncio.Future[None]) -> None:
-        """A watched stream's next event (or its end) is there: flush it now."""
+    def _next(self, stream_id: str, after: int, _: asyncio.Future[None]) -> None:
+        """A watched stream has a new event (or has ended): look again."""
         self.watching.discard(stream_id)
-        self.request_flush(stream_id)
+        self.request_flush(stream_id, after)
 
     async def _flusher(self) -> None:
         loop = asyncio.get_running_loop()
@@ -640,7 +642,8 @@ class SharedStreams:
                     if message is not None and message["type"] == "message":
                         data: bytes = message["data"]
                         if data.startswith(FLUSH_PREFIX):
-                            self.request_flush(data[len(FLUSH_PREFIX) :].decode())
+                            stream_id, _, after = data[len(FLUSH_PREFIX) :].decode().partition(":")
+                            self.request_flush(stream_id, int(after) if after.isdigit() else -1)
                             continue
                         found = self.publications.get(data.decode())
                         if found is not None:
