@@ -33,7 +33,8 @@ Interface (what the relay and the routes call):
   `await RemoteStream.wait_past(length, cursor, timeout_s) -> (events, ended)` (one blocking read
   until Redis holds more than `length`), `RemoteStream.read(after)` (async iterator of
   `(n, payload)`; an async generator: close it, or run it to its end).
-- `request_flush(stream_id) -> bool`: the producer's side of note 10 (what its listener calls);
+- `request_flush(stream_id, after=-1) -> bool`: the producer's side of note 10 (what its
+  listener calls; `watching` names the streams waiting for their next event);
   `await flush(only=None) -> bool` is public for tests.
 - `await request_cancel(stream_id, owner) -> bool`: the producer's `on_cancel` runs within a
   round trip (note 9).
@@ -100,17 +101,18 @@ Design notes:
 10. A flush on request: a reader elsewhere whose cursor is at or past what Redis holds of a
    running stream (its first missed event not flushed yet, or events it read on the producing
    instance) would otherwise wait up to `flush_ms` for the next flush. The lookup (`OPEN`, one
-   script: the meta, the length and whether it ended, in one round trip) then publishes
-   `flush:<id>:<cursor>` on the producing instance's channel (note 9's). The producer's listener
-   wakes the flusher if that stream has something Redis has not taken, and the flusher sends the
-   streams asked for only, in one `APPEND` call, leaving the interval's schedule as it was;
-   requests that arrive during a flush go together in the next. When the reader's next event is
-   not produced yet (it is at the live edge, or came back before the producer read its next
-   token) the stream is also watched: one waiter on its log (`EventLog.wait`, one per stream
-   however many ask), and the request is looked at again when an event is appended. So at most
-   one message and two extra flushes per reconnect, never one per token; the readers that follow a
-   stream elsewhere afterwards get its events at the interval. A producer too old to know the
-   message finds no publication of that name and ignores it.
+   script in one round trip: the meta, the length, whether it ended, and the entries after a
+   cursor that Redis holds, up to `READ_COUNT`) then publishes `flush:<id>:<cursor>` on the
+   producing instance's channel (note 9's). The producer's listener wakes the flusher if that
+   stream has something Redis has not taken, and the flusher sends the streams asked for only,
+   in one `APPEND` call, leaving the interval's schedule as it was; requests that arrive during
+   a flush go together in the next. When the reader's next event is not produced yet (it is at
+   the live edge, or came back before the producer read its next token) the stream is also
+   watched: one waiter on its log (`EventLog.wait`, one per stream however many ask), and the
+   request is looked at again when an event is appended. So at most one message and two extra
+   flushes per reconnect, never one per token; the readers that follow a stream elsewhere
+   afterwards get its events at the interval. A producer too old to know the message finds no
+   publication of that name and ignores it.
 """
 
 from __future__ import annotations
