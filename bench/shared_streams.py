@@ -5,8 +5,8 @@ Starts a redis-server of its own (no persistence) on a free loopback port, then:
    `--seconds`): the flusher's CPU per event (this process's CPU time, minus an identical run
    with publishing off), pipelines sent (the only round trips) and Redis commands run per event
    (`INFO commandstats`, those inside scripts included);
-2. `--reconnects` readers on a second instance (its own client) open a finished stream and read
-   from a random cursor: time from the `open` to the first missed event, p50 and p99.
+2. `--reconnects` readers on a second instance (its own client) open a finished stream at a
+   random cursor and read from it: time from the `open` to the first missed event, p50 and p99.
 Prints one JSON object.
 """
 
@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             stream_id = f"p{random.randrange(args.streams)}"
             after = random.randrange(events // args.streams - 1)
             started = time.perf_counter()
-            remote = await reader.open(stream_id)
+            remote = await reader.open(stream_id, after)  # as the stream route does
             assert remote is not None
             async for n, _ in remote.read(after):
                 assert n == after + 1

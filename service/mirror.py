@@ -13,11 +13,12 @@ Design notes:
    hook list stays empty and the routes find no seam.
 2. A remote reader's cursor is checked against what Redis holds when it opens (`length`,
    `ended`), as a local reader's is against the log, except that a cursor beyond the end of a
-   running stream is given up to the producer's lease to be reached (`reach`, looking again
-   every flush interval): a client that read an event on the producing instance may come back
-   here before the flush that carries it; likewise a stream not found is looked for again
-   every flush interval for up to a second (`UNKNOWN_WAIT_S`) before it is called unknown, as
-   a stream that started a moment ago may not have been flushed yet, and under load a flush
+   running stream is given up to the producer's lease to be reached (`reach`: blocking reads
+   that the flush carrying it wakes, note 5): a client that read an event on the producing
+   instance may come back here before the flush that carries it; likewise a stream not found
+   is looked for again every flush interval for up to a second (`UNKNOWN_WAIT_S`) before it is
+   called unknown, as a stream that started a moment ago may not have been flushed yet (its
+   producer is not known here, so it cannot be asked to flush), and under load a flush
    can lag its interval (the bench's reconnect scenario met one such 404 with two intervals).
    Its events then come from one `RemoteStream.read(after)`, which the route closes when its
    client leaves.
@@ -33,6 +34,13 @@ Design notes:
    A producer that was only cut off from Redis for longer than its lease (`shared_streams`
    note 5) loses its turn the same way: its own close of the answer is then refused, and its
    turn's renewal logs `chat.turn_lost`.
+5. A reader's cursor goes with its lookup (`open(stream_id, cursor)`): at or past what Redis
+   holds of a running stream, the producer is asked to flush that stream at once
+   (`shared_streams` note 10), in the lookup's own round trip, so the first missed event comes
+   within a few round trips rather than up to `RESUME_FLUSH_MS` later. Before that event the
+   reader costs one round trip when Redis holds it (the lookup brings the events after the
+   cursor), else two (the lookup; then the presence key with a blocking read, which the flush
+   it asked for wakes).
 """
 
 from __future__ import annotations
@@ -106,22 +114,23 @@ class Mirror:
         publication = self.shared.publish(meta, generation.log, on_cancel)
         generation.held_elsewhere = publication.remote_readers
 
-    async def open(self, stream_id: str) -> Remote | None:
-        """The stream as Redis holds it now, or None (unknown, expired, or Redis failing)."""
+    async def open(self, stream_id: str, cursor: int) -> Remote | None:
+        """The stream as Redis holds it now, or None (unknown, expired, or Redis failing); a
+        `cursor` at or past what Redis holds asks the producer to flush now (note 5)."""
         shared = self.shared
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(UNKNOWN_WAIT_S, 2 * shared.flush_s)
         try:
-            remote = await shared.open(stream_id)
+            remote = await shared.open(stream_id, cursor)
             while remote is None and loop.time() < deadline:  # note 2: maybe not flushed yet
                 await asyncio.sleep(shared.flush_s)
-                remote = await shared.open(stream_id)
-            if remote is None:
-                return None
-            length, ended = await remote.length()
+                remote = await shared.open(stream_id, cursor)
         except (RedisError, OSError) as err:
             log.warning("resume.redis_lookup_failed", stream_id=stream_id, error=repr(err))
             return None
+        if remote is None:
+            return None
+        length, ended = remote.at_open
         return Remote(remote, length, ended)
 
     async def request_cancel(self, stream_id: str, owner: str) -> bool:
@@ -164,14 +173,18 @@ class Remote:
                 log.warning("resume.redis_read_failed", error=repr(err))
 
     async def reach(self, cursor: int) -> None:
-        """Look again every flush interval, for up to the producer's lease (note 2)."""
+        """Wait for the flush that reaches `cursor`, for up to the producer's lease (notes 2
+        and 5): blocking reads of what comes past `length`, each bounded by the deadline."""
         shared = self._remote.shared
         loop = asyncio.get_running_loop()
         deadline = loop.time() + shared.lease_s
-        while cursor > self.length and not self.ended and loop.time() < deadline:
-            await asyncio.sleep(shared.flush_s)  # bounded by the deadline: Redis has no event
+        while cursor > self.length and not self.ended:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            wait_s = min(left, shared.renew_s)  # within the client's socket timeout
             try:
-                self.length, self.ended = await self._remote.length()
+                self.length, self.ended = await self._remote.wait_past(self.length, cursor, wait_s)
             except (RedisError, OSError):
                 return
 

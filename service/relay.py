@@ -236,7 +236,10 @@ class SharedStreams(Protocol):
     """Streams of other instances (`keys.SHARED_STREAMS`): the stream routes ask it before a
     404 when a stream is not running or retained here."""
 
-    async def open(self, stream_id: str) -> RemoteStream | None: ...
+    async def open(self, stream_id: str, cursor: int) -> RemoteStream | None:
+        """The stream, for a reader at `cursor` (its producer may be asked to hand its newest
+        events over at once), or None."""
+        ...
 
     async def request_cancel(self, stream_id: str, owner: str) -> bool:
         """Stop the stream where it runs; False when it is unknown or not `owner`'s."""

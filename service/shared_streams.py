@@ -24,9 +24,18 @@ Interface (what the relay and the routes call):
 - `publish(meta, log, on_cancel) -> Publication`: synchronous, no round trip; the log is read
   from the flusher's task only. `Publication.remote_readers()` is what the last flush saw;
   `Publication.claimed` is true when a reader declared the producer dead (note 5).
-- `await open(stream_id) -> RemoteStream | None`; `RemoteStream.meta`,
-  `await RemoteStream.length() -> (events, ended)`, `RemoteStream.read(after)` (async iterator of
+- `await open(stream_id, cursor=None) -> RemoteStream | None`, one round trip: with a reader's
+  `cursor`, it also reads the entries after it (where `read(cursor)` starts, with no round trip
+  before them), or, at or past what Redis holds, asks the producer to flush (note 10);
+  `RemoteStream.meta`,
+  `RemoteStream.at_open` (`(events, ended)` as of `open`),
+  `await RemoteStream.length() -> (events, ended)`,
+  `await RemoteStream.wait_past(length, cursor, timeout_s) -> (events, ended)` (one blocking read
+  until Redis holds more than `length`), `RemoteStream.read(after)` (async iterator of
   `(n, payload)`; an async generator: close it, or run it to its end).
+- `request_flush(stream_id, after=-1) -> bool`: the producer's side of note 10 (what its
+  listener calls; `watching` names the streams waiting for their next event);
+  `await flush(only=None) -> bool` is public for tests.
 - `await request_cancel(stream_id, owner) -> bool`: the producer's `on_cancel` runs within a
   round trip (note 9).
 - `on_orphan(meta, text)` runs once per dead producer's stream, awaited in the task of whichever
@@ -72,7 +81,8 @@ Design notes:
    local readers go on, the remote ones have their terminal event.
 6. Presence is refreshed by a reader between two reads, not while its consumer holds it
    suspended at a `yield` (a client slow to take a write), so a reader blocked for over
-   `2 * lease_s` may be seen absent.
+   `2 * lease_s` may be seen absent. The refresh goes in one pipeline with the read it precedes
+   (no round trip of its own before a reader's first event).
 7. A reader rides out a Redis it cannot reach for up to `outage_s` (default 10), retrying every
    `lease_s / 3` from its cursor, then raises: a Redis restart costs a reader a pause, not its
    stream. The client's `socket_timeout` must exceed `lease_s / 3` (the blocking `XREAD`).
@@ -88,14 +98,30 @@ Design notes:
    listens to its own, so `on_cancel` runs within a round trip. The flag, which the flusher
    reads back, covers a message lost while the listener was resubscribing: within a flush while
    the stream produces, within `lease_s / 3` while it is idle.
+10. A flush on request: a reader elsewhere whose cursor is at or past what Redis holds of a
+   running stream (its first missed event not flushed yet, or events it read on the producing
+   instance) would otherwise wait up to `flush_ms` for the next flush. The lookup (`OPEN`, one
+   script in one round trip: the meta, the length, whether it ended, and the entries after a
+   cursor that Redis holds, up to `READ_COUNT`) then publishes `flush:<id>:<cursor>` on the
+   producing instance's channel (note 9's). The producer's listener wakes the flusher if that
+   stream has something Redis has not taken, and the flusher sends the streams asked for only,
+   in one `APPEND` call, leaving the interval's schedule as it was; requests that arrive during
+   a flush go together in the next. When the reader's next event is not produced yet (it is at
+   the live edge, or came back before the producer read its next token) the stream is also
+   watched: one waiter on its log (`EventLog.wait`, one per stream however many ask), and the
+   request is looked at again when an event is appended. So at most one message and two extra
+   flushes per reconnect, never one per token; the readers that follow a stream elsewhere
+   afterwards get its events at the interval. A producer too old to know the message finds no
+   publication of that name and ignores it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -196,6 +222,39 @@ redis.call('PUBLISH', 'aistream:resume:cancel:' .. meta[3], ARGV[2])
 return 1
 """
 
+
+# KEYS: meta, events. ARGV: the reader's cursor (-1: none), stream id, how many entries to read.
+# Reply: {} when the stream is unknown, else {events so far (the end entry left out), ended (0/1),
+# m, m meta fields and values..., then entry ids and values}: the entries after the cursor (up to
+# the count), or, for a cursor at or past what Redis holds of a running stream, none and a request
+# to its producer to flush (note 10).
+OPEN = """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {} end
+local fields = {}
+for i = 1, #meta, 2 do fields[meta[i]] = meta[i + 1] end
+local cursor = tonumber(ARGV[1])
+local n, ended = redis.call('XLEN', KEYS[2]), 0
+if fields['ended'] then
+  n, ended = tonumber(fields['ended']), 1
+elseif fields['instance'] and cursor >= n then
+  local request = 'flush:' .. ARGV[2] .. ':' .. ARGV[1]
+  redis.call('PUBLISH', 'aistream:resume:cancel:' .. fields['instance'], request)
+end
+local out = {n, ended, #meta}
+for i = 1, #meta do out[#out + 1] = meta[i] end
+if cursor >= 0 and cursor < n then
+  local entries = redis.call('XRANGE', KEYS[2], (cursor + 1) .. '-0', '+', 'COUNT', ARGV[3])
+  for _, entry in ipairs(entries) do
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2][2]
+  end
+end
+return out
+"""
+READ_COUNT = 1000  # entries per read
+
+FLUSH_PREFIX = b"flush:"  # a flush request on an instance's channel; anything else is a cancel
 
 MAX_CONNECTIONS = 1024  # per instance: blocked readers hold one each (note 7)
 
@@ -315,6 +374,10 @@ class Publication:
         """A reader on any instance was present at the last flush."""
         return self.readers
 
+    def pending(self) -> bool:
+        """Something Redis has not taken yet: events, or the end (note 10)."""
+        return len(self.events.events) > self.flushed or self.events.ended
+
     def due(self, now: float) -> bool:
         if self.events.ended and self.ended_at is None:
             self.ended_at = now
@@ -381,6 +444,10 @@ class SharedStreams:
         self._append = redis.register_script(APPEND)
         self._claim = redis.register_script(CLAIM)
         self._cancel = redis.register_script(CANCEL)
+        self._open = redis.register_script(OPEN)
+        self._wanted = asyncio.Event()  # a flush was asked for: the flusher goes now (note 10)
+        self._asked: set[str] = set()  # the streams it was asked for
+        self.watching: set[str] = set()  # asked for with nothing new yet: flushed at their next
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
 
@@ -424,11 +491,16 @@ class SharedStreams:
         self.publications[meta.stream_id] = publication
         return publication
 
-    async def flush(self) -> bool:
-        """One pipeline for every publication with something to send; False when Redis failed."""
+    async def flush(self, only: Iterable[str] | None = None) -> bool:
+        """One pipeline for every publication with something to send (or for those of `only`,
+        the streams readers asked for: note 10); False when Redis failed."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        due = [p for p in self.publications.values() if p.due(now)]
+        if only is None:
+            publications: Iterable[Publication] = self.publications.values()
+        else:
+            publications = filter(None, map(self.publications.get, only))
+        due = [p for p in publications if p.due(now)]
         for p in due:
             if p.ended_at is not None and now - p.ended_at > self.ended_ms / 1000:  # note 8
                 log.warning("resume.stream_not_flushed", stream_id=p.meta.stream_id)
@@ -488,24 +560,71 @@ class SharedStreams:
             log.warning("resume.redis_failed", error=repr(err))
         self._failures += 1
 
+    def request_flush(self, stream_id: str, after: int = -1) -> bool:
+        """A reader elsewhere at cursor `after` waits for this stream's next events (note 10):
+        flush now, when it has something Redis has not taken yet; and when the reader's next
+        event is not produced yet, again as soon as it is. Whether a flush was asked for now."""
+        found = self.publications.get(stream_id)
+        if found is None:
+            return False
+        log = found.events
+        if len(log.events) <= after and not log.ended and stream_id not in self.watching:
+            self.watching.add(stream_id)  # one waiter per stream, however many ask
+            log.wait().add_done_callback(functools.partial(self._next, stream_id, after))
+        if not found.pending():
+            return False
+        self._asked.add(stream_id)
+        self._wanted.set()
+        return True
+
+    def _next(self, stream_id: str, after: int, _: asyncio.Future[None]) -> None:
+        """A watched stream has a new event (or has ended): look again."""
+        self.watching.discard(stream_id)
+        self.request_flush(stream_id, after)
+
     async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
         pause = self.flush_s
+        wanted = self._wanted
+        tick = loop.time() + pause
         while True:
-            await asyncio.sleep(pause)
+            if not wanted.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(tick):
+                        await wanted.wait()  # the interval, or a reader's request (note 10)
+            wanted.clear()
+            # asked for before the interval is up: those streams only, the interval unchanged
+            only = self._asked if loop.time() < tick else None
+            self._asked = set()
             try:
-                ok = await self.flush()
+                ok = await self.flush(only)
             except Exception:  # never let the flusher die; the next tick retries
                 log.exception("resume.flush_error")
                 ok = False
-            pause = self.flush_s if ok else min(max(pause * 2, self.flush_s), self.renew_s)
+            if only is None:
+                pause = self.flush_s if ok else min(max(pause * 2, self.flush_s), self.renew_s)
+                tick = loop.time() + pause
 
     # -- any instance
 
-    async def open(self, stream_id: str) -> RemoteStream | None:
-        raw: Any = await self.redis.hgetall(keys_of(stream_id)[1])
-        if not raw or b"lost" not in raw:
+    async def open(self, stream_id: str, cursor: int | None = None) -> RemoteStream | None:
+        """The stream as Redis holds it now (`RemoteStream.at_open`), in one round trip; a
+        reader's `cursor` at or past what Redis holds asks the producer to flush (note 10)."""
+        keys = keys_of(stream_id)
+        args: list[int | str] = [-1 if cursor is None else cursor, stream_id, READ_COUNT]
+        reply: Any = await self._open(keys=[keys[1], keys[0]], args=args)
+        if not reply:
             return None
-        return RemoteStream(self, StreamMeta.parse(stream_id, raw))
+        end = 3 + int(reply[2])
+        raw = dict(zip(reply[3:end:2], reply[4:end:2], strict=True))
+        if b"lost" not in raw:
+            return None
+        remote = RemoteStream(self, StreamMeta.parse(stream_id, raw))
+        remote.at_open = (int(reply[0]), bool(reply[1]))
+        if cursor is not None and end < len(reply):
+            entries = list(zip(reply[end::2], reply[end + 1 :: 2], strict=True))
+            remote.prefetched = (cursor, entries)
+        return remote
 
     async def request_cancel(self, stream_id: str, owner: str) -> bool:
         keys = keys_of(stream_id)
@@ -523,7 +642,12 @@ class SharedStreams:
                     message = await pubsub.get_message(timeout=1.0)
                     pause = self.flush_s
                     if message is not None and message["type"] == "message":
-                        found = self.publications.get(message["data"].decode())
+                        data: bytes = message["data"]
+                        if data.startswith(FLUSH_PREFIX):
+                            stream_id, _, after = data[len(FLUSH_PREFIX) :].decode().partition(":")
+                            self.request_flush(stream_id, int(after) if after.isdigit() else -1)
+                            continue
+                        found = self.publications.get(data.decode())
                         if found is not None:
                             found.cancel()
             except (RedisError, OSError) as err:
@@ -585,6 +709,9 @@ class RemoteStream:
         self.shared = shared
         self.meta = meta
         self.keys = keys_of(meta.stream_id)
+        self.at_open = (0, False)  # `length()` as of `open`, from the same round trip
+        # the entries after the reader's cursor that `open` read with it: `read` starts there
+        self.prefetched: tuple[int, list[tuple[bytes, bytes]]] = (-1, [])
 
     async def length(self) -> tuple[int, bool]:
         """Events so far (as far as Redis has them), and whether the last one is the terminal."""
@@ -595,6 +722,19 @@ class RemoteStream:
         if ended is not None:
             return int(ended), True
         return int(length), False
+
+    async def wait_past(self, length: int, cursor: int, timeout_s: float) -> tuple[int, bool]:
+        """Wait up to `timeout_s` for what Redis holds to grow past `length` events, towards
+        `cursor` (one blocking `XREAD`, woken by the flush that appends: no polling); the new
+        `length()`, or `(length, False)` when nothing came."""
+        block_ms = max(1, round(timeout_s * 1000))
+        reply: Any = await self.shared.redis.xread(
+            {self.keys[0]: f"{length}-0"}, count=max(1, cursor - length), block=block_ms
+        )
+        if not reply:
+            return length, False
+        seq, part = reply[0][1][-1][0].decode().split("-")
+        return int(seq), part == "1"
 
     async def read(self, after: int) -> AsyncGenerator[tuple[int, bytes], None]:
         """Events `after + 1`... then the live ones, ending after the terminal event (at once
@@ -607,15 +747,32 @@ class RemoteStream:
         missing_since: float | None = None
         failing_since: float | None = None
         state = "live"
+        prefetched_after, entries = self.prefetched
+        self.prefetched = (-1, [])
+        if prefetched_after == after:  # what `open` read: no round trip before these
+            for entry_id, payload in entries:
+                last_id = entry_id.decode()
+                seq, part = last_id.split("-")
+                if part == "1":
+                    return
+                cursor = int(seq)
+                yield cursor, payload
         while True:
             now = loop.time()
             try:
-                if now - present_at >= shared.renew_s:
-                    await redis.set(self.keys[4], b"1", px=shared.presence_ms)
-                    present_at = now
                 # once the stream is known to have ended, one more read without waiting
                 block = None if state == "ended" else block_ms
-                reply: Any = await redis.xread({self.keys[0]: last_id}, count=1000, block=block)
+                reply: Any
+                if now - present_at >= shared.renew_s:  # with the read: one round trip
+                    pipe = redis.pipeline(transaction=False)
+                    pipe.set(self.keys[4], b"1", px=shared.presence_ms)
+                    pipe.xread({self.keys[0]: last_id}, count=READ_COUNT, block=block)
+                    _, reply = await pipe.execute()
+                    present_at = now
+                else:
+                    reply = await redis.xread(
+                        {self.keys[0]: last_id}, count=READ_COUNT, block=block
+                    )
                 if not reply and state == "ended":
                     return  # the cursor is at or past the end
                 state = "live" if reply else await self._check(shared)

@@ -694,7 +694,7 @@ class FakeShared:
         self.streams = streams
         self.asked: list[str] = []
 
-    async def open(self, stream_id: str) -> FakeRemote | None:
+    async def open(self, stream_id: str, cursor: int) -> FakeRemote | None:
         self.asked.append(stream_id)
         return self.streams.get(stream_id)
 

@@ -118,6 +118,59 @@ async def test_a_stream_cut_on_one_instance_resumes_on_the_other(
             assert end.status == 204
 
 
+SLOW_FLUSH_S = 3.0  # the interval that a reader's request for a flush must beat
+
+
+@pytest.mark.parametrize("cursor", ["at_redis", "ahead_of_redis", "at_the_live_edge"])
+async def test_a_reader_back_elsewhere_gets_its_first_missed_event_before_the_next_flush(
+    fake: FakeUpstream, redis_server: RedisServer, tmp_path: Path, cursor: str
+) -> None:
+    """Events 3 and 4 are produced on A after a flush; a reader comes back on B with a cursor
+    at what Redis holds (its first missed event not flushed yet), past it (it read 3 on A), or
+    at the end of what A produced (event 5 comes once it is back): B asks A to flush that
+    stream, so the event arrives before A's next flush could happen."""
+    gates = [asyncio.Event(), asyncio.Event(), asyncio.Event()]
+    steps: list[Step] = [Text("a")]
+    for gate, piece in zip(gates, "bcd", strict=True):
+        steps += [Gate(gate), Text(piece)]
+    fake.queue([*steps, Gate(NEVER())])
+    flush_ms = str(round(SLOW_FLUSH_S * 1000))
+    redis = aioredis.Redis.from_url(redis_server.url)
+    lease = {"RESUME_FLUSH_MS": flush_ms, "RESUME_LEASE_S": "30"}  # renewed by every flush
+    async with two(fake, redis_server, tmp_path, **lease) as (a, b, session):
+        resp = await session.post(a.url + GENERATE, json={"prompt": "x"})
+        sid = resp.headers["X-Stream-ID"]
+        frames = Frames(resp)
+        seen = [await frames.event(), await frames.event()]  # start, "a"
+        meta, events = f"aistream:resume:{{{sid}}}:meta", f"aistream:resume:{{{sid}}}:events"
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(SLOW_FLUSH_S + WAIT):  # A's first flush
+            while not await redis.exists(meta):  # noqa: ASYNC110 (a flush is not an event)
+                await asyncio.sleep(0.01)  # bounded by the timeout above
+        next_flush = loop.time() + SLOW_FLUSH_S  # A's next flush comes no sooner
+        held = await redis.xlen(events)
+        assert held <= 2  # events 3 and 4 wait for their gates
+        for gate in gates[:2]:
+            gate.set()
+            seen.append(await frames.event())  # "b", then "c": read on A, not in Redis
+        after = {"at_redis": held, "ahead_of_redis": 3, "at_the_live_edge": 4}[cursor]
+        resp.close()
+        headers = {"Last-Event-ID": f"{sid}:{after}"}
+        await redis.config_resetstat()
+        async with asyncio.timeout_at(next_flush - 0.2):
+            back = await session.get(f"{b.url}{STREAMS}{sid}", headers=headers)
+            assert back.status == 200
+            if cursor == "at_the_live_edge":
+                gates[2].set()  # "d", event 5: produced now that the reader is back
+                assert (await Frames(back).event())["delta"] == "d"
+            else:
+                assert await Frames(back).event() == seen[after]
+        back.close()
+        stats: dict[str, Any] = await redis.info("commandstats")
+        assert stats["cmdstat_publish"]["calls"] == 1  # one request for this reconnect
+    await redis.aclose()
+
+
 async def test_a_reader_elsewhere_holds_the_generation_past_its_grace(
     fake: FakeUpstream, redis_server: RedisServer, tmp_path: Path
 ) -> None:

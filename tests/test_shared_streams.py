@@ -141,6 +141,37 @@ async def test_readers_on_another_instance_get_every_event_once_from_any_cursor(
         assert "s1" not in a.publications  # dropped once all of it is in Redis
 
 
+async def test_a_lookup_with_a_cursor_brings_the_events_after_it_and_reading_goes_on_from_there(
+    redis_server: RedisServer,
+) -> None:
+    """The lookup reads the entries after the reader's cursor in its own round trip: a reader's
+    first missed event that Redis holds needs no read of its own; every event comes once."""
+    async with instance(redis_server, "a") as a, instance(redis_server, "b") as b:
+        events = EventLog()
+        a.publish(meta("pre", "a"), events, lambda: None)
+        for n in range(1, 4):
+            events.append(token(n))
+        await opened(b, "pre")
+        await b.redis.config_resetstat()
+        remote = await b.open("pre", 1)
+        assert remote is not None
+        assert remote.at_open == (3, False)
+        async with aclosing(remote.read(1)) as reading, asyncio.timeout(WAIT):
+            assert await anext(reading) == (2, token(2))
+            assert "cmdstat_xread" not in await commandstats(b.redis)  # no read of its own
+            assert await anext(reading) == (3, token(3))
+            events.append(token(4))  # live, after the lookup
+            assert await anext(reading) == (4, token(4))
+        events.end(END)
+        expected = [(n, token(n)) for n in range(1, 5)] + [(5, END)]
+        await until(lambda: _length_is(remote, 5))
+        for after in range(6):
+            found = await b.open("pre", after)
+            assert found is not None
+            assert found.at_open == (5, True)
+            assert await read_all(found, after) == expected[after:]
+
+
 async def _length_is(remote: RemoteStream, n: int) -> bool:
     return (await remote.length())[0] == n
 
@@ -481,10 +512,10 @@ async def test_a_stream_flushed_late_is_still_found_by_a_reader_elsewhere(
         events = EventLog()
         a.publish(meta("late", "a"), events, lambda: None)  # in Redis at a's next flush
         events.append(token(1))
-        remote = await Mirror(b).open("late")
+        remote = await Mirror(b).open("late", 0)
         assert remote is not None
         await remote.aclose()
-        assert await Mirror(b).open("never-published") is None
+        assert await Mirror(b).open("never-published", 0) is None
 
 
 async def test_more_readers_elsewhere_than_the_default_pool_leave_lookups_working(
@@ -508,3 +539,117 @@ async def test_more_readers_elsewhere_than_the_default_pool_leave_lookups_workin
 async def _clients_above(shared: SharedStreams, count: int) -> bool:
     info = await shared.redis.info("clients")
     return int(info["connected_clients"]) > count
+
+
+# --- a reader elsewhere asks for the flush it waits for --------------------------------------
+
+SLOW_FLUSH_MS = 60_000  # no scheduled flush during a test: what arrives came from a request
+
+
+async def test_a_reader_at_what_redis_holds_gets_the_next_event_without_waiting_for_the_interval(
+    redis_server: RedisServer,
+) -> None:
+    """A cursor at the end of what Redis holds asks the producer to flush that stream now: the
+    missed event arrives within a round trip or two, not at the next interval (a minute here);
+    the producer's other streams wait for their interval."""
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events, other = EventLog(), EventLog()
+        a.publish(meta("asked", "a"), events, lambda: None)
+        bystander = a.publish(meta("other", "a"), other, lambda: None)
+        events.append(token(1))
+        other.append(token(1))
+        assert await a.flush()  # the first flush, by hand: both streams in Redis, one event each
+        events.append(token(2))  # produced; Redis does not hold it yet
+        other.append(token(2))
+        remote = await b.open("asked", 1)
+        assert remote is not None
+        assert remote.at_open == (1, False)
+        reading = aclosing(remote.read(1))
+        async with reading as events_read, asyncio.timeout(WAIT):
+            assert await anext(events_read) == (2, token(2))
+        assert await b.redis.xlen(keys_of("other")[0]) == 1  # not asked for: at the interval
+        assert bystander.flushed == 1
+        events.end(END)
+        other.end(END)
+
+
+async def test_a_reader_ahead_of_redis_is_let_in_once_the_asked_flush_reaches_its_cursor(
+    redis_server: RedisServer,
+) -> None:
+    """A client that read events on the producing instance that Redis does not hold yet comes
+    back elsewhere: its cursor is reached by the flush it asks for, not by the next interval."""
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events = EventLog()
+        a.publish(meta("ahead", "a"), events, lambda: None)
+        events.append(token(1))
+        assert await a.flush()
+        for n in (2, 3, 4):
+            events.append(token(n))
+        async with asyncio.timeout(WAIT):
+            remote = await Mirror(b).open("ahead", 3)  # read 3 on a; Redis holds 1
+            assert remote is not None
+            await remote.reach(3)
+        assert remote.length >= 3
+        assert not remote.ended
+        try:
+            async with asyncio.timeout(WAIT):
+                assert await anext(remote.events(3)) == token(4)
+        finally:
+            await remote.aclose()  # closes the read too
+        events.end(END)
+
+
+async def test_a_reader_at_the_live_edge_gets_the_next_event_as_soon_as_it_is_produced(
+    redis_server: RedisServer,
+) -> None:
+    """Asked for a stream with nothing new, the producer watches its log (one waiter however
+    many ask) and flushes its next event the moment it is appended."""
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events = EventLog()
+        publication = a.publish(meta("edge", "a"), events, lambda: None)
+        events.append(token(1))
+        assert await a.flush()
+        opened_thrice = [await b.open("edge", 1) for _ in range(3)]  # at what a produced
+        remote = opened_thrice[-1]
+        assert remote is not None
+        await until(lambda: _true("edge" in a.watching))
+        assert len(events._waiters) == 1  # one waiter for three requests
+        assert publication.flushed == 1  # nothing to flush yet
+        async with aclosing(remote.read(1)) as reading, asyncio.timeout(WAIT):
+            events.append(token(2))
+            assert await anext(reading) == (2, token(2))
+        assert "edge" not in a.watching
+        events.end(END)
+
+
+async def test_a_reader_behind_what_redis_holds_asks_for_no_flush(
+    redis_server: RedisServer,
+) -> None:
+    async with (
+        instance(redis_server, "a", flush_ms=SLOW_FLUSH_MS) as a,
+        instance(redis_server, "b") as b,
+    ):
+        events = EventLog()
+        a.publish(meta("behind", "a"), events, lambda: None)
+        events.append(token(1))
+        events.append(token(2))
+        assert await a.flush()
+        assert not a.request_flush("unknown")  # no flush for a stream a does not produce
+        events.append(token(3))
+        await b.redis.config_resetstat()
+        remote = await b.open("behind", 1)  # event 2 is in Redis: nothing to ask for
+        assert remote is not None
+        async with aclosing(remote.read(1)) as events_read, asyncio.timeout(WAIT):
+            assert await anext(events_read) == (2, token(2))
+        stats: dict[str, Any] = await b.redis.info("commandstats")
+        assert "cmdstat_publish" not in stats
+        events.end(END)

@@ -31,6 +31,8 @@ Design notes:
    reader is not counted against it, nor refused by it. A client moving from the producing
    instance may hold a cursor a flush ahead of Redis: a cursor beyond a running remote stream's
    end is given up to the producer's lease to be reached before it is called beyond the end.
+   The cursor goes with the lookup, so the producer flushes at once a stream whose reader is
+   at or past what Redis holds (`mirror` note 5).
 6. The cancel route answers once the generation here has ended (bounded by `CANCEL_WAIT_S`):
    by then its outcome is counted, a chat answer is saved `partial` and the conversation's turn
    released, so a client may send its next turn the moment it has the 204. A stream produced
@@ -97,7 +99,7 @@ def _cursor(request: web.Request, stream_id: str) -> int:
     return int(after)
 
 
-async def _open(request: web.Request, stream_id: str) -> Source | None:
+async def _open(request: web.Request, stream_id: str, cursor: int) -> Source | None:
     """The stream here (running or retained), else from the shared streams, else None."""
     generation = request.app[keys.LIVE].find(stream_id)
     if generation is not None:
@@ -105,7 +107,7 @@ async def _open(request: web.Request, stream_id: str) -> Source | None:
     shared = request.app.get(keys.SHARED_STREAMS)
     if shared is None:
         return None
-    return await shared.open(stream_id)
+    return await shared.open(stream_id, cursor)
 
 
 async def _closed(source: Source | None) -> None:
@@ -125,7 +127,7 @@ async def read_stream(request: web.Request) -> web.StreamResponse:
     if not sse.valid_stream_id(stream_id):
         raise _bad(request, "streamId: not a stream id.")
     cursor = _cursor(request, stream_id)
-    source = await _open(request, stream_id)
+    source = await _open(request, stream_id, cursor)
     if source is None:
         _count(request, READ_ROUTE, "not_found")
         raise ApiError(ErrorCode.NOT_FOUND, "No such stream, or it has expired.")
@@ -177,7 +179,7 @@ async def resume_post(
         _count(request, route, "bad_cursor")
         return await _lone_error(request, None, ErrorCode.NOT_FOUND, error_fields)
     stream_id, cursor = parsed
-    source = await _open(request, stream_id)
+    source = await _open(request, stream_id, cursor)
     owner = request.get(keys.KEY_ID) or ""
     if source is None or source.route != route or source.owner != owner:
         await _closed(source)
