@@ -434,6 +434,16 @@ def _context_fits(c: ChatSettings) -> str | None:
     return None
 
 
+def _flush_renews_lease(s: Settings) -> str | None:
+    """With shared streams, the producer's lease is renewed by its flusher, every `lease / 3` at
+    the first flush after that (`shared_streams` note 2): a flush interval longer than a third
+    of the lease would let a live producer's lease lapse and its readers be told it died."""
+    limit = s.resume_lease_s * 1000 / 3
+    if s.redis_url and s.resume_flush_ms > limit:
+        return f"must be at most a third of RESUME_LEASE_S ({limit:g} ms) with REDIS_URL"
+    return None
+
+
 # With write timeouts on, client connections idle one heartbeat interval (the write timeout when
 # heartbeats are off) before keep-alive probes start (`tcp.peer_options`).
 
@@ -466,6 +476,7 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule(("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "OPENAI_API_KEY"), _azure_key),
     Rule(("DEFAULT_MAX_TOKENS", "MAX_TOKENS_LIMIT"), _default_tokens),
     Rule(("CHAT_CONTEXT_TOKENS", "CHAT_MESSAGE_MAX_CHARS", "CHAT_SYSTEM_PROMPT"), _context_fits),
+    Rule(("RESUME_FLUSH_MS", "RESUME_LEASE_S", "REDIS_URL"), _flush_renews_lease),
     Rule(("HEARTBEAT_INTERVAL_S", "WRITE_TIMEOUT_S"), _heartbeat_keepalive),
     Rule(("WRITE_TIMEOUT_S", "HEARTBEAT_INTERVAL_S"), _write_keepalive),
 )

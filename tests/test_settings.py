@@ -238,6 +238,24 @@ def test_a_bad_value_is_named_in_words(name: str, raw: str, why: str) -> None:
         ),
         ({"HEARTBEAT_INTERVAL_S": "32768", "WRITE_TIMEOUT_S": "0"}, {}),
         (
+            {"REDIS_URL": "redis://127.0.0.1:6379/0", "RESUME_FLUSH_MS": "1001"},
+            {
+                "RESUME_FLUSH_MS": (
+                    "must be at most a third of RESUME_LEASE_S (1000 ms) with REDIS_URL"
+                )
+            },
+        ),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/0", "RESUME_FLUSH_MS": "1000"}, {}),
+        ({"RESUME_FLUSH_MS": "5000"}, {}),  # no shared streams, no lease
+        (
+            {
+                "REDIS_URL": "redis://127.0.0.1:6379/0",
+                "RESUME_FLUSH_MS": "5000",
+                "RESUME_LEASE_S": "15",
+            },
+            {},
+        ),
+        (
             {"HEARTBEAT_INTERVAL_S": "0", "WRITE_TIMEOUT_S": "40000"},
             {"WRITE_TIMEOUT_S": KEEPALIVE_WRITE},
         ),
