@@ -13,10 +13,11 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import WAIT, Gateway
-from tests.fake_upstream import Gate, Text, answer
+from tests.fake_upstream import Gate, Status, Text, answer
 
 USER = [{"role": "user", "content": "hi"}]
 # (path, body) for each route that calls the upstream: native SSE, native JSON, OpenAI's stream
@@ -102,3 +103,57 @@ async def test_client_and_upstream_sockets_send_small_writes_at_once(gateway: Ga
     done = await frames.event()
     assert done["type"] == "done"
     assert done["content"] == "Hi there"
+
+
+async def events_of(gateway: Gateway, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every event of one native stream, read to its end."""
+    resp = await gateway.client.post("/api/ai/generate-stream", json=body)
+    async with asyncio.timeout(WAIT):
+        wire = await resp.read()
+    await gateway.settled()
+    lines = wire.decode().splitlines()
+    return [orjson.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+
+def without_ids(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k not in ("requestId", "elapsedMs", "streamId")}
+
+
+async def test_later_streams_send_the_request_the_sdk_built_for_the_first(
+    gateway: Gateway,
+) -> None:
+    """Upstream design note 9: the second and third requests (the SDK's request reused, each
+    with its own body) carry exactly the first's headers, and a body encoded alike."""
+    body = {"prompt": "same", "maxTokens": 50, "temperature": 0.5}
+    for _ in range(3):
+        events = await events_of(gateway, body)
+        assert events[-1]["type"] == "done"
+        assert events[-1]["content"] == "Hello world"
+    first, *later = gateway.fake.seen
+    for seen in later:
+        assert seen.headers == first.headers  # auth, x-stainless-*, content type and length
+        assert seen.body == first.body
+    other = await events_of(gateway, {"prompt": "another prompt", "maxTokens": 7})
+    assert other[-1]["content"] == "Hello world"
+    last = gateway.fake.seen[-1]
+    assert last.body["max_completion_tokens"] == 7
+    assert last.body["messages"][-1]["content"] == "another prompt"
+    assert {k: v for k, v in last.headers.items() if k != "Content-Length"} == {
+        k: v for k, v in first.headers.items() if k != "Content-Length"
+    }
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])  # not retried (`failover`)
+async def test_a_status_on_a_reused_request_ends_as_on_the_sdks_own(
+    gateway: Gateway, status: int
+) -> None:
+    """The first stream's error comes through the SDK's `post`; the third's through the reused
+    request (the second, a success, prepared it): the same error event, the same counters."""
+    gateway.fake.queue([Status(status)], answer("Hello", " world"), [Status(status)])
+    sdk_error = await events_of(gateway, {"prompt": "hi"})
+    assert (await events_of(gateway, {"prompt": "hi"}))[-1]["type"] == "done"
+    reused_error = await events_of(gateway, {"prompt": "hi"})
+    assert sdk_error[-1]["type"] == "error"
+    assert [without_ids(e) for e in reused_error] == [without_ids(e) for e in sdk_error]
+    kind = {400: "rejected", 401: "auth", 403: "auth", 404: "not_found", 422: "rejected"}
+    assert gateway.sample("ai_stream_upstream_errors_total", kind=kind[status]) == 2
