@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import WAIT, Gateway
-from tests.fake_upstream import Gate, Status, Text, answer
+from tests.conftest import WAIT, Gateway, MakeGateway
+from tests.fake_upstream import Drop, Gate, Status, Text, answer
 
 USER = [{"role": "user", "content": "hi"}]
 # (path, body) for each route that calls the upstream: native SSE, native JSON, OpenAI's stream
@@ -157,3 +157,16 @@ async def test_a_status_on_a_reused_request_ends_as_on_the_sdks_own(
     assert [without_ids(e) for e in reused_error] == [without_ids(e) for e in sdk_error]
     kind = {400: "rejected", 401: "auth", 403: "auth", 404: "not_found", 422: "rejected"}
     assert gateway.sample("ai_stream_upstream_errors_total", kind=kind[status]) == 2
+
+
+async def test_a_dropped_connection_on_a_reused_request_ends_as_on_the_sdks_own(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(upstream_max_retries=0)  # one try each: no backoff to wait out
+    gateway.fake.queue([Drop()], answer("Hello", " world"), [Drop()])
+    sdk_error = await events_of(gateway, {"prompt": "hi"})
+    assert (await events_of(gateway, {"prompt": "hi"}))[-1]["type"] == "done"
+    reused_error = await events_of(gateway, {"prompt": "hi"})
+    assert sdk_error[-1]["type"] == "error"
+    assert [without_ids(e) for e in reused_error] == [without_ids(e) for e in sdk_error]
+    assert gateway.sample("ai_stream_upstream_errors_total", kind="connection") == 2
