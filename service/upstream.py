@@ -373,6 +373,7 @@ def _reusable(client: openai.AsyncOpenAI) -> bool:
     (design note 9)."""
     return (
         type(client) is openai.AsyncOpenAI
+        and isinstance(client.api_key, str)  # this module passes keys as strings only
         and client.max_retries == 0
         and client.custom_auth is None
         and getattr(client, "_api_key_provider", None) is None
@@ -480,11 +481,14 @@ class OpenAIUpstream:
                     stream=True,
                     stream_cls=None,
                 )
-                if self._reusable:
-                    self._prepared = await _prepared(self.client)
         except (openai.OpenAIError, httpx2.HTTPError) as err:
             raise translate(err) from err
         try:
+            if prepared is None and self._reusable:
+                try:
+                    self._prepared = await _prepared(self.client)
+                except Exception:  # an SDK whose internals moved: its own path every time
+                    self._reusable = False
             if not request.streamed:
                 yield _WholeAnswer(response)
             elif request.body is not None:
