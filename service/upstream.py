@@ -24,7 +24,7 @@ Design notes:
    retries, timeouts and Azure deployment URLs as `chat.completions.create`, minus the per-field
    transform of the parameters, which cost about half of the service's CPU to open a stream
    (README, Performance). The body is built here from an already validated request, and the raw
-   response comes back unread.
+   response comes back unread. Later streams of a server reuse the request it built (note 9).
 5. A clock can run out between retries (a backoff outlasting the first-token timeout). So that the
    stream then ends naming the upstream's failure rather than a timeout, each try's result is noted
    in the calling task's `Attempts` (a context variable the relay sets) by the HTTP client's `send`,
