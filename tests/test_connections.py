@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import openai
 import orjson
 import pytest
 
@@ -120,10 +121,20 @@ def without_ids(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_later_streams_send_the_request_the_sdk_built_for_the_first(
-    gateway: Gateway,
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Upstream design note 9: the second and third requests (the SDK's request reused, each
-    with its own body) carry exactly the first's headers, and a body encoded alike."""
+    with its own body) carry exactly the first's headers, and a body encoded alike; only the
+    first goes through the SDK's `post`."""
+    posts = 0
+    sdk_post = openai.AsyncOpenAI.post
+
+    async def counted(self: openai.AsyncOpenAI, *args: Any, **kwargs: Any) -> Any:
+        nonlocal posts
+        posts += 1
+        return await sdk_post(self, *args, **kwargs)
+
+    monkeypatch.setattr(openai.AsyncOpenAI, "post", counted)
     body = {"prompt": "same", "maxTokens": 50, "temperature": 0.5}
     for _ in range(3):
         events = await events_of(gateway, body)
@@ -141,6 +152,7 @@ async def test_later_streams_send_the_request_the_sdk_built_for_the_first(
     assert {k: v for k, v in last.headers.items() if k != "Content-Length"} == {
         k: v for k, v in first.headers.items() if k != "Content-Length"
     }
+    assert posts == 1
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])  # not retried (`failover`)
