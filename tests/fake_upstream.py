@@ -22,8 +22,9 @@ else one built from the script's Text, Finish and Usage steps.
 
 Headers go out with the first step that writes, so a Gate first keeps the upstream silent before
 it has even answered. Each request is recorded with its JSON body and an Event set when the
-handler ends for any reason, the service closing the connection included. Chunks name the model
-the request asked for, as a real server's do.
+handler ends for any reason, the service closing the connection included, and the gateway's end
+of the TCP connection it came on (`peer`: the same for requests on one reused connection). Chunks
+name the model the request asked for, as a real server's do.
 
 With no script queued, a request whose last message is a text in `by_prompt` gets that script
 (a load test's clients choose their stream's shape by their prompt), else `default`.
@@ -155,6 +156,7 @@ def answer(*texts: str, prompt: int = 7, completion: int | None = None) -> list[
 class Seen:
     body: dict[str, Any]
     headers: dict[str, str]
+    peer: tuple[str, int] | None = None  # the gateway's end of the TCP connection it came on
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
 
@@ -223,7 +225,9 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": [{"id": "test-model"}]})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        seen = Seen(body=await request.json(), headers=dict(request.headers))
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        seen = Seen(body=await request.json(), headers=dict(request.headers), peer=peer)
         if self.record:
             self.seen.append(seen)
         self.open_requests += 1
