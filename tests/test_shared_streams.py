@@ -524,7 +524,12 @@ async def test_more_readers_elsewhere_than_the_default_pool_leave_lookups_workin
     """Each reader elsewhere holds a connection while it blocks for events; the client's pool is
     a blocking one of `MAX_CONNECTIONS`, so lookups keep working past redis-py's default 100."""
     assert MAX_CONNECTIONS > 150
-    async with instance(redis_server, "a") as a, instance(redis_server, "b") as b:
+    # A lease of production's length: with the suite's short one, a loaded machine can delay
+    # the producer's renewal past it while 150 readers wake, and the stream reads as lost.
+    async with (
+        instance(redis_server, "a", lease_s=3.0) as a,
+        instance(redis_server, "b", lease_s=3.0) as b,
+    ):
         events = EventLog()
         a.publish(meta("busy", "a"), events, lambda: None)
         events.append(token(1))
