@@ -772,60 +772,63 @@ class Generation:
     async def run(self) -> Result:
         """Relay the answer into the log, count how it ended, settle the account, run `on_end`,
         then append the terminal event."""
-        loop = asyncio.get_running_loop()
-        if self.vocabulary is not None and self._readers and not self._following:
-            self._first_reader = loop.create_future()  # opened by its reader: note 10
-        labels = self.metrics.child(self.metrics.streams_active, self.route)
-        labels.inc()
-        tasks: list[asyncio.Task[None]] = []
-        outcome = Outcome.COMPLETED
         try:
-            self._pump_task = pump = asyncio.create_task(self._pump())
-            tasks = [pump]
-            self._watchdog = loop.call_soon(self._watch)  # note 15
-            if self._forced is not None:  # ended before it began (its reader left at once)
-                pump.cancel()
-            await pump
-        except ConnectionError:
-            outcome = self._forced or Outcome.CLIENT_DISCONNECT  # its last reader's write failed
-        except asyncio.CancelledError:
-            outcome = self._blame(self._forced or Outcome.CANCELLED)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the loop is closing: the bookkeeping below still runs
-        except UpstreamError as err:
-            outcome = Outcome.UPSTREAM_ERROR
-            self.result.upstream_error_kind = err.kind
-            self.result.upstream_error_detail = err.detail
-            self.result.error_message = client_message(err.kind)  # never the upstream's text
-        except Exception:
-            # A failure nothing translated (a bug, or an exception a library let through): the
-            # client still gets an error event and the stream is still counted.
-            log.exception("stream.failed", route=self.route)
-            outcome = Outcome.UPSTREAM_ERROR
-            self.result.upstream_error_kind = "other"
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-                self._watchdog = None
+            loop = asyncio.get_running_loop()
+            if self.vocabulary is not None and self._readers and not self._following:
+                self._first_reader = loop.create_future()  # opened by its reader: note 10
+            labels = self.metrics.child(self.metrics.streams_active, self.route)
+            labels.inc()
+            tasks: list[asyncio.Task[None]] = []
+            outcome = Outcome.COMPLETED
             try:
-                await settle(*tasks)
-                if self._flush is not None:
-                    await self._flush.settle()
+                self._pump_task = pump = asyncio.create_task(self._pump())
+                tasks = [pump]
+                self._watchdog = loop.call_soon(self._watch)  # note 15
+                if self._forced is not None:  # ended before it began (its reader left at once)
+                    pump.cancel()
+                await pump
+            except ConnectionError:
+                # its last reader's write failed
+                outcome = self._forced or Outcome.CLIENT_DISCONNECT
+            except asyncio.CancelledError:
+                outcome = self._blame(self._forced or Outcome.CANCELLED)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the loop is closing: the bookkeeping below still runs
+            except UpstreamError as err:
+                outcome = Outcome.UPSTREAM_ERROR
+                self.result.upstream_error_kind = err.kind
+                self.result.upstream_error_detail = err.detail
+                self.result.error_message = client_message(err.kind)  # never the upstream's text
+            except Exception:
+                # A failure nothing translated (a bug, or an exception a library let through): the
+                # client still gets an error event and the stream is still counted.
+                log.exception("stream.failed", route=self.route)
+                outcome = Outcome.UPSTREAM_ERROR
+                self.result.upstream_error_kind = "other"
             finally:
-                self._disarm()
-                self._finish(outcome, loop.time())
-                labels.dec()
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+                    self._watchdog = None
                 try:
-                    await self._close()
-                finally:
+                    await settle(*tasks)
                     if self._flush is not None:
-                        self._flush.spill()  # held text before the terminal event (note 14)
-                    self._end_log()
-                    self._done.set()
-                    self._pieces.clear()  # the text is the result's now (`text_so_far`)
-                    if self._on_run_end is not None:  # the registry's bookkeeping (note 15)
-                        self._on_run_end(self)
+                        await self._flush.settle()
+                finally:
+                    self._disarm()
+                    self._finish(outcome, loop.time())
+                    labels.dec()
+                    try:
+                        await self._close()
+                    finally:
+                        if self._flush is not None:
+                            self._flush.spill()  # held text before the terminal event (note 14)
+                        self._end_log()
+                        self._done.set()
+                        self._pieces.clear()  # the text is the result's now (`text_so_far`)
+        finally:
+            if self._on_run_end is not None:  # the registry's bookkeeping (note 15)
+                self._on_run_end(self)
         return self.result
 
     async def _close(self) -> None:
