@@ -270,7 +270,8 @@ class ChunkRelay(ChunkParser):
         if not choices and obj.get("usage") and not self.forward_usage:
             return
         if lenient or _UNSAFE.search(payload):
-            payload = _safe_line(orjson.dumps(obj))
+            # kept in the log: a copy of its own size, not orjson's buffer (`sse` docstring)
+            payload = bytes(memoryview(_safe_line(orjson.dumps(obj))))
         assert self.chunks is not None
         (self.tail if self.finish_reason is not None else self.chunks).append(payload)
 

@@ -82,7 +82,7 @@ def lost_event(generation: Generation) -> bytes:
     result = Result(generation.request_id, generation.stream_id, generation.request.model)
     result.outcome = Outcome.SHUTDOWN
     result.error_code, result.error_message = FAILURE_BY_OUTCOME[Outcome.SHUTDOWN]
-    return sse.dumps(generation.vocabulary.error(result))
+    return sse.dumps_kept(generation.vocabulary.error(result))  # kept per stream
 
 
 def meta_of(generation: Generation, instance: str) -> StreamMeta:

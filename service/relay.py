@@ -4,13 +4,14 @@ ended. Readers (`readers`: an SSE response, a JSON collector) are separate objec
 log from a cursor; this module knows of them only the `Follower` seam below.
 
 A generation is a task of its own, owned by the app's `Generations` registry (keyed by stream
-id), not by the HTTP handler that started it. Inside it, two tasks: the pump (upstream batches ->
-events) and a watchdog that sleeps until the next clock deadline (first token, idle, total; the
-decision is the pure `next_step`). The watchdog or the registry (shutdown) or the limits (a cut)
-end a generation by recording the outcome and cancelling the pump; so does its last reader
-leaving, once its grace window has passed with nobody back (design note 9), and the cancel route
-(`expire(Outcome.CANCELLED)`). Either way the upstream request is closed by the
-pump's `async with` before `run()` returns, and the outcome is counted once.
+id), not by the HTTP handler that started it. Inside it, one more task, the pump (upstream
+batches -> events), and a watchdog: a loop timer armed for the next clock deadline (first token,
+idle, total; the decision is the pure `next_step`), not a task (note 15). The watchdog or the
+registry (shutdown) or the limits (a cut) end a generation by recording the outcome and
+cancelling the pump; so does its last reader leaving, once its grace window has passed with
+nobody back (design note 9), and the cancel route (`expire(Outcome.CANCELLED)`). Either way the
+upstream request is closed by the pump's `async with` before `run()` returns, and the outcome is
+counted once.
 
 Hand-off between a generation and its readers: a reader `attach`es (reader count + 1), catches up
 from the log at its own pace, then asks to `follow`: from then on the pump writes each new event
@@ -96,6 +97,13 @@ Design notes:
    before going on, so a reader that stops reading still holds the generation back (note 8).
    The time to first token is observed when the first frame is written. Passthrough streams
    (note 13) relay each chunk as it came and are not joined.
+15. What an open stream holds is kept small, as thousands are open at once: two tasks (the
+   generation and its pump; the watchdog is a timer callback re-armed at each deadline, the
+   registry's bookkeeping runs at the end of the generation's own task), and no
+   `asyncio.Event` until someone waits: `ended`/`answered` are flags, and the event behind
+   `finished()`/`answered()` is made by the first wait (`_Flag`). The opening and terminal
+   events are encoded by `sse.dumps_kept`: orjson's own output would keep a 4 KB buffer each,
+   for the stream's life and for as long as a finished stream is retained (note 11).
 """
 
 from __future__ import annotations
@@ -332,7 +340,7 @@ class Generations:
         self._retained_bytes = 0
         self._sweep: asyncio.TimerHandle | None = None
         self._running: dict[str, Generation] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Result]] = set()
         self._slots = 0
         self._empty = asyncio.Event()
         self._empty.set()
@@ -426,20 +434,19 @@ class Generations:
         """Run `generation` as a task of its own until it ends."""
         self._running[generation.stream_id] = generation
         self._empty.clear()
-        task = asyncio.create_task(self._run(generation))
+        generation._on_run_end = self._ended  # at the end of its own task (note 15)
+        task = asyncio.create_task(generation.run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if generation.vocabulary is not None:
             for hook in self.on_start:
                 hook(generation)
 
-    async def _run(self, generation: Generation) -> None:
-        try:
-            await generation.run()
-        finally:
-            del self._running[generation.stream_id]
-            self._retain(generation)
-            self._settle_empty()
+    def _ended(self, generation: Generation) -> None:
+        """`generation` has ended (its last step, in its own task)."""
+        del self._running[generation.stream_id]
+        self._retain(generation)
+        self._settle_empty()
 
     def _settle_empty(self) -> None:
         if not self._running and not self._slots:
@@ -561,6 +568,32 @@ class _Flush:
             self._generation.log.append(self._take())
 
 
+class _Flag:
+    """A flag with an `asyncio.Event` made only when someone waits for it (note 15): most
+    streams are never waited for, and an event (with its deque of waiters) costs ~0.7 KB."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: asyncio.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
+        await self._event.wait()
+
+
 @dataclass(slots=True, eq=False)
 class Generation:
     """One upstream call, produced into an event log for its readers (SSE responses), or only
@@ -588,10 +621,12 @@ class Generation:
     _readers: set[object] = field(default_factory=set, init=False)
     _following: tuple[Follower, ...] = field(default=(), init=False)
     _first_reader: asyncio.Future[None] | None = field(default=None, init=False)  # note 10
-    _done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-    _answered: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # note 13
+    _done: _Flag = field(default_factory=lambda: _Flag(), init=False)  # note 15
+    _answered: _Flag = field(default_factory=lambda: _Flag(), init=False)  # notes 13 and 15
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _watchdog: asyncio.Handle | None = field(default=None, init=False)  # note 15
+    _on_run_end: Callable[[Generation], None] | None = field(default=None, init=False)
     _attempts: Attempts = field(default_factory=Attempts, init=False)
     _pieces: list[str] = field(default_factory=list, init=False)
     _first_token: float = field(default=0.0, init=False)
@@ -607,7 +642,7 @@ class Generation:
             request_id=self.request_id, stream_id=self.stream_id, model=self.request.model
         )
         if self.opening is not None:
-            self.log.append(sse.dumps(self.opening))
+            self.log.append(sse.dumps_kept(self.opening))  # note 15
         if self.meter is not None:
             self.meter.on_cut(self._cut)
 
@@ -737,54 +772,63 @@ class Generation:
     async def run(self) -> Result:
         """Relay the answer into the log, count how it ended, settle the account, run `on_end`,
         then append the terminal event."""
-        loop = asyncio.get_running_loop()
-        if self.vocabulary is not None and self._readers and not self._following:
-            self._first_reader = loop.create_future()  # opened by its reader: note 10
-        labels = self.metrics.child(self.metrics.streams_active, self.route)
-        labels.inc()
-        tasks: list[asyncio.Task[None]] = []
-        outcome = Outcome.COMPLETED
         try:
-            self._pump_task = pump = asyncio.create_task(self._pump())
-            tasks = [pump, asyncio.create_task(self._watch())]
-            if self._forced is not None:  # ended before it began (its reader left at once)
-                pump.cancel()
-            await pump
-        except ConnectionError:
-            outcome = self._forced or Outcome.CLIENT_DISCONNECT  # its last reader's write failed
-        except asyncio.CancelledError:
-            outcome = self._blame(self._forced or Outcome.CANCELLED)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the loop is closing: the bookkeeping below still runs
-        except UpstreamError as err:
-            outcome = Outcome.UPSTREAM_ERROR
-            self.result.upstream_error_kind = err.kind
-            self.result.upstream_error_detail = err.detail
-            self.result.error_message = client_message(err.kind)  # never the upstream's text
-        except Exception:
-            # A failure nothing translated (a bug, or an exception a library let through): the
-            # client still gets an error event and the stream is still counted.
-            log.exception("stream.failed", route=self.route)
-            outcome = Outcome.UPSTREAM_ERROR
-            self.result.upstream_error_kind = "other"
-        finally:
+            loop = asyncio.get_running_loop()
+            if self.vocabulary is not None and self._readers and not self._following:
+                self._first_reader = loop.create_future()  # opened by its reader: note 10
+            labels = self.metrics.child(self.metrics.streams_active, self.route)
+            labels.inc()
+            tasks: list[asyncio.Task[None]] = []
+            outcome = Outcome.COMPLETED
             try:
-                await settle(*tasks)
-                if self._flush is not None:
-                    await self._flush.settle()
+                self._pump_task = pump = asyncio.create_task(self._pump())
+                tasks = [pump]
+                self._watchdog = loop.call_soon(self._watch)  # note 15
+                if self._forced is not None:  # ended before it began (its reader left at once)
+                    pump.cancel()
+                await pump
+            except ConnectionError:
+                # its last reader's write failed
+                outcome = self._forced or Outcome.CLIENT_DISCONNECT
+            except asyncio.CancelledError:
+                outcome = self._blame(self._forced or Outcome.CANCELLED)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the loop is closing: the bookkeeping below still runs
+            except UpstreamError as err:
+                outcome = Outcome.UPSTREAM_ERROR
+                self.result.upstream_error_kind = err.kind
+                self.result.upstream_error_detail = err.detail
+                self.result.error_message = client_message(err.kind)  # never the upstream's text
+            except Exception:
+                # A failure nothing translated (a bug, or an exception a library let through): the
+                # client still gets an error event and the stream is still counted.
+                log.exception("stream.failed", route=self.route)
+                outcome = Outcome.UPSTREAM_ERROR
+                self.result.upstream_error_kind = "other"
             finally:
-                self._disarm()
-                self._finish(outcome, loop.time())
-                labels.dec()
+                if self._watchdog is not None:
+                    self._watchdog.cancel()
+                    self._watchdog = None
                 try:
-                    await self._close()
-                finally:
+                    await settle(*tasks)
                     if self._flush is not None:
-                        self._flush.spill()  # held text before the terminal event (note 14)
-                    self._end_log()
-                    self._done.set()
-                    self._pieces.clear()  # the text is the result's now (`text_so_far`)
+                        await self._flush.settle()
+                finally:
+                    self._disarm()
+                    self._finish(outcome, loop.time())
+                    labels.dec()
+                    try:
+                        await self._close()
+                    finally:
+                        if self._flush is not None:
+                            self._flush.spill()  # held text before the terminal event (note 14)
+                        self._end_log()
+                        self._done.set()
+                        self._pieces.clear()  # the text is the result's now (`text_so_far`)
+        finally:
+            if self._on_run_end is not None:  # the registry's bookkeeping (note 15)
+                self._on_run_end(self)
         return self.result
 
     async def _close(self) -> None:
@@ -804,7 +848,7 @@ class Generation:
             self.log.end()
             return
         final = vocabulary.done if result.outcome is Outcome.COMPLETED else vocabulary.error
-        self.log.end(sse.dumps(final(result)))
+        self.log.end(sse.dumps_kept(final(result)))  # note 15
 
     def _blame(self, outcome: Outcome) -> Outcome:
         """A clock that ran out while the upstream kept failing names the failure (note 7)."""
@@ -816,7 +860,7 @@ class Generation:
         self.result.error_message = client_message(failure.kind)  # never the upstream's text
         return Outcome.UPSTREAM_ERROR
 
-    # --- the two tasks ---
+    # --- the pump and the watchdog ---
 
     async def _pump(self) -> None:
         ATTEMPTS.set(self._attempts)  # this task's upstream tries note what they meet
@@ -923,16 +967,18 @@ class Generation:
             except ConnectionError:
                 self.leave(reader)
 
-    async def _watch(self) -> None:
+    def _watch(self) -> None:
+        """The watchdog: a timer callback, re-armed for the next deadline (note 15)."""
+        self._watchdog = None
         s, loop = self.settings, asyncio.get_running_loop()
         clocks = self.clocks or Clocks(s.first_token_timeout_s, s.idle_timeout_s, s.max_stream_s)
-        while True:
-            now = loop.time()
-            last = self._last_token if self.result.deltas else None
-            step = next_step(clocks, now, self.arrived, last)
-            if step.outcome is not None:
-                return self.expire(step.outcome)
-            await asyncio.sleep(min(step.wake - now, 3600.0))
+        now = loop.time()
+        last = self._last_token if self.result.deltas else None
+        step = next_step(clocks, now, self.arrived, last)
+        if step.outcome is not None:
+            self.expire(step.outcome)
+            return
+        self._watchdog = loop.call_at(min(step.wake, now + 3600.0), self._watch)
 
     def _finish(self, outcome: Outcome, now: float) -> None:
         result, metrics = self.result, self.metrics

@@ -23,6 +23,11 @@ and model text can never end a frame early or forge another one. It writes U+202
 U+0085 raw, and Python line readers (`str.splitlines`, httpx and requests `iter_lines`) split on
 them, so those three are escaped after encoding: their UTF-8 bytes can only occur inside a JSON
 string (UTF-8 is self-synchronising), and the checks for them cost next to nothing when absent.
+
+orjson's output keeps the buffer it was written in (about 4 KB, whatever its length), so a
+payload kept for the life of a stream or longer (a log's opening and terminal events) is encoded
+by `dumps_kept`, a copy of its own size; a per-token frame is built around `dumps`' output by
+`%` formatting, which makes a new object of its own size anyway.
 """
 
 from __future__ import annotations
@@ -99,6 +104,11 @@ def dumps(value: Any) -> bytes:
     if b"\xe2\x80" in data or b"\xc2\x85" in data:  # the lead bytes of the three (per token)
         return _escape(data)
     return data
+
+
+def dumps_kept(value: Any) -> bytes:
+    """`dumps` for a payload kept for long: a copy of its own size (module docstring)."""
+    return bytes(memoryview(dumps(value)))
 
 
 @dataclass(frozen=True, slots=True)
