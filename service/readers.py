@@ -215,13 +215,15 @@ def sse_response(request: web.Request, stream_id: str) -> web.StreamResponse:
     return web.StreamResponse(headers={**sse.HEADERS, sse.STREAM_ID_HEADER: stream_id})
 
 
-def _reader(
+def sse_reader(
     request: web.Request,
     response: web.StreamResponse,
     generation: Generation,
     cursor: int = 0,
     resumed: bool = False,
 ) -> SseReader:
+    """An SSE reader of `generation` into `response`, with the app's write deadline, heartbeat
+    and ping counter."""
     app = request.app
     settings, metrics = app[keys.SETTINGS], app[keys.METRICS]
     return SseReader(
@@ -241,7 +243,7 @@ async def resume(request: web.Request, generation: Generation, cursor: int) -> w
     log): the log's events past it, then the live ones, the terminal event last. Returns when the
     reader leaves; it held nothing of the generation's."""
     response = sse_response(request, generation.stream_id)
-    await _reader(request, response, generation, cursor, resumed=True).run()
+    await sse_reader(request, response, generation, cursor, resumed=True).run()
     return response
 
 
@@ -352,7 +354,7 @@ async def stream(request: web.Request, generation: Generation) -> web.StreamResp
     `X-Stream-ID`); returns once the generation has ended, so what the handler holds around it
     (a slot, an account, a chat turn) is given back after, whatever ended it."""
     response = sse_response(request, generation.stream_id)
-    reader = _reader(request, response, generation)
+    reader = sse_reader(request, response, generation)
     request.app[keys.LIVE].start(generation)
     try:
         await reader.run()

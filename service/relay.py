@@ -516,6 +516,11 @@ class _Flush:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._interval_s, self._due)
 
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _due(self) -> None:
         self._timer = None
         if self.task is None and self.unsent:
@@ -538,9 +543,7 @@ class _Flush:
 
     async def drain(self) -> None:
         """The answer ended whole: write what is held now (before the terminal event)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()
         if self.task is not None:
             await asyncio.shield(self.task)
         if self.unsent:
@@ -550,9 +553,7 @@ class _Flush:
     async def settle(self) -> None:
         """The generation is ending: no more timer; a frame being written is written (its
         reader's write deadline bounds it), so it is never written twice."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()
         task = self.task
         if task is not None:
             await outlive_cancel(asyncio.wait([task]))
@@ -561,9 +562,7 @@ class _Flush:
 
     def spill(self) -> None:
         """What is still held goes into the log, before the terminal event; readers catch up."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()
         if self.unsent:
             self._generation.log.append(self._take())
 
@@ -875,17 +874,19 @@ class Generation:
         tail = vocabulary.content_tail if vocabulary is not None else None
         dumps = sse.dumps
         pieces, result = self._pieces, self.result
+        route = self.route
+
+        def first_written() -> None:
+            """Time to first token, measured once the first content is written to the client."""
+            metrics.child(metrics.time_to_first_token, route, model).observe(
+                loop_time() - self.arrived
+            )
+
         flush: _Flush | None = None
         if tail is not None and self.settings.stream_flush_ms:  # note 14
-            route = self.route
 
             def frame(text: str) -> bytes:
                 return b"%b%b%b" % (head, dumps(text), tail(result.deltas))
-
-            def first_written() -> None:
-                metrics.child(metrics.time_to_first_token, route, model).observe(
-                    loop_time() - self.arrived
-                )
 
             flush = self._flush = _Flush(self, self.settings.stream_flush_ms, frame, first_written)
         if self._first_reader is not None:
@@ -926,10 +927,8 @@ class Generation:
                             self.leave(reader)  # the last one leaving ends the generation
                             if self._forced is not None:
                                 raise  # stop before another read: its text would go nowhere
-                if first:  # measured once the first content is written to the client
-                    metrics.child(metrics.time_to_first_token, self.route, model).observe(
-                        loop_time() - self.arrived
-                    )
+                if first:
+                    first_written()
             if flush is not None:
                 await flush.drain()  # the last text, before the terminal event
             parser = stream.parser

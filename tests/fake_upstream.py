@@ -136,6 +136,18 @@ Step = (
 )
 
 
+def window_script(window: str) -> list[Step]:
+    """An answer that holds the stream in one of the disconnect tests' windows: no answer yet
+    (`before-answer`), a token then silence (`while-silent`), or tokens without end
+    (`while-streaming`); each gate is one nobody opens."""
+    scripts: dict[str, list[Step]] = {
+        "before-answer": [Gate(asyncio.Event())],
+        "while-silent": [Text("a"), Gate(asyncio.Event())],
+        "while-streaming": [Repeat("tick")],
+    }
+    return scripts[window]
+
+
 def echoed(messages: list[dict[str, Any]]) -> str:
     """The text an Echo step answers for these messages."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
@@ -335,8 +347,9 @@ class FakeUpstream:
 
 
 @contextlib.asynccontextmanager
-async def running() -> Any:
-    fake = FakeUpstream()
+async def running(fake: FakeUpstream | None = None) -> Any:
+    """A fake upstream serving for the block: `fake` (a subclass's, say), or a new one."""
+    fake = fake if fake is not None else FakeUpstream()
     await fake.start()
     try:
         yield fake

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from bench import render
 from tests.conftest import tool_required
@@ -25,9 +25,9 @@ from tests.fake_upstream import Done, FakeUpstream, Finish, Gate, Step, Text, Us
 from tests.process import free_port, service
 from tests.test_admin_browser import (
     CHROMIUM,
-    CHROMIUM_FLAGS,
     Background,
     Stack,
+    chromium,
     open_page,
     rendered_text,
     screenshot,
@@ -115,14 +115,8 @@ def md_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MarkdownStack
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        tool_required("chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-        )
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def tokens(text: str) -> list[Step]:

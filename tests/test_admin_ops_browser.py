@@ -21,15 +21,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from tests.conftest import tool_required
 from tests.process import free_port, service
 from tests.test_admin_browser import (
     CHROMIUM,
-    CHROMIUM_FLAGS,
     Background,
     Stack,
+    chromium,
     open_page,
     screenshot,
 )
@@ -100,14 +100,8 @@ def run_load(api: str, load: Load) -> None:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        tool_required("chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-        )
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

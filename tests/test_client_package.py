@@ -36,7 +36,17 @@ from aiohttp import web
 from service.admin import STATIC
 from tests.conftest import tool_required
 from tests.cutting_proxy import Cut, CuttingProxy, cutting_proxy
-from tests.fake_upstream import Done, FakeUpstream, Finish, Repeat, Sleep, Step, Text, Usage
+from tests.fake_upstream import (
+    Done,
+    FakeUpstream,
+    Finish,
+    Repeat,
+    Sleep,
+    Step,
+    Text,
+    Usage,
+    running,
+)
 from tests.process import ROOT, ServiceProcess, service
 from tests.test_admin_browser import Background
 from tests.test_sse_clients import CLIENTS_DIR, node
@@ -153,22 +163,13 @@ class Live:
     background: Background
 
 
-@contextlib.asynccontextmanager
-async def _started(upstream: FakeUpstream) -> AsyncIterator[None]:
-    await upstream.start()
-    try:
-        yield
-    finally:
-        await upstream.stop()
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("client-package")
     background = Background()
     try:
         upstream = TaggedUpstream()
-        background.enter(_started(upstream))
+        background.enter(running(upstream))
         env = {
             "OPENAI_BASE_URL": upstream.url,
             "OPENAI_API_KEY": "sk-test-client-package",

@@ -28,6 +28,7 @@ from tests.fake_upstream import (
     Usage,
     Whole,
     answer,
+    window_script,
 )
 
 NEVER = asyncio.Event  # a gate nobody opens: the upstream stays silent until cancelled
@@ -378,12 +379,7 @@ async def test_disconnect_cancels_the_upstream_at_once_whatever_the_grace(
 ) -> None:
     """No resume on these routes: a large RESUME_GRACE_S changes nothing."""
     gateway = await make_gateway(resume_grace_s=60.0)
-    script = {
-        "before-answer": [Gate(NEVER())],
-        "while-silent": [Text("a"), Gate(NEVER())],
-        "while-streaming": [Repeat("tick")],
-    }[window]
-    gateway.fake.queue(script)  # type: ignore[arg-type]
+    gateway.fake.queue(window_script(window))
     client = async_sdk(gateway)
     try:
         if window == "before-answer":

@@ -19,7 +19,6 @@ bills) a second generation.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import queue
@@ -29,22 +28,20 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import tool_required
 from tests.cutting_proxy import Cut, Cutter, CuttingProxy, cutting_proxy
-from tests.fake_upstream import Done, FakeUpstream, Finish, Sleep, Step, Text, Usage
+from tests.fake_upstream import Done, FakeUpstream, Finish, Sleep, Step, Text, Usage, running
 from tests.process import ServiceProcess, free_port, service
-from tests.test_admin_browser import CHROMIUM, CHROMIUM_FLAGS, Background
+from tests.test_admin_browser import Background, chromium
 from tests.test_sse_clients import CLIENTS_DIR, node, static_site
 
 __all__ = ["node"]  # the fixture, shared with tests/test_sse_clients.py
@@ -129,22 +126,13 @@ async def _call(fn: Any, *args: Any) -> Any:
     return fn(*args)  # on the proxy's own loop
 
 
-@contextlib.asynccontextmanager
-async def _started(upstream: FakeUpstream) -> AsyncIterator[None]:
-    await upstream.start()
-    try:
-        yield
-    finally:
-        await upstream.stop()
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("resume-clients")
     background = Background()
     try:
         upstream = MarkedUpstream()
-        background.enter(_started(upstream))
+        background.enter(running(upstream))
         site = background.enter(static_site())
         api_port, admin_port = free_port(), free_port()
         ports = {"PORT": str(api_port), "ADMIN_PORT": str(admin_port)}
@@ -173,16 +161,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        tool_required("chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 def open_page(browser: Browser, url: str) -> Iterator[Page]:

@@ -30,20 +30,19 @@ import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 import pytest
 from aiohttp import web
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import tool_required
 from tests.fake_upstream import Done, FakeUpstream, Finish, Raw, Sleep, Step, Text, Usage, chunk
 from tests.process import ROOT, ServiceProcess, service
 from tests.tcp_proxy import TcpProxy
-from tests.test_admin_browser import CHROMIUM, CHROMIUM_FLAGS, Background
+from tests.test_admin_browser import Background, chromium
 
 CLIENTS_DIR = ROOT / "tests" / "clients"
 HEARTBEAT_S = "0.02"
@@ -365,24 +364,16 @@ def node() -> str:
 @pytest.fixture(scope="module")
 def page(live: Live, node: str) -> Iterator[Page]:
     """Chromium with the fetch-event-source page loaded from the static site."""
-    if not Path(CHROMIUM).exists():
-        tool_required("chromium")
-    with sync_playwright() as playwright:
-        browser: Browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            context = browser.new_context()
-            context.set_default_timeout(READ_MS + 5_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda err: errors.append(str(err)))
-            page.goto(live.site + "/fetch_event_source.html")
-            page.wait_for_selector("body[data-ready=true]", state="attached")
-            yield page
-            assert errors == [], errors
-        finally:
-            browser.close()
+    with chromium() as browser:
+        context = browser.new_context()
+        context.set_default_timeout(READ_MS + 5_000)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(live.site + "/fetch_event_source.html")
+        page.wait_for_selector("body[data-ready=true]", state="attached")
+        yield page
+        assert errors == [], errors
 
 
 # --- the clients ----------------------------------------------------------------------------------

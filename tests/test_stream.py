@@ -14,7 +14,19 @@ from prometheus_client import CollectorRegistry
 
 from service.app import create_app
 from tests.conftest import API_KEY, WAIT, Frames, Gateway, MakeGateway, make_settings
-from tests.fake_upstream import Done, Drop, Finish, Gate, Raw, Repeat, Status, Text, Usage, answer
+from tests.fake_upstream import (
+    Done,
+    Drop,
+    Finish,
+    Gate,
+    Raw,
+    Repeat,
+    Status,
+    Text,
+    Usage,
+    answer,
+    window_script,
+)
 
 NEVER = asyncio.Event  # a gate nobody opens: the upstream stays silent until cancelled
 
@@ -190,12 +202,7 @@ async def test_client_disconnect_cancels_the_upstream_within_a_second(
 ) -> None:
     """With a grace window (RESUME_GRACE_S) the upstream is closed within a second of its end."""
     gateway = await make_gateway(resume_grace_s=grace_s)
-    script = {
-        "before-answer": [Gate(NEVER())],
-        "while-silent": [Text("a"), Gate(NEVER())],
-        "while-streaming": [Repeat("tick")],
-    }[window]
-    gateway.fake.queue(script)  # type: ignore[arg-type]
+    gateway.fake.queue(window_script(window))
     resp, frames = await gateway.stream({"prompt": "x"})
     await frames.event()
     if window == "before-answer":

@@ -39,7 +39,7 @@ from .. import keys, sse
 from ..admission import admitted
 from ..config import Settings
 from ..errors import ApiError, ErrorCode, Outcome, openai_error
-from ..readers import SseReader, collect
+from ..readers import collect, sse_reader
 from ..readers import generation_for as _generation_for
 from ..relay import Clocks, Generation, Meter, Result
 from ..tasks import outlive_cancel
@@ -148,7 +148,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, generation: Generation) -> web.StreamResponse:
     """Start the generation; answer once its upstream has answered (design note 1), with its
     chunks, then `[DONE]` or the error line."""
-    settings, metrics = request.app[keys.SETTINGS], request.app[keys.METRICS]
+    settings = request.app[keys.SETTINGS]
     request.app[keys.LIVE].start(generation)
     try:
         try:
@@ -159,14 +159,7 @@ async def _stream(request: web.Request, generation: Generation) -> web.StreamRes
         if not answered:
             raise _failure(generation.result)
         response = web.StreamResponse(headers=dict(sse.HEADERS))
-        reader = SseReader(
-            request,
-            response,
-            generation,
-            write_timeout_s=settings.write_timeout_s,
-            heartbeat_s=settings.heartbeat_interval_s,
-            on_ping=metrics.heartbeats.inc,
-        )
+        reader = sse_reader(request, response, generation)
         reader.framing = sse.DATA_ONLY  # no `id:` lines: design note 2
         await reader.run()
         if not reader.lost and generation.ended:
