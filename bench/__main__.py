@@ -362,6 +362,7 @@ class Bench:
             f"--tokens={scenario.tokens}",
             f"--model={scenario.model}",
             f"--ramp-s={scenario.ramp_s}",
+            f"--phase-s={scenario.phase_s}",
             f"--stream-timeout={scenario.stream_timeout_s}",
             f"--timeout={scenario.run_timeout_s}",
             f"--clients={self.clients}",

@@ -16,7 +16,11 @@ With `--clients K` the streams carry `X-Forwarded-For` addresses 10.x.y.z of K d
 (round robin), so a service that limits per client can be measured with its limits on.
 
 With `--ramp-s T` the streams arrive evenly over T seconds (stream i starts at i*T/S), the
-shape of a burst of new users rather than all at once.
+shape of a burst of new users rather than all at once. `--phase-s P` adds frac(i*φ)*P to stream
+i's start (φ the golden ratio): with P the upstream's token interval, the streams' tokens fall
+evenly over that interval instead of in step (arrivals 10 ms apart with tokens 20 ms apart would
+put every token of every stream in two instants per interval), as the tokens of users who arrived
+at unrelated times do.
 
 `--mode resume` (the reconnect scenario) opens each stream through the service in full SSE
 (`Accept: text/event-stream`), cuts the connection after a random number of content events (1 to
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import math
 import random
 import resource
 import sys
@@ -59,6 +64,7 @@ from .common import install_uvloop, percentile, raise_nofile
 JSON_HEADERS = {"Content-Type": "application/json"}
 SERVICE_CONTENT = b'{"type":"content"'
 MAX_MISMATCH_EXAMPLES = 3
+GOLDEN = (1 + math.sqrt(5)) / 2  # frac(i * φ) spreads the streams' phases evenly (--phase-s)
 
 
 def expected_text(tokens: int) -> str:
@@ -372,6 +378,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
 
     began = time.monotonic()
     ramp = args.ramp_s / len(streams)
+    phase = args.phase_s
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
@@ -381,8 +388,9 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
             index = next_index
             next_index += 1
             rec = streams[index]
-            if ramp:  # arrivals spread evenly over --ramp-s: stream i starts at i * ramp_s / S
-                wait = began + index * ramp - time.monotonic()
+            if ramp or phase:  # stream i starts at i * ramp_s / S + frac(i * φ) * phase_s
+                offset = math.modf(index * GOLDEN)[0] * phase
+                wait = began + index * ramp + offset - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
             try:
@@ -539,6 +547,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="spread the streams' arrivals evenly over this many seconds (0: as fast as allowed)",
+    )
+    parser.add_argument(
+        "--phase-s",
+        type=float,
+        default=0.0,
+        help="add frac(i * golden ratio) * this many seconds to stream i's start (0: none)",
     )
     parser.add_argument("--stream-timeout", type=float, default=120.0, help="seconds per stream")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole run")

@@ -54,6 +54,7 @@ class Scenario:
     delay_s: float
     fresh_service: bool = False  # a new service (and nginx) process per run: RSS growth visible
     ramp_s: float = 0.0  # arrivals spread evenly over this many seconds
+    phase_s: float = 0.0  # stream i's start moved by frac(i * φ) * this (bench.load --phase-s)
 
     @property
     def stream_timeout_s(self) -> float:
@@ -73,15 +74,27 @@ class Scenario:
         )
 
 
+def _steady(key: str, title: str, concurrency: int, streams: int) -> Scenario:
+    """A model-pace scenario in its steady state: 100 tokens 20 ms apart per stream, arrivals
+    spread evenly so that `concurrency` streams are open at any time (a new one every
+    2 s / concurrency), as users arrive at a service already serving, rather than in waves that
+    all open in the same instant (that is the burst scenarios' shape, S3 and S4); each start
+    moved within one token interval so that the streams' tokens do not fall in step."""
+    tokens, delay_s = 100, 0.020
+    ramp_s = streams * tokens * delay_s / concurrency
+    return Scenario(
+        key, title, "latency", "bench-d20", tokens, concurrency, streams, delay_s,
+        ramp_s=ramp_s, phase_s=delay_s,
+    )  # fmt: skip
+
+
 def build(quick: bool) -> dict[str, Scenario]:
     """The scenarios; `quick` shrinks the counts (and drops S4) for a smoke run."""
     s3_streams = 500 if quick else 2000
     scenarios = [
         Scenario("S1", "saturation", "saturation", "bench", 500, 32, 128, 0.0),
-        Scenario(
-            "S2", "model pace", "latency", "bench-d20", 100, 200, 400 if quick else 600, 0.020
-        ),
-        Scenario("S2b", "light load", "latency", "bench-d20", 100, 20, 40 if quick else 60, 0.020),
+        _steady("S2", "model pace", 200, 400 if quick else 600),
+        _steady("S2b", "light load", 20, 40 if quick else 60),
         Scenario("S3", "burst", "scale", "bench-d1000", 10, s3_streams, s3_streams, 1.0, True, 3.0),
         Scenario("S4", "10k streams", "scale", "bench-d1000", 10, 10_000, 10_000, 1.0, True),
         Scenario(

@@ -31,6 +31,12 @@ Design notes:
    the response is prepared and not ended, which a reader's frames always are), and the drain
    is awaited only when the transport holds unsent bytes: with none it is below its high-water
    mark, so the drain would return at once. Fewer coroutine calls per token, the same bound.
+4. When that writer is aiohttp's own, for a chunked body with its headers sent and nothing to
+   do per write (no compression, no chunk or body-write callbacks, no declared length), a frame
+   is written to the transport as one HTTP chunk (`size CRLF frame CRLF`, the bytes aiohttp
+   would write), its output size kept: one bytes format and one transport call per token
+   instead of the writer's coroutine and its three helpers. A closing transport goes through
+   the writer, which raises the connection error the reader expects.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 
 from . import keys, sse, tcp
 from .relay import Generation, Meter, RemoteStream, Result, Vocabulary
@@ -53,6 +60,7 @@ class SseReader:
     """One prepared response reading one generation, with the stamps its watch reads."""
 
     __slots__ = (
+        "_chunked",
         "_generation",
         "_loop",
         "_on_ping",
@@ -85,6 +93,7 @@ class SseReader:
         self._resp = response
         self._generation = generation
         self._out: AbstractStreamWriter | None = None  # bound at the first write (note 1)
+        self._chunked = False  # its frames can be written to the transport as chunks (note 4)
         self._loop = asyncio.get_running_loop()
         self._on_ping = on_ping
         self.framing = sse.Framing.for_accept(request.headers.get("Accept"), generation.stream_id)
@@ -103,10 +112,17 @@ class SseReader:
             await self._resp.write(data)
             out = self._out = self._resp.get(tcp.STREAM_OUT)
             if out is not None:
+                self._chunked = _plain_chunks(out)
                 await out.drain()  # design note 1
         else:
-            await out.write(data)  # the response's own writer (note 3)
             transport = out.transport
+            if self._chunked and transport is not None and not transport.is_closing():
+                chunk = b"%x\r\n%b\r\n" % (len(data), data)  # design note 4
+                transport.write(chunk)
+                out.output_size += len(chunk)
+            else:
+                await out.write(data)  # the response's own writer (note 3)
+                transport = out.transport
             if transport is not None and transport.get_write_buffer_size():
                 await out.drain()  # design note 1
         self.writing_since = 0.0
@@ -188,6 +204,22 @@ class SseReader:
             except TimeoutError:
                 pass
         return None
+
+
+def _plain_chunks(out: AbstractStreamWriter) -> bool:
+    """Whether `out` is aiohttp's own writer of a chunked body, its headers sent, with nothing
+    of its own to do per write (no compression, no chunk or body-write callbacks, no declared
+    length): then a frame can go to the transport as one chunk (design note 4)."""
+    return (
+        type(out) is StreamWriter
+        and out.chunked
+        and out.length is None
+        and getattr(out, "_compress", True) is None
+        and getattr(out, "_on_chunk_sent", True) is None
+        and getattr(out, "on_body_write", True) is None
+        and getattr(out, "_headers_buf", True) is None
+        and getattr(out, "_headers_written", False) is True
+    )
 
 
 class Collector:

@@ -59,10 +59,29 @@ Design notes:
    each request's model), no SDK retries (`max_retries=0`, as under `failover`), a plain API
    key (no key provider, workload identity, provider runtime or custom auth), and the SDK
    choosing no idempotency header; anything else takes the SDK's `post` every time.
+10. aiohttp's reader asks its protocol to resume reading after every read that leaves its buffer
+   under the low-water mark, paused or not, and the protocol's `resume_reading` then feeds its
+   parser an empty read and resumes the transport: a second `data_received` per network read at
+   model pace. A connection whose body is read straight (note 7) gets a protocol class that does
+   that work only when reading was paused (`_LeanHandler`, nothing else changed); a reader that
+   falls behind still pauses and resumes the upstream as before.
+11. Once a server's request is reused (note 9), a streamed request goes to the SDK transport's
+   own aiohttp session as that transport would send it (the same URL, headers, timeouts mapped as
+   it maps them, `allow_redirects`/`auto_decompress`/`compress` off), skipping httpx's client,
+   its `Request` and `Response` objects and the transport's copy of the headers: about 15 % of
+   the CPU of opening a stream (README, Performance). The try is noted as `_NotingClient` notes
+   it (note 5). Anything but a plain 2xx body becomes the SDK's response as the transport would
+   build it: a non-2xx the SDK's status error, an encoded body read through httpx (note 7); a
+   redirect (httpx follows them, aiohttp here does not) sends the request again through httpx,
+   which follows it, and so does every later stream of that server. Only where the transport is
+   the SDK's aiohttp one with its session open and no proxy, and the client has no response
+   hooks (the request hook counts SDK retries, which a reused request never makes); otherwise
+   note 9's path through httpx.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
@@ -72,8 +91,12 @@ from typing import Any, Final, Protocol
 import aiohttp
 import httpx2
 import openai
+import yarl
+from aiohttp.client_proto import ResponseHandler
+from multidict import CIMultiDict
 from openai._models import FinalRequestOptions
 from openai._utils._json import openapi_dumps
+from openai._vendor.httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport
 
 from .chunks import (
     ChunkParser,
@@ -235,6 +258,17 @@ def _raw_body(response: httpx2.Response) -> aiohttp.ClientResponse | None:
     return None
 
 
+class _LeanHandler(ResponseHandler):
+    """aiohttp's client protocol, minus the work a read does when reading was never paused
+    (design note 10)."""
+
+    __slots__ = ()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused or self._buffer_paused:
+            super().resume_reading(resume_parser)
+
+
 class _SdkStream:
     """Iterates the raw body of one SDK streaming response through a ChunkParser: straight from
     aiohttp's reader when it is found (design note 7), else through httpx's `aiter_bytes`. An
@@ -242,18 +276,26 @@ class _SdkStream:
 
     __slots__ = ("_bytes", "_read", "parser")
 
-    def __init__(self, body: httpx2.Response, parser: ChunkParser, *, clocked: bool) -> None:
-        """`clocked`: the relay's clocks bound every silence of this answer, so aiohttp's read
+    def __init__(
+        self, body: httpx2.Response | aiohttp.ClientResponse, parser: ChunkParser, *, clocked: bool
+    ) -> None:
+        """`body`: the SDK's response, or aiohttp's when it was sent straight (design note 11);
+        `clocked`: the relay's clocks bound every silence of this answer, so aiohttp's read
         timeout is dropped (design note 8)."""
         self.parser = parser
-        raw = _raw_body(body)
+        raw = body if isinstance(body, aiohttp.ClientResponse) else _raw_body(body)
         self._bytes: AsyncIterator[bytes] | None = None
         if raw is not None:
             self._read: Callable[[], Awaitable[bytes]] = raw.content.readany
             connection = raw.connection
-            if clocked and connection is not None and connection.protocol is not None:
-                connection.protocol.read_timeout = None
+            protocol = connection.protocol if connection is not None else None
+            if protocol is not None:
+                if type(protocol) is ResponseHandler:  # design note 10
+                    protocol.__class__ = _LeanHandler
+                if clocked:
+                    protocol.read_timeout = None
         else:
+            assert isinstance(body, httpx2.Response)
             self._bytes = body.aiter_bytes()
             self._read = self._next_bytes
 
@@ -361,11 +403,16 @@ class _NotingClient(openai.DefaultAioHttpClient):
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    """The SDK's request for a stream, minus its body (design note 9)."""
+    """The SDK's request for a stream, minus its body (design note 9), and the same request as
+    aiohttp takes it when it can be sent straight (design note 11)."""
 
     url: httpx2.URL
     headers: tuple[tuple[str, str], ...]
     extensions: dict[str, Any]
+    session: aiohttp.ClientSession | None = None  # the SDK transport's, for design note 11
+    aio_url: yarl.URL | None = None
+    aio_headers: CIMultiDict[str] | None = None
+    aio_timeout: aiohttp.ClientTimeout | None = None
 
 
 def _reusable(client: openai.AsyncOpenAI) -> bool:
@@ -383,15 +430,40 @@ def _reusable(client: openai.AsyncOpenAI) -> bool:
     )
 
 
-async def _prepared(client: openai.AsyncOpenAI) -> _Prepared:
-    """What the SDK's own request path builds for a stream (design note 9)."""
+async def _prepared(client: openai.AsyncOpenAI, http: httpx2.AsyncClient) -> _Prepared:
+    """What the SDK's own request path builds for a stream (design note 9), and how `http`'s
+    transport would hand it to aiohttp (design note 11)."""
     options = FinalRequestOptions.construct(method="post", url="/chat/completions", json_data={})
     options = await client._prepare_options(options)
     built = client._build_request(options)
     headers = tuple(
         (name, value) for name, value in built.headers.multi_items() if name != "content-length"
     )
-    return _Prepared(built.url, headers, dict(built.extensions))
+    extensions = dict(built.extensions)
+    transport = http._transport_for_url(built.url)
+    session = getattr(transport, "client", None)
+    if (
+        type(transport) is not AiohttpTransport
+        or not isinstance(session, aiohttp.ClientSession)
+        or transport.proxy is not None
+        or extensions.get("sni_hostname") is not None
+        or http.event_hooks["response"]
+    ):
+        return _Prepared(built.url, headers, extensions)
+    timeout = extensions.get("timeout", {})
+    return _Prepared(
+        built.url,
+        headers,
+        extensions,
+        session=session,
+        aio_url=yarl.URL(str(built.url), encoded=True),
+        aio_headers=CIMultiDict(headers),
+        aio_timeout=aiohttp.ClientTimeout(  # as the transport maps httpx's timeouts
+            sock_connect=timeout.get("connect"),
+            sock_read=timeout.get("read"),
+            connect=timeout.get("pool"),
+        ),
+    )
 
 
 class OpenAIUpstream:
@@ -468,9 +540,12 @@ class OpenAIUpstream:
     @asynccontextmanager
     async def stream(self, request: CompletionRequest) -> AsyncIterator[UpstreamStream]:
         body = _body(request)
+        response: httpx2.Response | aiohttp.ClientResponse
         try:
             prepared = self._prepared
-            if prepared is not None:
+            if prepared is not None and prepared.session is not None and request.streamed:
+                response = await self._send_straight(prepared, body)
+            elif prepared is not None:
                 response = await self._send(prepared, body)
             else:
                 # design note 4: the generic post, not chat.completions.create
@@ -481,15 +556,16 @@ class OpenAIUpstream:
                     stream=True,
                     stream_cls=None,
                 )
-        except (openai.OpenAIError, httpx2.HTTPError) as err:
+        except (openai.OpenAIError, httpx2.HTTPError, aiohttp.ClientError) as err:
             raise translate(err) from err
         try:
             if prepared is None and self._reusable:
                 try:
-                    self._prepared = await _prepared(self.client)
+                    self._prepared = await _prepared(self.client, self._http)
                 except Exception:  # an SDK whose internals moved: its own path every time
                     self._reusable = False
             if not request.streamed:
+                assert isinstance(response, httpx2.Response)
                 yield _WholeAnswer(response)
             elif request.body is not None:
                 relay = ChunkRelay(forward_usage=request.forward_usage)
@@ -497,7 +573,61 @@ class OpenAIUpstream:
             else:
                 yield _SdkStream(response, ChunkParser(), clocked=self._clocked)
         finally:
-            await response.aclose()
+            if isinstance(response, aiohttp.ClientResponse):
+                await response.__aexit__(None, None, None)  # as the SDK transport's aclose
+            else:
+                await response.aclose()
+
+    async def _send_straight(
+        self, prepared: _Prepared, body: dict[str, Any]
+    ) -> httpx2.Response | aiohttp.ClientResponse:
+        """Send a stream's request to aiohttp as the SDK's transport would (design note 11),
+        noting the try as `_NotingClient` does (design note 5)."""
+        assert prepared.session is not None
+        assert prepared.aio_url is not None
+        attempts = ATTEMPTS.get()
+        try:
+            response = await prepared.session.request(
+                "POST",
+                prepared.aio_url,
+                headers=prepared.aio_headers,
+                data=openapi_dumps(body),
+                allow_redirects=False,
+                auto_decompress=False,
+                compress=False,
+                timeout=prepared.aio_timeout,
+            )
+        except Exception as err:
+            if attempts is not None:
+                attempts.failure = translate(err)
+            raise
+        status = response.status
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if 200 <= status < 300 and encoding == "identity":
+            if attempts is not None:
+                attempts.failure = None
+            return response
+        # A redirect (httpx follows it), an error (the SDK's own status error) or an encoded
+        # body (httpx decodes it): the SDK's response, as its transport would have built it.
+        answer = httpx2.Response(
+            status_code=status,
+            headers=response.raw_headers,
+            stream=AiohttpResponseStream(response),
+            request=httpx2.Request("POST", prepared.url, headers=prepared.headers),
+        )
+        if 300 <= status < 400 and "location" in answer.headers:
+            await answer.aclose()  # not followed here: sent again through httpx, from now on
+            self._prepared = prepared = dataclasses.replace(prepared, session=None)
+            return await self._send(prepared, body)
+        if attempts is not None:
+            failed = status >= 400
+            attempts.failure = (
+                UpstreamError(_status_kind(status), detail=str(status)) if failed else None
+            )
+        if not answer.is_success:
+            await answer.aread()
+            raise self.client._make_status_error_from_response(answer)
+        return answer
 
     async def _send(self, prepared: _Prepared, body: dict[str, Any]) -> httpx2.Response:
         """Send a stream's request as the SDK built it, with this body (design note 9)."""

@@ -448,6 +448,14 @@ def test_quick_scenarios_keep_the_shapes_and_drop_s4() -> None:
     assert (full["S2"].concurrency, full["S2b"].concurrency) == (200, 20)
     assert (full["S3"].streams, full["S3"].ramp_s, full["S3"].tokens) == (2000, 3.0, 10)
     assert quick["S3"].streams == 500
+    # model pace in its steady state: a new stream every 2 s / concurrency, so that the given
+    # number are open at any time (10,000 tokens/s offered at S2), never a wave opening at once
+    for scenarios in (full, quick):
+        for key, every_s in (("S2", 0.010), ("S2b", 0.100)):
+            s = scenarios[key]
+            assert (s.tokens, s.delay_s) == (100, 0.020)
+            assert s.ramp_s / s.streams == pytest.approx(every_s)
+            assert s.streams * s.tokens / (s.ramp_s + s.tokens * s.delay_s) < s.concurrency * 50
 
 
 def _summary(tokens: int, ttft_p99: float, streams: int = 10) -> dict[str, Any]:

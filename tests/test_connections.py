@@ -13,9 +13,12 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2
 import openai
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.conftest import WAIT, Gateway, MakeGateway
 from tests.fake_upstream import Drop, Gate, Status, Text, answer
@@ -182,3 +185,74 @@ async def test_a_dropped_connection_on_a_reused_request_ends_as_on_the_sdks_own(
     assert sdk_error[-1]["type"] == "error"
     assert [without_ids(e) for e in reused_error] == [without_ids(e) for e in sdk_error]
     assert gateway.sample("ai_stream_upstream_errors_total", kind="connection") == 2
+
+
+# --- the reused request sent to aiohttp straight (upstream design note 11) ---------------------
+
+
+async def test_later_streams_go_to_aiohttp_without_the_http_client(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the first stream crosses httpx's client (the SDK's `post`); the later ones are
+    handed to the SDK transport's aiohttp session as the transport would hand them."""
+    sends = 0
+    http_send = httpx2.AsyncClient.send
+
+    async def counted(self: httpx2.AsyncClient, *args: Any, **kwargs: Any) -> Any:
+        nonlocal sends
+        sends += 1
+        return await http_send(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx2.AsyncClient, "send", counted)
+    for _ in range(3):
+        events = await events_of(gateway, {"prompt": "hi"})
+        assert events[-1]["content"] == "Hello world"
+    assert sends == 1
+    assert gateway.fake.connections == 1  # the transport's own pool carried all three
+
+
+async def test_a_redirect_on_a_reused_request_is_followed_as_the_sdk_does(
+    make_gateway: MakeGateway,
+) -> None:
+    """The SDK's client follows redirects; a reused request meeting one goes the SDK's way."""
+    posts: list[tuple[str, dict[str, Any]]] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        posts.append((request.path, body))
+        if request.path == "/v1/chat/completions" and len(posts) > 1:
+            raise web.HTTPTemporaryRedirect("/moved/v1/chat/completions")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for text in ("Hel", "lo"):
+            choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+            await resp.write(b"data: %b\n\n" % orjson.dumps({"choices": [choice]}))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/moved/v1/chat/completions", completions)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        gateway = await make_gateway(openai_base_url=f"http://127.0.0.1:{server.port}/v1")
+        for prompt in ("one", "two", "three"):
+            events = await events_of(gateway, {"prompt": prompt})
+            assert events[-1]["type"] == "done"
+            assert events[-1]["content"] == "Hello"
+    finally:
+        await server.close()
+    # The second stream's redirect is not followed by aiohttp: the request goes again through
+    # the SDK's client, which follows it, and so does every later stream's.
+    assert [path for path, _ in posts] == [
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/moved/v1/chat/completions",
+        "/v1/chat/completions",
+        "/moved/v1/chat/completions",
+    ]
+    assert posts[1][1] == posts[2][1] == posts[3][1]  # the same body, re-sent where it moved
+    assert [body["messages"][-1]["content"] for _, body in posts[3::2]] == ["two", "three"]

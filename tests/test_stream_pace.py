@@ -13,11 +13,13 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import TestServer
 
 from service.upstream import CompletionRequest, OpenAIUpstream, UpstreamError
-from tests.conftest import Gateway, MakeGateway, make_settings
-from tests.fake_upstream import Done, Drop, Finish, Gate, Sleep, Text, Usage, answer
+from tests.conftest import WAIT, Gateway, MakeGateway, make_settings
+from tests.fake_upstream import Done, Drop, Finish, Gate, Sleep, Step, Text, Usage, answer
 
 NEVER = asyncio.Event  # a gate nobody opens
 
@@ -70,11 +72,14 @@ async def gzip_upstream() -> AsyncIterator[str]:
 async def test_an_encoded_body_is_read_through_httpx_and_relayed_whole(
     make_gateway: MakeGateway, gzip_upstream: str
 ) -> None:
+    """The first stream through the SDK's `post`, the later ones through the reused request sent
+    to aiohttp straight (upstream design note 11): httpx decodes every one of them."""
     gateway = await make_gateway(openai_base_url=gzip_upstream)
-    events = await _events(gateway)
-    assert "".join(d for d, _ in _content(events)) == "Hello"
-    assert events[-1]["type"] == "done"
-    assert events[-1]["content"] == "Hello"
+    for _ in range(3):
+        events = await _events(gateway)
+        assert "".join(d for d, _ in _content(events)) == "Hello"
+        assert events[-1]["type"] == "done"
+        assert events[-1]["content"] == "Hello"
 
 
 async def test_a_plain_body_is_read_straight_from_aiohttp(gateway: Gateway) -> None:
@@ -91,6 +96,68 @@ async def test_a_plain_body_is_read_straight_from_aiohttp(gateway: Gateway) -> N
             assert type(owner).__module__.startswith("aiohttp")
             batches = [batch async for batch in stream]
         assert "".join(t for t, _ in batches) == "ab"
+    finally:
+        await upstream.aclose()
+
+
+async def test_a_network_read_costs_the_client_protocol_one_call(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upstream design note 10: aiohttp's reader would ask its protocol to resume reading after
+    every read, re-entering its `data_received` with nothing; here each read is one call."""
+    calls = 0
+    received = ResponseHandler.data_received
+
+    def counted(self: ResponseHandler, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        received(self, data)
+
+    monkeypatch.setattr(ResponseHandler, "data_received", counted)
+    gates = [asyncio.Event() for _ in range(3)]
+    steps: list[Step] = [Text("a"), Gate(gates[0]), Text("b"), Gate(gates[1]), Text("c")]
+    steps.append(Gate(gates[2]))
+    gateway.fake.queue([*steps, *answer()])
+    upstream = OpenAIUpstream(gateway.settings, base_url=gateway.fake.url, max_retries=0)
+    try:
+        async with upstream.stream(CompletionRequest("m", [], 5)) as stream:
+            batches = aiter(stream)
+            async with asyncio.timeout(WAIT):
+                assert (await anext(batches))[0] == "a"
+                before = calls
+                for gate, text in zip(gates, "bc", strict=False):
+                    gate.set()  # the next delta, in a network read of its own
+                    assert (await anext(batches))[0] == text
+            assert calls - before == 2
+            gates[2].set()
+            rest = [batch async for batch in batches]
+        assert [t for t, _ in rest if t] == []
+    finally:
+        await upstream.aclose()
+
+
+async def test_a_paused_upstream_read_resumes(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading stops while aiohttp's buffer is past its high-water mark (a relay not reading)
+    and resumes once it is read down: everything arrives, in order (upstream design note 10)."""
+    paused = asyncio.Event()
+    pause = ResponseHandler.pause_reading
+
+    def noted(self: ResponseHandler) -> None:
+        paused.set()
+        pause(self)
+
+    monkeypatch.setattr(ResponseHandler, "pause_reading", noted)
+    texts = [f"{i:05d}" + "x" * 200 for i in range(2000)]  # about 600 KB of events
+    gateway.fake.queue(answer(*texts))
+    upstream = OpenAIUpstream(gateway.settings, base_url=gateway.fake.url, max_retries=0)
+    try:
+        async with upstream.stream(CompletionRequest("m", [], 5000)) as stream:
+            async with asyncio.timeout(WAIT):
+                await paused.wait()  # nothing read yet: the buffer fills past its mark
+                joined = "".join([t async for t, _ in stream])
+        assert joined == "".join(texts)
     finally:
         await upstream.aclose()
 
@@ -259,3 +326,56 @@ async def test_flush_interval_leaves_openai_chunks_as_they_came(make_gateway: Ma
     ]
     assert deltas == ["a", "b", "c", None]  # one chunk each, then the finish chunk
     assert wire.endswith(b"data: [DONE]\n\n")
+
+
+# --- the frame's write ------------------------------------------------------------------------
+
+
+async def test_frames_go_out_as_one_http_chunk_each(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers design note 4: after the first, every frame is written to the transport as one
+    chunk of the chunked body, byte for byte what aiohttp's writer would send, without it."""
+    writes = 0
+    write = StreamWriter.write
+
+    async def counted(self: StreamWriter, chunk: Any, **kwargs: Any) -> None:
+        nonlocal writes
+        writes += b'"type":"' in bytes(chunk)  # the gateway's frames, not the fake upstream's
+        await write(self, chunk, **kwargs)
+
+    monkeypatch.setattr(StreamWriter, "write", counted)
+    gateway.fake.queue([Text("Hel"), Sleep(0.01), Text("lo"), Sleep(0.01), *answer(" there")])
+    body = b'{"prompt":"x"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.client.port)
+    try:
+        writer.write(
+            b"POST /api/ai/generate-stream HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+            % (len(body), body)
+        )
+        async with asyncio.timeout(WAIT):
+            wire = await reader.read()  # to the end: the server closes after the answer
+    finally:
+        writer.close()
+    head, _, rest = wire.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    frames = []
+    while True:  # bounded: each pass consumes one chunk of `rest`
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n"
+            break
+        frame, crlf, rest = rest[:size], rest[size : size + 2], rest[size + 2 :]
+        assert crlf == b"\r\n"
+        assert frame.startswith(b"data: ")
+        assert frame.endswith(b"\n\n")
+        assert frame.count(b"\n\n") == 1  # one SSE frame per chunk
+        frames.append(orjson.loads(frame[6:]))
+    assert frames[0]["type"] == "start"
+    assert frames[-1]["type"] == "done"
+    assert frames[-1]["content"] == "Hello there"
+    assert "".join(f["delta"] for f in frames if f["type"] == "content") == "Hello there"
+    assert len(frames) >= 3
+    assert writes == 1  # the first frame (with the headers) only: the rest went straight
