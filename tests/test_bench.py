@@ -145,6 +145,18 @@ async def test_ramp_spreads_arrivals_over_the_given_time(tmp_path: Path) -> None
     assert 0.6 <= summary["first_token_spread_s"] < 5
 
 
+async def test_phase_moves_each_start_within_the_given_time(tmp_path: Path) -> None:
+    with bench_upstream(tmp_path) as url:
+        args = load_args(
+            f"--url={url}", "--mode=direct", "--concurrency=5", "--streams=5", "--tokens=2",
+            "--model=bench", "--phase-s=0.5", "--stream-timeout=20", "--timeout=30",
+        )  # fmt: skip
+        summary = await load.drive(args)
+    assert (summary["completed"], summary["mismatches"]) == (5, 0)
+    # Stream i starts frac(i * φ) * 0.5 s late: 0, 0.309, 0.118, 0.427, 0.236 s for i = 0..4.
+    assert 0.4 <= summary["first_token_spread_s"] < 5
+
+
 # --- the OpenAI route's client ------------------------------------------------------------------
 
 
