@@ -133,28 +133,55 @@ async def test_nginx_relays_the_bench_upstream_at_model_pace_and_its_cpu_is_read
     assert rss["VmRSS"] > 0
 
 
-async def test_ramp_spreads_arrivals_over_the_given_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("spread", "least_s"),
+    [
+        # stream i starts at i * 0.8 / 5 s: the last first token at least 0.64 s after the first
+        ("--ramp-s=0.8", 0.6),
+        # stream i starts frac(i * φ) * 0.5 s late: 0, 0.309, 0.118, 0.427, 0.236 s for i = 0..4
+        ("--phase-s=0.5", 0.4),
+    ],
+)
+async def test_ramp_and_phase_spread_arrivals_over_the_given_time(
+    tmp_path: Path, spread: str, least_s: float
+) -> None:
     with bench_upstream(tmp_path) as url:
         args = load_args(
             f"--url={url}", "--mode=direct", "--concurrency=5", "--streams=5", "--tokens=2",
-            "--model=bench", "--ramp-s=0.8", "--stream-timeout=20", "--timeout=30",
+            "--model=bench", spread, "--stream-timeout=20", "--timeout=30",
         )  # fmt: skip
         summary = await load.drive(args)
     assert (summary["completed"], summary["mismatches"]) == (5, 0)
-    # Stream i starts at i * 0.8 / 5 s: the last first token comes at least 0.64 s after the first.
-    assert 0.6 <= summary["first_token_spread_s"] < 5
+    assert least_s <= summary["first_token_spread_s"] < 5
 
 
-async def test_phase_moves_each_start_within_the_given_time(tmp_path: Path) -> None:
-    with bench_upstream(tmp_path) as url:
-        args = load_args(
-            f"--url={url}", "--mode=direct", "--concurrency=5", "--streams=5", "--tokens=2",
-            "--model=bench", "--phase-s=0.5", "--stream-timeout=20", "--timeout=30",
-        )  # fmt: skip
-        summary = await load.drive(args)
-    assert (summary["completed"], summary["mismatches"]) == (5, 0)
-    # Stream i starts frac(i * φ) * 0.5 s late: 0, 0.309, 0.118, 0.427, 0.236 s for i = 0..4.
-    assert 0.4 <= summary["first_token_spread_s"] < 5
+@pytest.mark.parametrize("parse", [False, True], ids=["as-it-came", "parsed"])
+async def test_the_floor_relay_relays_every_token_read_by_read(tmp_path: Path, parse: bool) -> None:
+    """`bench.floor`, the README's measuring stick for a relay in Python: the load's direct mode
+    through it checks every text, and every token still arrives in a read of its own."""
+    with bench_upstream(tmp_path) as upstream:
+        port = free_port()
+        argv = ["--port", str(port), "--upstream-port", upstream.rsplit(":", 1)[1]]
+        child = Child(
+            "floor",
+            [sys.executable, "-m", "bench.floor", *argv, *(["--parse"] if parse else [])],
+            log=tmp_path / "floor.log",
+            env=child_env({}),
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            child.wait_http(url + "/v1/models", 20.0)
+            args = load_args(
+                f"--url={url}", "--mode=direct", "--concurrency=4", "--streams=8",
+                "--tokens=10", "--model=bench-d20", "--stream-timeout=20", "--timeout=30",
+            )  # fmt: skip
+            summary = await load.drive(args)
+        finally:
+            child.stop(signal.SIGINT, 5.0)
+    assert (summary["completed"], summary["error_count"], summary["mismatches"]) == (8, 0, 0)
+    assert summary["tokens_received"] == 80
+    assert summary["gap_ms"]["count"] == 8 * 9  # one arrival per token: nothing joined
+    assert 10 < summary["gap_ms"]["p50"] < 40
 
 
 # --- the OpenAI route's client ------------------------------------------------------------------

@@ -109,6 +109,19 @@ async def test_client_and_upstream_sockets_send_small_writes_at_once(gateway: Ga
     assert done["content"] == "Hi there"
 
 
+def counted_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[int]:
+    """Count the calls of the async method `owner.name` for the test's length: [count]."""
+    calls = [0]
+    method = getattr(owner, name)
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return await method(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 async def events_of(gateway: Gateway, body: dict[str, Any]) -> list[dict[str, Any]]:
     """Every event of one native stream, read to its end."""
     resp = await gateway.client.post("/api/ai/generate-stream", json=body)
@@ -129,15 +142,7 @@ async def test_later_streams_send_the_request_the_sdk_built_for_the_first(
     """Upstream design note 9: the second and third requests (the SDK's request reused, each
     with its own body) carry exactly the first's headers, and a body encoded alike; only the
     first goes through the SDK's `post`."""
-    posts = 0
-    sdk_post = openai.AsyncOpenAI.post
-
-    async def counted(self: openai.AsyncOpenAI, *args: Any, **kwargs: Any) -> Any:
-        nonlocal posts
-        posts += 1
-        return await sdk_post(self, *args, **kwargs)
-
-    monkeypatch.setattr(openai.AsyncOpenAI, "post", counted)
+    posts = counted_calls(monkeypatch, openai.AsyncOpenAI, "post")
     body = {"prompt": "same", "maxTokens": 50, "temperature": 0.5}
     for _ in range(3):
         events = await events_of(gateway, body)
@@ -155,7 +160,7 @@ async def test_later_streams_send_the_request_the_sdk_built_for_the_first(
     assert {k: v for k, v in last.headers.items() if k != "Content-Length"} == {
         k: v for k, v in first.headers.items() if k != "Content-Length"
     }
-    assert posts == 1
+    assert posts == [1]
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])  # not retried (`failover`)
@@ -195,19 +200,11 @@ async def test_later_streams_go_to_aiohttp_without_the_http_client(
 ) -> None:
     """Only the first stream crosses httpx's client (the SDK's `post`); the later ones are
     handed to the SDK transport's aiohttp session as the transport would hand them."""
-    sends = 0
-    http_send = httpx2.AsyncClient.send
-
-    async def counted(self: httpx2.AsyncClient, *args: Any, **kwargs: Any) -> Any:
-        nonlocal sends
-        sends += 1
-        return await http_send(self, *args, **kwargs)
-
-    monkeypatch.setattr(httpx2.AsyncClient, "send", counted)
+    sends = counted_calls(monkeypatch, httpx2.AsyncClient, "send")
     for _ in range(3):
         events = await events_of(gateway, {"prompt": "hi"})
         assert events[-1]["content"] == "Hello world"
-    assert sends == 1
+    assert sends == [1]
     assert gateway.fake.connections == 1  # the transport's own pool carried all three
 
 
