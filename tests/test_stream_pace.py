@@ -19,7 +19,18 @@ from aiohttp.test_utils import TestServer
 
 from service.upstream import CompletionRequest, OpenAIUpstream, UpstreamError
 from tests.conftest import WAIT, Gateway, MakeGateway, make_settings
-from tests.fake_upstream import Done, Drop, Finish, Gate, Sleep, Step, Text, Usage, answer
+from tests.fake_upstream import (
+    Done,
+    Drop,
+    Finish,
+    Gate,
+    Repeat,
+    Sleep,
+    Step,
+    Text,
+    Usage,
+    answer,
+)
 
 NEVER = asyncio.Event  # a gate nobody opens
 
@@ -189,21 +200,58 @@ async def test_the_read_timer_is_dropped_only_when_the_clocks_bound_silence(
         await upstream.aclose()
 
 
-async def test_a_body_cut_mid_stream_is_still_a_connection_failure(gateway: Gateway) -> None:
+@pytest.mark.parametrize("reused", [False, True], ids=["sdk-post", "sent-straight"])
+async def test_a_body_cut_mid_stream_is_still_a_connection_failure(
+    gateway: Gateway, reused: bool
+) -> None:
+    """On the SDK's path (a server's first stream) and on the reused request sent to aiohttp
+    straight (a later one: upstream design note 11) alike."""
+    if reused:
+        gateway.fake.queue(answer("ok"))
     gateway.fake.queue([Text("a"), Drop()])
     upstream = OpenAIUpstream(gateway.settings, base_url=gateway.fake.url, max_retries=0)
 
-    async def read_all() -> None:
+    async def read_all() -> str:
         async with upstream.stream(CompletionRequest("m", [], 5)) as stream:
-            async for _ in stream:
-                pass
+            return "".join([text async for text, _ in stream])
 
     try:
+        if reused:
+            assert await read_all() == "ok"
+            assert upstream._prepared is not None
+            assert upstream._prepared.session is not None  # the next one goes straight
         with pytest.raises(UpstreamError) as caught:
             await read_all()
         assert caught.value.kind == "connection"
     finally:
         await upstream.aclose()
+
+
+async def test_a_client_leaving_a_stream_sent_straight_closes_its_upstream_request(
+    gateway: Gateway,
+) -> None:
+    """Upstream design note 11: the stream's upstream request is closed within the bound when
+    its client leaves, the half-read connection is not pooled, and the next stream is served."""
+    gateway.fake.queue(answer("first"), [Text("a"), Repeat(" more", 0.01)], answer("third"))
+    assert (await _events(gateway))[-1]["content"] == "first"
+    resp, frames = await gateway.stream({"prompt": "x"})
+    assert (await frames.event())["type"] == "start"
+    assert (await frames.event())["delta"].startswith("a")
+    resp.close()  # the client leaves while the upstream is still streaming
+    async with asyncio.timeout(WAIT):
+        await gateway.fake.seen[1].ended.wait()
+    await gateway.settled()
+    assert gateway.fake.open_requests == 0
+    assert (
+        gateway.sample(
+            "ai_stream_outcomes_total", route="generate_stream", outcome="client_disconnect"
+        )
+        == 1
+    )
+    assert (await _events(gateway))[-1]["content"] == "third"
+    first, left, third = (seen.peer for seen in gateway.fake.seen)
+    assert left == first  # the pooled connection carried the stream the client left
+    assert third != left  # which was then closed, not pooled half read
 
 
 # --- STREAM_FLUSH_MS ----------------------------------------------------------------------------
