@@ -29,7 +29,8 @@ Design notes:
    `finish_reason` on are held in `tail` until the upstream's stream has ended whole, so a
    stream cut in between never shows a finish reason that claims success; a chunk whose JSON
    spans lines, was read leniently (note 1) or holds a raw U+2028, U+2029 or U+0085 is written
-   again as one safe line. `read_whole` reads a non-stream answer the same way, kept as given.
+   again as one safe line (`sse.dumps_kept`, the escapes every frame gets). `read_whole` reads
+   a non-stream answer the same way, kept as given.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import re
 from typing import Any, Final
 
 import orjson
+
+from . import sse
 
 DETAIL_MAX: Final = 200  # characters of the upstream's own text kept for the log
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
@@ -270,18 +273,9 @@ class ChunkRelay(ChunkParser):
         if not choices and obj.get("usage") and not self.forward_usage:
             return
         if lenient or _UNSAFE.search(payload):
-            # kept in the log: a copy of its own size, not orjson's buffer (`sse` docstring)
-            payload = bytes(memoryview(_safe_line(orjson.dumps(obj))))
+            payload = sse.dumps_kept(obj)  # kept in the log: a copy of its own size
         assert self.chunks is not None
         (self.tail if self.finish_reason is not None else self.chunks).append(payload)
-
-
-def _safe_line(data: bytes) -> bytes:
-    return (
-        data.replace(b"\xe2\x80\xa8", b"\\u2028")
-        .replace(b"\xe2\x80\xa9", b"\\u2029")
-        .replace(b"\xc2\x85", b"\\u0085")
-    )
 
 
 def read_whole(body: bytes) -> tuple[str, ChunkParser]:

@@ -620,8 +620,8 @@ class Generation:
     _readers: set[object] = field(default_factory=set, init=False)
     _following: tuple[Follower, ...] = field(default=(), init=False)
     _first_reader: asyncio.Future[None] | None = field(default=None, init=False)  # note 10
-    _done: _Flag = field(default_factory=lambda: _Flag(), init=False)  # note 15
-    _answered: _Flag = field(default_factory=lambda: _Flag(), init=False)  # notes 13 and 15
+    _done: _Flag = field(default_factory=_Flag, init=False)  # note 15
+    _answered: _Flag = field(default_factory=_Flag, init=False)  # notes 13 and 15
     _forced: Outcome | None = field(default=None, init=False)
     _pump_task: asyncio.Task[None] | None = field(default=None, init=False)
     _watchdog: asyncio.Handle | None = field(default=None, init=False)  # note 15
@@ -777,11 +777,9 @@ class Generation:
                 self._first_reader = loop.create_future()  # opened by its reader: note 10
             labels = self.metrics.child(self.metrics.streams_active, self.route)
             labels.inc()
-            tasks: list[asyncio.Task[None]] = []
             outcome = Outcome.COMPLETED
             try:
                 self._pump_task = pump = asyncio.create_task(self._pump())
-                tasks = [pump]
                 self._watchdog = loop.call_soon(self._watch)  # note 15
                 if self._forced is not None:  # ended before it began (its reader left at once)
                     pump.cancel()
@@ -810,7 +808,8 @@ class Generation:
                     self._watchdog.cancel()
                     self._watchdog = None
                 try:
-                    await settle(*tasks)
+                    if self._pump_task is not None:
+                        await settle(self._pump_task)
                     if self._flush is not None:
                         await self._flush.settle()
                 finally:

@@ -123,7 +123,7 @@ import functools
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -210,6 +210,10 @@ for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1])) end
 return out
 """
 
+# Each instance listens on its own channel, this prefix and its instance id (note 9); the two
+# scripts that publish there are given it in place of `CHANNEL`.
+CHANNEL_PREFIX: Final = "aistream:resume:cancel:"
+
 # KEYS: meta, cancel. ARGV: owner, stream id. Reply: 1 requested (or already ended), 0 unknown or
 # not the owner's. The producer hears it on its instance's channel (note 9), else sees the flag.
 CANCEL = """
@@ -218,9 +222,9 @@ if not meta[1] then return 0 end
 if meta[1] ~= '' and meta[1] ~= ARGV[1] then return 0 end
 if meta[2] then return 1 end
 redis.call('SET', KEYS[2], '1', 'PX', math.max(1, redis.call('PTTL', KEYS[1])))
-redis.call('PUBLISH', 'aistream:resume:cancel:' .. meta[3], ARGV[2])
+redis.call('PUBLISH', CHANNEL .. meta[3], ARGV[2])
 return 1
-"""
+""".replace("CHANNEL", repr(CHANNEL_PREFIX))
 
 
 # KEYS: meta, events. ARGV: the reader's cursor (-1: none), stream id, how many entries to read.
@@ -239,7 +243,7 @@ if fields['ended'] then
   n, ended = tonumber(fields['ended']), 1
 elseif fields['instance'] and cursor >= n then
   local request = 'flush:' .. ARGV[2] .. ':' .. ARGV[1]
-  redis.call('PUBLISH', 'aistream:resume:cancel:' .. fields['instance'], request)
+  redis.call('PUBLISH', CHANNEL .. fields['instance'], request)
 end
 local out = {n, ended, #meta}
 for i = 1, #meta do out[#out + 1] = meta[i] end
@@ -251,7 +255,7 @@ if cursor >= 0 and cursor < n then
   end
 end
 return out
-"""
+""".replace("CHANNEL", repr(CHANNEL_PREFIX))
 READ_COUNT = 1000  # entries per read
 
 FLUSH_PREFIX = b"flush:"  # a flush request on an instance's channel; anything else is a cancel
@@ -440,7 +444,7 @@ class SharedStreams:
         self.metrics = metrics
         self.on_orphan = on_orphan
         self.publications: dict[str, Publication] = {}
-        self.channel = f"aistream:resume:cancel:{instance}"
+        self.channel = CHANNEL_PREFIX + instance
         self._append = redis.register_script(APPEND)
         self._claim = redis.register_script(CLAIM)
         self._cancel = redis.register_script(CANCEL)

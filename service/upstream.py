@@ -381,23 +381,28 @@ def _body(request: CompletionRequest) -> dict[str, Any]:
     return body
 
 
+def _note_try(met: int | Exception) -> None:
+    """Note what a try met, its status or its transport error, in the calling task's
+    `Attempts` (design note 5)."""
+    attempts = ATTEMPTS.get()
+    if attempts is None:
+        return
+    if isinstance(met, Exception):
+        attempts.failure = translate(met)
+    else:
+        attempts.failure = UpstreamError(_status_kind(met), detail=str(met)) if met >= 400 else None
+
+
 class _NotingClient(openai.DefaultAioHttpClient):
     """The SDK's aiohttp-backed HTTP client, noting what each try met (design note 5)."""
 
     async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
-        attempts = ATTEMPTS.get()
         try:
             response = await super().send(request, **kwargs)
         except Exception as err:
-            if attempts is not None:
-                attempts.failure = translate(err)
+            _note_try(err)
             raise
-        if attempts is not None:
-            status = response.status_code
-            failed = status >= 400
-            attempts.failure = (
-                UpstreamError(_status_kind(status), detail=str(status)) if failed else None
-            )
+        _note_try(response.status_code)
         return response
 
 
@@ -585,7 +590,6 @@ class OpenAIUpstream:
         noting the try as `_NotingClient` does (design note 5)."""
         assert prepared.session is not None
         assert prepared.aio_url is not None
-        attempts = ATTEMPTS.get()
         try:
             response = await prepared.session.request(
                 "POST",
@@ -598,14 +602,12 @@ class OpenAIUpstream:
                 timeout=prepared.aio_timeout,
             )
         except Exception as err:
-            if attempts is not None:
-                attempts.failure = translate(err)
+            _note_try(err)
             raise
         status = response.status
+        _note_try(status)
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if 200 <= status < 300 and encoding == "identity":
-            if attempts is not None:
-                attempts.failure = None
             return response
         # A redirect (httpx follows it), an error (the SDK's own status error) or an encoded
         # body (httpx decodes it): the SDK's response, as its transport would have built it.
@@ -619,15 +621,7 @@ class OpenAIUpstream:
             await answer.aclose()  # not followed here: sent again through httpx, from now on
             self._prepared = prepared = dataclasses.replace(prepared, session=None)
             return await self._send(prepared, body)
-        if attempts is not None:
-            failed = status >= 400
-            attempts.failure = (
-                UpstreamError(_status_kind(status), detail=str(status)) if failed else None
-            )
-        if not answer.is_success:
-            await answer.aread()
-            raise self.client._make_status_error_from_response(answer)
-        return answer
+        return await self._raise_for_status(answer)
 
     async def _send(self, prepared: _Prepared, body: dict[str, Any]) -> httpx2.Response:
         """Send a stream's request as the SDK built it, with this body (design note 9)."""
@@ -638,8 +632,11 @@ class OpenAIUpstream:
             content=openapi_dumps(body),
             extensions=dict(prepared.extensions),
         )
-        response = await self._http.send(request, stream=True)
-        if not response.is_success:  # as the SDK's `raise_for_status` path does
+        return await self._raise_for_status(await self._http.send(request, stream=True))
+
+    async def _raise_for_status(self, response: httpx2.Response) -> httpx2.Response:
+        """`response`, or the SDK's own status error for it, as its `raise_for_status` path."""
+        if not response.is_success:
             await response.aread()
             raise self.client._make_status_error_from_response(response)
         return response

@@ -31,6 +31,7 @@ from tests.test_admin_browser import (
     open_page,
     rendered_text,
     screenshot,
+    send_chat,
 )
 
 MODELS = ("test-model", "other-model")
@@ -344,17 +345,6 @@ def test_model_text_cannot_run_script_or_make_the_browser_call_a_url(
     assert "[ref]: javascript:window.__xss=8" in text
 
 
-def send(page: Page, message: str, messages_after: int) -> None:
-    page.fill("#chat-input", message)
-    page.click("#send")
-    page.wait_for_function(
-        """n => document.querySelectorAll('#messages li').length === n
-            && !document.querySelector('#messages li.streaming')
-            && !document.getElementById('send').disabled""",
-        arg=messages_after,
-    )
-
-
 def conversation_in(page: Page) -> str:
     match = re.search(r"[?&]conversation=(c_[A-Za-z0-9_-]+)", page.url)
     assert match is not None, page.url
@@ -403,7 +393,7 @@ def test_an_answer_the_model_did_not_end_says_why(
             [*tokens("A whole answer."), *ending("stop")],
         )
         for n, message in enumerate(("Filtered?", "Long?", "Short?"), 1):
-            send(page, message, 2 * n)
+            send_chat(page, message, 2 * n)
         expected = [FILTERED, CUT_AT_LIMIT, ""]
         assert page.locator("#messages li.assistant .finish").all_text_contents() == expected
         screenshot(page, "finish-reasons-chat")
@@ -425,9 +415,9 @@ def test_each_chat_turn_is_written_by_the_model_picked_for_it(
         options = page.locator("#chat-model option").all_text_contents()
         assert options == sorted(MODELS)
         assert page.input_value("#chat-model") == "test-model"  # OPENAI_MODEL by default
-        send(page, "First question", 2)
+        send_chat(page, "First question", 2)
         page.select_option("#chat-model", "other-model")
-        send(page, "Second question", 4)
+        send_chat(page, "Second question", 4)
         asked = [seen.body["model"] for seen in fake.seen[-2:]]
         assert asked == ["test-model", "other-model"]
         labels = page.locator("#messages li.assistant .who .model").all_text_contents()
@@ -499,7 +489,7 @@ def test_chat_questions_stay_plain_text_live_and_saved(
         .map(b => ({ text: b.textContent, elements: b.childElementCount }))"""
     md_stack.fake.queue([*tokens("# An answer"), *ending()])
     with open_page(browser, md_stack.stack.page_url + "#chat") as page:
-        send(page, question, 2)
+        send_chat(page, question, 2)
         assert page.evaluate(shown) == [{"text": question, "elements": 0}]
         assert page.locator("#messages li.assistant .body h1").count() == 1
         reload_chat(page, 2)  # the saved history shows it the same way

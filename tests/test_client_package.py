@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 from collections import Counter
@@ -49,6 +48,7 @@ from tests.fake_upstream import (
 )
 from tests.process import ROOT, ServiceProcess, service
 from tests.test_admin_browser import Background
+from tests.test_admin_js import tap_passed
 from tests.test_sse_clients import CLIENTS_DIR, node
 
 __all__ = ["node"]  # the fixture, shared with tests/test_sse_clients.py
@@ -192,17 +192,6 @@ async def _arm(proxy: CuttingProxy, *cuts: Cut) -> None:
     proxy.arm(*cuts)  # on the proxy's own loop
 
 
-def _tap(done: subprocess.CompletedProcess[str], at_least: int) -> None:
-    report = done.stdout + done.stderr
-    assert done.returncode == 0, report
-    passed = re.search(r"^# pass (\d+)$", report, re.MULTILINE)
-    failed = re.search(r"^# fail (\d+)$", report, re.MULTILINE)
-    assert passed is not None, report
-    assert failed is not None, report
-    assert int(failed.group(1)) == 0, report
-    assert int(passed.group(1)) >= at_least, report
-
-
 def test_react_hooks_against_the_live_service(live: Live, node: str) -> None:
     # The two streams through the cutting proxy (a generation, then a chat turn) are cut twice
     # each: the generation after 3 whole events and 9 bytes of the 4th, then after 2 more events
@@ -224,7 +213,7 @@ def test_react_hooks_against_the_live_service(live: Live, node: str) -> None:
         timeout=NODE_TIMEOUT_S,
         check=False,
     )
-    _tap(done, 16)
+    tap_passed(done, 16)
     # The cut streams were read whole through two reconnects each, from one upstream request.
     assert live.cutter.cuts_made == 4
     assert live.upstream.requests("[story] cut") == 1
